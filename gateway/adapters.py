@@ -1,0 +1,130 @@
+"""What a provider adapter implements, and the typed requests and results it exchanges.
+
+An adapter is created once per configured provider (``providers.<name>`` in the config)
+by the factory a plugin registered under an adapter type. The core calls the one method
+that matches the task's category; the adapter answers with a typed result or raises
+:class:`AdapterError` saying whether trying again could help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from gateway.tasks import Category, Message, Task
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    model: str
+    messages: list[Message]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    """Extra provider parameters from the route target (``params:`` in the config)."""
+    timeout: float = 60.0
+    """Seconds this call may take: the smaller of the provider's timeout and the job's budget."""
+
+
+@dataclass(frozen=True)
+class TextResult:
+    text: str
+    usage: Usage | None = None
+    kind: str = "text"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TextResult:
+        usage = data.get("usage")
+        return cls(text=data["text"], usage=Usage(**usage) if usage else None)
+
+
+Result = TextResult
+RESULT_TYPES: dict[str, type[TextResult]] = {"text": TextResult}
+
+
+def result_from_json(data: Mapping[str, Any]) -> Result:
+    return RESULT_TYPES[data["kind"]].from_json(data)
+
+
+class AdapterError(Exception):
+    """A provider call failed.
+
+    ``retryable`` says whether the same call may succeed later (timeouts, connection
+    errors, 429, 5xx); ``status`` is the provider's HTTP status when there was one.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+
+
+class AdapterConfigError(Exception):
+    """A provider's options are wrong; ``key`` names the option (e.g. ``base_url``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+@runtime_checkable
+class TextAdapter(Protocol):
+    async def complete(self, request: TextRequest) -> TextResult: ...
+
+
+AdapterFactory = Callable[[str, Mapping[str, Any]], Any]
+"""``factory(provider_name, options) -> adapter``; may raise :class:`AdapterConfigError`."""
+
+
+@dataclass(frozen=True)
+class AdapterType:
+    name: str
+    factory: AdapterFactory
+    categories: frozenset[Category]
+    plugin: str = ""
+
+
+class AdapterRegistry:
+    """Adapter types by name, filled through the ``register_adapters`` hook."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, AdapterType] = {}
+
+    def register(self, name: str, factory: AdapterFactory, categories: Iterable[str | Category], *, plugin: str = "") -> None:
+        if name in self._types:
+            raise ValueError(f"adapter type {name!r} is registered twice (by {self._types[name].plugin or '?'} and {plugin or '?'})")
+        self._types[name] = AdapterType(name, factory, frozenset(Category(c) for c in categories), plugin)
+
+    def get(self, name: str) -> AdapterType | None:
+        return self._types.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+
+async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any], timeout: float) -> Result:
+    """Build the category's typed request from the task and call the adapter."""
+    if task.category is Category.TEXT:
+        request = TextRequest(
+            model=model,
+            messages=task.messages(),
+            temperature=task.temperature if task.temperature is not None else params.get("temperature"),
+            max_tokens=task.max_tokens if task.max_tokens is not None else params.get("max_tokens"),
+            params={k: v for k, v in params.items() if k not in ("temperature", "max_tokens")},
+            timeout=timeout,
+        )
+        return await adapter.complete(request)
+    raise AdapterError(f"category {task.category.value!r} is not supported by this gateway version", retryable=False)

@@ -1,0 +1,167 @@
+"""The Starlette application: the completions endpoint, health, metrics and the plugin listing.
+
+The accept path is: authenticate, read the body within the limit, parse, check the
+callback URLs, persist, answer 202. No provider code and no network call runs on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.bitrix.protocol import ProtocolError, parse_completion_request
+from gateway.config import Config
+from gateway.jobs.model import Job, JobState, new_job_id
+from gateway.jobs.sqlite import QueueStoreError
+from gateway.netguard import URLRefused
+from gateway.plugins import list_plugins
+from gateway.runtime import Runtime
+
+log = logging.getLogger("gateway.accept")
+ACCEPTED = {"result": "OK"}
+
+
+class RequestRejected(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestRejected(413, "body_too_large", f"the request body exceeds {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestRejected(413, "body_too_large", f"the request body exceeds {limit} bytes")
+    return bytes(body)
+
+
+class CompletionsEndpoint:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            return await self.accept(request, started)
+        except RequestRejected as exc:
+            self.runtime.metrics.rejected.labels(exc.code).inc()
+            log.info("rejected %s %s: %s %s", request.method, request.url.path, exc.status, exc.message)
+            return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status)
+
+    async def accept(self, request: Request, started: float) -> Response:
+        rt = self.runtime
+        code, token = request.path_params["code"], request.path_params["token"]
+        engine = rt.engines.authenticate(code, token)
+        if engine is None:
+            if rt.engines.get(code) is None:
+                raise RequestRejected(404, "unknown_engine", f"no engine with code {code!r} is configured on this gateway")
+            raise RequestRejected(401, "bad_token", "the token in the URL is not this engine's token; copy the URL from `gateway engines list`")
+        if request.method == "GET":  # the portal's registration check: exactly 200
+            return JSONResponse({"result": "OK", "engine": code})
+
+        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            raise RequestRejected(415, "unsupported_media_type", f"expected Content-Type application/json, got {content_type or 'none'}")
+        body = await read_limited_body(request, rt.config.max_body_bytes)
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise RequestRejected(400, "invalid_json", f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        now = time.time()
+        try:
+            parsed = parse_completion_request(
+                data, engine=code, category=engine.config.category, default_ttl=rt.config.default_ttl, job_id=new_job_id(), now=now
+            )
+        except ProtocolError as exc:
+            raise RequestRejected(exc.status, exc.code, exc.message) from None
+        for name, url in (("callbackUrl", parsed.callback_url), ("errorCallbackUrl", parsed.error_callback_url)):
+            try:
+                rt.policy.check_url(url)
+            except URLRefused as exc:
+                raise RequestRejected(422, "callback_not_allowed", f"{name}: {exc}") from None
+
+        task = parsed.task
+        job = Job(
+            id=task.job_id, engine=code, category=task.category.value, state=JobState.QUEUED, task=task,
+            callback_url=parsed.callback_url, error_callback_url=parsed.error_callback_url,
+            accepted_at=now, deadline=task.deadline,
+        )
+        worker = rt.worker
+        reserved = worker is not None and worker.reserve()
+        try:
+            stored, created = await rt.queue.enqueue(
+                job, parsed.idempotency_key, lease_owner=worker.owner if reserved and worker else None,
+                lease_seconds=rt.config.queue.lease_seconds,
+            )
+        except QueueStoreError as exc:
+            if reserved and worker:
+                worker.unreserve()
+            log.error("could not persist a request for engine %s: %s", code, exc)
+            raise RequestRejected(503, "queue_unavailable", "the gateway cannot store the request right now") from None
+        if created:
+            if reserved and worker:
+                worker.submit(stored)
+            elif worker:
+                worker.wake()
+            rt.metrics.accepted.labels(code, task.category.value).inc()
+            log.info("accepted job %s engine=%s category=%s ttl=%s", stored.id, code, task.category.value, task.ttl)
+        else:
+            if reserved and worker:
+                worker.unreserve()
+            rt.metrics.duplicates.labels(code).inc()
+            log.info("repeated request for job %s engine=%s: answered 202, no new job", stored.id, code)
+        rt.metrics.accept_latency.labels(code, task.category.value).observe(time.perf_counter() - started)
+        return JSONResponse(ACCEPTED, 202)
+
+
+def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
+    rt = runtime or Runtime(config)
+
+    async def health(request: Request) -> Response:
+        try:
+            depth = await rt.queue.depth()
+        except Exception as exc:
+            return JSONResponse({"status": "error", "error": f"queue: {type(exc).__name__}"}, 503)
+        return JSONResponse({"status": "ok", "queue_depth": depth})
+
+    async def metrics(request: Request) -> Response:
+        with contextlib.suppress(Exception):
+            rt.metrics.queue_depth.set(await rt.queue.depth())
+        return Response(rt.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def plugins(request: Request) -> Response:
+        return JSONResponse(list_plugins(rt.pm))
+
+    routes: list[BaseRoute] = [
+        Route("/engines/{code}/{token}/completions", CompletionsEndpoint(rt).handle, methods=["GET", "POST"]),
+        Route("/-/health", health),
+        Route("/metrics", metrics),
+        Route("/-/plugins.json", plugins),
+    ]
+    rt.pm.hook.register_routes(routes=routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await rt.start(app)
+        try:
+            yield
+        finally:
+            await rt.stop(app)
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.router.redirect_slashes = False  # a redirect would turn the portal's POST into a GET
+    app.state.runtime = rt
+    return app

@@ -1,0 +1,191 @@
+"""The Bitrix24 wire protocol: portal request -> task, outcome -> callback body, portal answer.
+
+See ``bitrix24-protocol.md``: unknown keys are accepted and ignored, nulls are
+tolerated, and nothing the portal sends is trusted beyond its shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+from gateway.adapters import Result, TextResult
+from gateway.tasks import Category, Message, Task
+
+CONSUMED_KEYS = frozenset({
+    "prompt", "payload_role", "context", "temperature", "max_tokens", "category", "ttl",
+    "callbackUrl", "errorCallbackUrl", "auth",
+})
+ASSISTANT_ROLES = frozenset({"assistant", "bot", "ai", "model"})
+
+
+class ProtocolError(Exception):
+    """The portal's request cannot be accepted; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    task: Task
+    callback_url: str
+    error_callback_url: str
+    idempotency_key: str
+    """A digest of the portal's job ``hash``: the same request sent twice maps to one job."""
+
+
+def _invalid(field: str, problem: str) -> ProtocolError:
+    return ProtocolError(422, "invalid_field", f"{field}: {problem}")
+
+
+def _number(data: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = data.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise _invalid(key, f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _invalid(key, f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise _invalid(key, f"must be a finite number, got {value!r}")
+    if kind is int:
+        if not number.is_integer():
+            raise _invalid(key, f"must be a whole number, got {value!r}")
+        return int(number)
+    return number
+
+
+def _url(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(422, "missing_callback_url", f"{key} is missing: the gateway could not return the result")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _invalid(key, "must be an absolute http(s) URL")
+    return value
+
+
+def _context(raw: Any) -> list[Message]:
+    if raw is None:
+        return []
+    if isinstance(raw, Mapping):  # PHP encodes an array with non-sequential keys as an object
+        raw = list(raw.values())
+    if not isinstance(raw, list):
+        raise _invalid("context", "must be a list of {role, content} objects")
+    messages = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise _invalid(f"context[{i}]", "must be an object with role and content")
+        role, content = item.get("role"), item.get("content")
+        if content is None or content == "":
+            continue
+        if not isinstance(content, str):
+            raise _invalid(f"context[{i}].content", "must be a string")
+        role = str(role or "user").lower()
+        role = "assistant" if role in ASSISTANT_ROLES else role if role in ("system", "user") else "user"
+        messages.append(Message(role, content))
+    return messages
+
+
+def parse_completion_request(data: Any, *, engine: str, category: Category, default_ttl: int, job_id: str, now: float) -> CompletionRequest:
+    if not isinstance(data, Mapping):
+        raise ProtocolError(400, "invalid_json", "the request body must be a JSON object")
+    sent_category = data.get("category")
+    if sent_category not in (None, "") and sent_category != category.value:
+        raise ProtocolError(422, "wrong_category", f"engine {engine!r} serves category {category.value!r}, the request is for {sent_category!r}")
+    callback_url = _url(data, "callbackUrl")
+    error_callback_url = _url(data, "errorCallbackUrl")
+
+    prompt = data.get("prompt")
+    if category is Category.TEXT:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise _invalid("prompt", "a text request needs a non-empty string prompt")
+    elif not isinstance(prompt, Mapping):
+        raise _invalid("prompt", f"a {category.value} request needs a prompt object")
+
+    system = data.get("payload_role")
+    if system is not None and not isinstance(system, str):
+        raise _invalid("payload_role", "must be a string")
+    ttl = _number(data, "ttl", int)
+    ttl = default_ttl if ttl is None else ttl
+    if ttl <= 0:
+        raise _invalid("ttl", f"must be positive, got {ttl}")
+    max_tokens = _number(data, "max_tokens", int)
+    if max_tokens is not None and max_tokens <= 0:
+        raise _invalid("max_tokens", f"must be positive, got {max_tokens}")
+    markers = data.get("payload_markers")
+    language = markers.get("language") if isinstance(markers, Mapping) else None
+
+    task = Task(
+        job_id=job_id,
+        engine=engine,
+        category=category,
+        prompt=prompt,
+        system=system or None,
+        context=_context(data.get("context")),
+        temperature=_number(data, "temperature", float),
+        max_tokens=max_tokens,
+        language=language if isinstance(language, str) and language else None,
+        ttl=ttl,
+        accepted_at=now,
+        deadline=now + ttl,
+        portal=(urlsplit(callback_url).hostname or ""),
+        extra={k: v for k, v in data.items() if k not in CONSUMED_KEYS},
+    )
+    portal_hash = parse_qs(urlsplit(callback_url).query).get("hash", [callback_url])[0]
+    key = hashlib.sha256(f"{engine}\n{portal_hash}".encode()).hexdigest()
+    return CompletionRequest(task, callback_url, error_callback_url, key)
+
+
+def success_body(result: Result) -> dict[str, Any]:
+    if isinstance(result, TextResult):
+        return {"result": result.text}
+    raise TypeError(f"no callback format for result {type(result).__name__}")
+
+
+def error_body(message: str, code: int | str) -> dict[str, Any]:
+    """``api_request_completed: false`` tells the portal to give the user's quota back."""
+    return {"message": message, "code": code, "api_request_completed": False}
+
+
+def encode_like_php(data: Any) -> bytes:
+    """JSON as PHP's ``json_encode`` writes it by default: ``\\uXXXX`` escapes and ``\\/``."""
+    return json.dumps(data, ensure_ascii=True, separators=(",", ":")).replace("/", "\\/").encode()
+
+
+@dataclass(frozen=True)
+class PortalAnswer:
+    outcome: Literal["delivered", "gone", "retry", "rejected"]
+    detail: str
+
+
+def read_callback_answer(status: int, body: bytes) -> PortalAnswer:
+    """Classify the portal's answer to a callback POST."""
+    if status in (408, 425, 429) or status >= 500:
+        return PortalAnswer("retry", f"portal answered HTTP {status}")
+    if 300 <= status < 400:
+        return PortalAnswer("rejected", f"portal answered with a redirect (HTTP {status}); redirects are not followed")
+    if status >= 400:
+        return PortalAnswer("rejected", f"portal refused the callback with HTTP {status}")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return PortalAnswer("retry", f"portal answered HTTP {status} with a body that is not JSON")
+    if not isinstance(answer, Mapping):
+        return PortalAnswer("retry", "portal answered with JSON that is not an object")
+    if answer.get("status") == "success":
+        if answer.get("data") is True:
+            return PortalAnswer("delivered", "portal accepted the result")
+        return PortalAnswer("gone", "portal answered data:false (job unknown, already consumed or expired)")
+    errors = answer.get("errors") or []
+    messages = "; ".join(str(e.get("message", e)) if isinstance(e, Mapping) else str(e) for e in errors)[:300]
+    return PortalAnswer("rejected", f"portal answered status {answer.get('status')!r}: {messages or 'no detail'}")

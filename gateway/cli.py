@@ -1,0 +1,298 @@
+"""The ``gateway`` command. Every subcommand takes ``--config PATH`` (or ``GATEWAY_CONFIG``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, find_config_path, load_config
+from gateway.plugins import PluginError
+
+EXIT_CONFIG = 2
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(find_config_path(args.config))
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _mask_token(url: str, token: str) -> str:
+    return url.replace(token, token[:4] + "…")
+
+
+# -- serve / worker ---------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.redaction import configure_logging
+
+    config = _config(args)
+    configure_logging(args.log_level)
+    app = create_app(config)
+    host = args.host or config.host
+    port = args.port if args.port is not None else config.port
+    runtime = app.state.runtime
+    print(f"gateway {__version__}: serving on http://{host}:{port} (public URL {config.public_url}), queue {config.queue.path}", flush=True)
+    for engine in runtime.engines:
+        print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
+    print("  full completions URLs, token included: gateway engines list", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, server_header=False, timeout_graceful_shutdown=15))
+    server.run()
+    return 0 if server.started else 1
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gateway.redaction import configure_logging
+    from gateway.runtime import Runtime
+
+    config = _config(args)
+    configure_logging(args.log_level)
+    runtime = Runtime(config)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await runtime.start()
+        print(f"gateway worker {__version__}: processing jobs from {config.queue.path}", flush=True)
+        await stop.wait()
+        await runtime.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+# -- engines / plugins --------------------------------------------------------------------
+def cmd_engines_list(args: argparse.Namespace) -> int:
+    from gateway.engines import EngineDirectory
+
+    config = _config(args)
+    engines = [
+        {
+            "code": e.code, "name": e.config.name, "category": e.config.category.value,
+            "completions_url": e.completions_url,
+            "route": [t.label for t in e.config.route],
+            "settings": dict(e.config.settings),
+        }
+        for e in EngineDirectory(config)
+    ]
+    if args.json:
+        print(json.dumps(engines, indent=2, ensure_ascii=False))
+        return 0
+    if not engines:
+        print(f"no engines in {config.path}")
+    for e in engines:
+        print(f"{e['code']}  [{e['category']}]  {e['name']}\n  completions_url: {e['completions_url']}\n  route: {' -> '.join(e['route'])}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from gateway.metrics import Metrics, MetricsRecorder
+    from gateway.plugins import get_plugin_manager, list_plugins
+
+    listing = list_plugins(get_plugin_manager([(MetricsRecorder(Metrics()), "gateway.metrics")]))
+    if args.json:
+        print(json.dumps(listing, indent=2))
+    else:
+        for plugin in listing:
+            print(f"{plugin['name']} {plugin['version'] or '(built in)'}: {', '.join(plugin['hooks'])}")
+    return 0
+
+
+# -- jobs -------------------------------------------------------------------------------
+def _job_summary(job: Any) -> dict[str, Any]:
+    outcome = job.outcome
+    summary: dict[str, Any] = {
+        "id": job.id, "engine": job.engine, "category": job.category, "state": job.state.value,
+        "portal": job.task.portal, "accepted_at": _when(job.accepted_at), "deadline": _when(job.deadline),
+        "finished_at": _when(job.finished_at), "delivery_attempts": job.delivery_attempts, "detail": job.detail,
+    }
+    if job.finished_at:
+        summary["seconds_to_final"] = round(job.finished_at - job.accepted_at, 3)
+    if outcome is not None:
+        summary["provider"] = outcome.provider
+        if outcome.result is not None:
+            summary["result"] = {"kind": outcome.result.get("kind"), "chars": len(outcome.result.get("text") or ""), "usage": outcome.result.get("usage")}
+        if outcome.error is not None:
+            summary["error"] = outcome.error.to_json()
+    return summary
+
+
+def _with_queue(config: Config, action: Any) -> Any:
+    from gateway.jobs.sqlite import SQLiteJobQueue
+
+    if not Path(config.queue.path).exists():
+        return None
+
+    async def run() -> Any:
+        queue = SQLiteJobQueue(config.queue.path)
+        await queue.open()
+        try:
+            return await action(queue)
+        finally:
+            await queue.close()
+
+    return asyncio.run(run())
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from gateway.jobs.model import JobState
+
+    config = _config(args)
+    state = JobState(args.state) if args.state else None
+    jobs = _with_queue(config, lambda q: q.list(state=state, limit=args.limit)) or []
+    rows = [_job_summary(job) for job in jobs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['id']}  {row['state']:<10} {row['engine']:<16} {row['category']:<6} accepted {row['accepted_at']}  attempts {row['delivery_attempts']}")
+    if not rows:
+        print("no jobs")
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    config = _config(args)
+    job = _with_queue(config, lambda q: q.get(args.id))
+    if job is None:
+        print(f"no job {args.id!r} in {config.queue.path}", file=sys.stderr)
+        return 1
+    summary = _job_summary(job)
+    summary["attempts"] = [
+        {"kind": a.kind, "target": a.target, "at": _when(a.started_at), "ms": round(a.duration * 1000, 1), "outcome": a.outcome, "detail": a.detail}
+        for a in job.attempts
+    ]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        if key != "attempts":
+            print(f"{key:>18}: {value}")
+    print(f"{'attempts':>18}:")
+    for a in summary["attempts"]:
+        print(f"    {a['at']}  {a['kind']:<8} {a['target']:<28} {a['outcome']:<10} {a['ms']:>8} ms  {a['detail']}")
+    return 0
+
+
+# -- simulate ---------------------------------------------------------------------------
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gateway.bitrix.simulator import PortalEmulator
+    from gateway.engines import EngineDirectory, completions_path
+    from gateway.loopback import LoopbackServer
+
+    config = _config(args)
+    engine = next((e for e in EngineDirectory(config) if e.code == args.engine), None)
+    if engine is None:
+        print(f"no engine {args.engine!r} in {config.path}; engines: {', '.join(e.code for e in config.engines) or 'none'}", file=sys.stderr)
+        return EXIT_CONFIG
+    base = (args.gateway or config.public_url).rstrip("/")
+    url = base + completions_path(engine.code, engine.token)
+    emulator = PortalEmulator()
+    with LoopbackServer(emulator.app) as server:
+        emulator.url = server.url
+        print(f"portal emulator listening on {server.url}")
+        try:
+            status = emulator.check_completions_url(url)
+        except Exception as exc:
+            print(f"registration check: cannot reach the gateway at {base}: {type(exc).__name__}. Is `gateway serve` running?", file=sys.stderr)
+            return 1
+        print(f"registration check (GET completions_url): HTTP {status} {'ok' if status == 200 else '-- the portal requires exactly 200'}")
+        if status != 200:
+            return 1
+        job_hash, body = emulator.new_request(engine.config.category.value, args.prompt, ttl=args.ttl)
+        started = time.monotonic()
+        response = emulator.send(url, body)
+        print(f"completions POST: HTTP {response.status_code} {response.text} in {(time.monotonic() - started) * 1000:.1f} ms")
+        if response.status_code != 202:
+            if response.status_code == 422 and "callback_not_allowed" in response.text:
+                print("the gateway refused the emulator's callback host: for local testing add 127.0.0.1 to "
+                      "security.allowed_portals and set security.allow_private_networks: true", file=sys.stderr)
+            return 1
+        job = emulator.wait(job_hash, timeout=args.timeout)
+        elapsed = time.monotonic() - started
+        if not job.delivered:
+            print(f"no callback within {args.timeout:.0f} s", file=sys.stderr)
+            return 1
+        callback = job.delivered[0]
+        print(f"{callback.kind} callback after {elapsed:.2f} s:")
+        print(json.dumps(callback.body, indent=2, ensure_ascii=False))
+        return 0 if callback.kind == "success" else 1
+
+
+# -- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="configuration file (default: $GATEWAY_CONFIG or ./gateway.yaml)")
+    parser = argparse.ArgumentParser(prog="gateway", description="A pluggable model gateway for Bitrix24 AI engines.")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="serve the completions endpoint and run workers")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", parents=[common], help="run workers only (scale-out beside `serve`)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    engines = sub.add_parser("engines", help="the engines this gateway serves").add_subparsers(dest="engines_command", required=True)
+    p = engines.add_parser("list", parents=[common], help="list engines with their completions URLs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_engines_list)
+
+    p = sub.add_parser("plugins", parents=[common], help="list loaded plugins")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    jobs = sub.add_parser("jobs", help="inspect jobs").add_subparsers(dest="jobs_command", required=True)
+    p = jobs.add_parser("list", parents=[common], help="recent jobs, newest first")
+    p.add_argument("--state", choices=["queued", "running", "delivering", "delivered", "failed", "gone", "expired", "dead"])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_list)
+    p = jobs.add_parser("show", parents=[common], help="one job: state, attempts, timings")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_show)
+
+    p = sub.add_parser("simulate", parents=[common], help="send one request through a running gateway from a portal emulator")
+    p.add_argument("--engine", required=True)
+    p.add_argument("--prompt", default="Write a short greeting for our clients")
+    p.add_argument("--gateway", metavar="URL", help="where the gateway listens (default: public_url)")
+    p.add_argument("--ttl", type=int, default=14400)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PluginError as exc:
+        print(f"plugin error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

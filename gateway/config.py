@@ -1,0 +1,346 @@
+"""YAML configuration with ``${VAR}`` / ``${VAR:-default}`` interpolation, into typed settings.
+
+Every error names the file, the key and the fix, and unknown keys are refused (a typo
+would otherwise silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.tasks import Category
+
+CONFIG_ENV = "GATEWAY_CONFIG"
+ENGINE_CODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_MISSING: Any = object()
+
+
+class ConfigError(Exception):
+    def __init__(self, file: str | os.PathLike[str], key: str, problem: str, fix: str = "") -> None:
+        self.file, self.key, self.problem, self.fix = str(file), key, problem, fix
+        text = f"{self.file}: {key}: {problem}" if key else f"{self.file}: {problem}"
+        super().__init__(f"{text}. Fix: {fix}" if fix else text)
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    backend: str = "sqlite"
+    path: Path = Path("var/queue.sqlite3")
+    lease_seconds: float = 30.0
+    """A claimed job whose worker stops renewing it for this long is taken up again."""
+    poll_interval: float = 0.5
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    allowed_portals: tuple[str, ...] = ()
+    allow_private_networks: bool = False
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    retries: int = 2
+    backoff_initial: float = 0.5
+    backoff_max: float = 8.0
+    cooldown_failures: int = 3
+    cooldown_seconds: float = 30.0
+    deadline_margin: float = 15.0
+    """Seconds kept before the job's ttl for the error callback; capped at a quarter of the ttl."""
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    type: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    provider: str
+    model: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    code: str
+    name: str
+    category: Category
+    token: str | None
+    route: tuple[RouteTarget, ...]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    public_url: str = "http://127.0.0.1:8080"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("var")
+    queue: QueueSettings = QueueSettings()
+    concurrency: int = 16
+    max_body_bytes: int = 1024 * 1024
+    default_ttl: int = 14400
+    security: SecuritySettings = SecuritySettings()
+    routing: RoutingSettings = RoutingSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    engines: tuple[EngineConfig, ...] = ()
+
+    def engine(self, code: str) -> EngineConfig | None:
+        return next((e for e in self.engines if e.code == code), None)
+
+
+class _Section:
+    """A mapping being read, remembering its key path for error messages."""
+
+    def __init__(self, file: Path, path: str, data: Any) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(file, path, f"must be a mapping, got {type(data).__name__}", "write `key: value` lines under it")
+        self.file, self.path, self.data = file, path, data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        self.seen.add(name)
+        if name not in self.data or self.data[name] is None:
+            if default is _MISSING:
+                raise ConfigError(self.file, self.key(name), "is required", f"add `{name}:` under `{self.path or 'the top level'}`")
+            return default
+        return self.data[name]
+
+    def str(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.raw(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(self.file, self.key(name), f"must be a string, got {type(value).__name__}", "quote the value")
+        return str(value)
+
+    def number(self, name: str, default: Any, *, minimum: float = 0, integer: bool = False) -> Any:
+        value = self.raw(name, default)
+        try:
+            number = int(value) if integer else float(value)
+            if integer and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+        except (TypeError, ValueError):
+            kind = "a whole number" if integer else "a number"
+            raise ConfigError(self.file, self.key(name), f"must be {kind}, got {value!r}", f"write {kind} such as {default}") from None
+        if number < minimum:
+            raise ConfigError(self.file, self.key(name), f"must be at least {minimum}, got {number}", f"use a value >= {minimum}")
+        return number
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"  # an interpolated ${VAR} is a string
+        if not isinstance(value, bool):
+            raise ConfigError(self.file, self.key(name), f"must be true or false, got {value!r}", "write true or false")
+        return value
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.file, self.key(name), self.raw(name, {}))
+
+    def done(self) -> None:
+        unknown = [k for k in self.data if k not in self.seen]
+        if unknown:
+            name = str(unknown[0])
+            close = difflib.get_close_matches(name, sorted(self.seen), n=1)
+            fix = f"did you mean `{close[0]}`?" if close else f"remove it; known keys here: {', '.join(sorted(self.seen))}"
+            raise ConfigError(self.file, self.key(name), "is not a known setting", fix)
+
+
+def interpolate(value: Any, file: Path, path: str = "", environ: Mapping[str, str] | None = None) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    env = os.environ if environ is None else environ
+    if isinstance(value, Mapping):
+        return {k: interpolate(v, file, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, file, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(file, path, f"environment variable {name} is not set", f"export {name}=... or write ${{{name}:-default}}")
+
+    return _VAR_RE.sub(substitute, value)
+
+
+def find_config_path(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return Path("gateway.yaml")
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file not found", f"pass --config PATH, set {CONFIG_ENV}, or copy examples/gateway.yaml to ./gateway.yaml") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(file, "", f"is not valid YAML{where}", "check indentation and quoting there") from None
+    return parse_config(interpolate(data or {}, file, environ=environ), file)
+
+
+def parse_config(data: Any, file: Path) -> Config:
+    top = _Section(file, "", data)
+    public_url = top.str("public_url", "http://127.0.0.1:8080").rstrip("/")
+    parts = urlsplit(public_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(file, "public_url", f"{public_url!r} is not an http(s) URL", "write the URL portals use to reach the gateway, e.g. https://gw.example.com")
+    listen = top.section("listen")
+    host = listen.str("host", "127.0.0.1")
+    port = listen.number("port", 8080, integer=True)
+    listen.done()
+    data_dir = Path(top.str("data_dir", "var"))
+
+    q = top.section("queue")
+    backend = q.str("backend", "sqlite")
+    if backend != "sqlite":
+        raise ConfigError(file, "queue.backend", f"unknown backend {backend!r}", "use `sqlite` (the embedded queue)")
+    queue = QueueSettings(
+        backend=backend,
+        path=Path(q.str("path", str(data_dir / "queue.sqlite3"))),
+        lease_seconds=q.number("lease_seconds", 30.0, minimum=1),
+        poll_interval=q.number("poll_interval", 0.5, minimum=0.01),
+    )
+    q.done()
+
+    workers = top.section("workers")
+    concurrency = workers.number("concurrency", 16, minimum=1, integer=True)
+    workers.done()
+
+    limits = top.section("limits")
+    max_body_bytes = limits.number("max_body_bytes", 1024 * 1024, minimum=1024, integer=True)
+    default_ttl = limits.number("default_ttl", 14400, minimum=1, integer=True)
+    limits.done()
+
+    sec = top.section("security")
+    portals = sec.raw("allowed_portals", [])
+    if isinstance(portals, str):
+        portals = [p.strip() for p in portals.split(",") if p.strip()]
+    if not isinstance(portals, list) or not all(isinstance(p, str) and p for p in portals):
+        raise ConfigError(file, "security.allowed_portals", "must be a list of host names", "write e.g. [acme.bitrix24.com, \"*.bitrix24.de\"]")
+    security = SecuritySettings(tuple(p.lower() for p in portals), sec.bool("allow_private_networks", False))
+    sec.done()
+
+    r = top.section("routing")
+    routing = RoutingSettings(
+        retries=r.number("retries", 2, integer=True),
+        backoff_initial=r.number("backoff_initial", 0.5),
+        backoff_max=r.number("backoff_max", 8.0),
+        cooldown_failures=r.number("cooldown_failures", 3, minimum=1, integer=True),
+        cooldown_seconds=r.number("cooldown_seconds", 30.0),
+        deadline_margin=r.number("deadline_margin", 15.0),
+    )
+    r.done()
+
+    d = top.section("delivery")
+    delivery = DeliverySettings(
+        connect_timeout=d.number("connect_timeout", 5.0, minimum=0.1),
+        read_timeout=d.number("read_timeout", 15.0, minimum=0.1),
+        backoff_initial=d.number("backoff_initial", 1.0, minimum=0.01),
+        backoff_max=d.number("backoff_max", 60.0, minimum=0.01),
+    )
+    d.done()
+
+    providers = _parse_providers(top.section("providers"))
+    engines = _parse_engines(file, top.raw("engines", []), providers)
+    top.done()
+    return Config(
+        path=file, public_url=public_url, host=host, port=port, data_dir=data_dir, queue=queue,
+        concurrency=concurrency, max_body_bytes=max_body_bytes, default_ttl=default_ttl,
+        security=security, routing=routing, delivery=delivery, providers=providers, engines=engines,
+    )
+
+
+def _parse_providers(section: _Section) -> dict[str, ProviderConfig]:
+    providers = {}
+    for name in list(section.data):
+        entry = section.section(str(name))
+        kind = entry.str("type")
+        options = {k: v for k, v in entry.data.items() if k != "type"}
+        providers[str(name)] = ProviderConfig(str(name), kind, options)
+    section.done()
+    return providers
+
+
+def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]) -> tuple[EngineConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(file, "engines", "must be a list", "write each engine as `- code: ...`")
+    engines: list[EngineConfig] = []
+    for i, item in enumerate(raw):
+        e = _Section(file, f"engines[{i}]", item)
+        code = e.str("code")
+        if not ENGINE_CODE_RE.match(code):
+            raise ConfigError(file, e.key("code"), f"{code!r} may use only letters, digits, _ and -", "rename the engine (the portal enforces the same rule)")
+        if any(other.code.lower() == code.lower() for other in engines):
+            raise ConfigError(file, e.key("code"), f"engine code {code!r} is used twice", "give each engine its own code")
+        category = e.str("category")
+        try:
+            cat = Category(category)
+        except ValueError:
+            raise ConfigError(file, e.key("category"), f"unknown category {category!r}", "use one of text, image, audio, call") from None
+        token = e.str("token", None)
+        if token is not None and len(token) < 16:
+            raise ConfigError(file, e.key("token"), "is shorter than 16 characters", "use a long random token, or leave it out to have one generated")
+        route_raw = e.raw("route")
+        if not isinstance(route_raw, list) or not route_raw:
+            raise ConfigError(file, e.key("route"), "must be a non-empty list of targets", "write `- {provider: NAME, model: MODEL}`")
+        route = []
+        for j, target_raw in enumerate(route_raw):
+            t = _Section(file, f"{e.key('route')}[{j}]", target_raw)
+            provider = t.str("provider")
+            if provider not in providers:
+                raise ConfigError(file, t.key("provider"), f"no provider named {provider!r}", f"define it under `providers:` (defined: {', '.join(providers) or 'none'})")
+            params = t.raw("params", {})
+            if not isinstance(params, Mapping):
+                raise ConfigError(file, t.key("params"), "must be a mapping", "write e.g. {temperature: 0.2}")
+            route.append(RouteTarget(provider, t.str("model"), dict(params)))
+            t.done()
+        settings = e.raw("settings", {})
+        if not isinstance(settings, Mapping):
+            raise ConfigError(file, e.key("settings"), "must be a mapping", "write e.g. {code_alias: ChatGPT}")
+        engines.append(EngineConfig(code, e.str("name", code), cat, token, tuple(route), dict(settings)))
+        e.done()
+    return tuple(engines)

@@ -1,0 +1,60 @@
+"""The plugin API. Every hook may return an awaitable; the gateway awaits it.
+
+Plugins implement hooks with ``@gateway.hookimpl`` and are found through the ``gateway``
+entry point group (``GATEWAY_LOAD_PLUGINS=a,b`` restricts which ones load).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("gateway")
+hookimpl = pluggy.HookimplMarker("gateway")
+
+
+@hookspec
+def register_adapters(register: Any) -> None:
+    """Register adapter types: ``register(name, factory, categories=["text", ...])``.
+
+    ``factory(provider_name, options)`` is called once per provider in the config whose
+    ``type`` is ``name``, and returns an adapter (see ``gateway.adapters``).
+    """
+
+
+@hookspec
+def startup(app: Any, config: Any) -> Any:
+    """The gateway is starting: open resources. ``app`` is None in a worker-only process."""
+
+
+@hookspec
+def shutdown(app: Any) -> Any:
+    """The gateway is stopping: release what ``startup`` opened."""
+
+
+@hookspec
+def prepare_task(task: Any) -> Any:
+    """Inspect or enrich a task before it runs; raise ``gateway.TaskRefused`` to refuse it.
+
+    Runs in the worker, once per execution of the task (a task resumed after a crash
+    is prepared again). Changes made to ``task`` are seen by the adapter.
+    """
+
+
+@hookspec
+def task_succeeded(task: Any, result: Any) -> Any:
+    """A task's result reached the portal. Fires once per task, for every category."""
+
+
+@hookspec
+def task_failed(task: Any, error: Any) -> Any:
+    """A task ended without a delivered result: error delivered, gone, expired or dead.
+
+    ``error`` is a ``gateway.jobs.model.JobError``. Fires once per task.
+    """
+
+
+@hookspec
+def register_routes(routes: Any) -> None:
+    """Append Starlette routes to ``routes`` to serve extra HTTP endpoints."""

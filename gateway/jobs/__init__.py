@@ -1,0 +1,1 @@
+"""Jobs: the durable record of every accepted request, the queue that holds them and the worker."""

@@ -1,0 +1,55 @@
+"""Prometheus metrics. Labels are engine codes, categories, states and provider names only:
+never tokens, hashes or URLs.
+
+Final outcomes are counted by :class:`MetricsRecorder`, a default plugin that listens to
+``task_succeeded`` / ``task_failed`` like any third-party plugin would.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gateway.hookspecs import hookimpl
+
+ACCEPT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+END_TO_END_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter("gateway_jobs_accepted", "Requests accepted (202) as new jobs", ["engine", "category"], registry=r)
+        self.duplicates = Counter("gateway_jobs_duplicate", "Repeated requests for a job already accepted", ["engine"], registry=r)
+        self.rejected = Counter("gateway_requests_rejected", "Completions requests refused with an error status", ["reason"], registry=r)
+        self.finished = Counter("gateway_jobs_finished", "Jobs that reached a final state", ["engine", "category", "state"], registry=r)
+        self.provider_attempts = Counter("gateway_provider_attempts", "Calls to route targets", ["engine", "provider", "outcome"], registry=r)
+        self.delivery_attempts = Counter("gateway_delivery_attempts", "Callback POSTs to portals", ["engine", "category", "outcome"], registry=r)
+        self.queue_depth = Gauge("gateway_queue_depth", "Jobs not yet in a final state", registry=r)
+        self.accept_latency = Histogram("gateway_accept_latency_seconds", "Time to answer a completions POST", ["engine", "category"], buckets=ACCEPT_BUCKETS, registry=r)
+        self.end_to_end = Histogram("gateway_end_to_end_latency_seconds", "Acceptance to final state", ["engine", "category"], buckets=END_TO_END_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsRecorder:
+    """Counts final outcomes through the same hooks a third-party plugin would use."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def _finish(self, task: Any, state: str) -> None:
+        self.metrics.finished.labels(task.engine, task.category.value, state).inc()
+        self.metrics.end_to_end.labels(task.engine, task.category.value).observe(max(0.0, time.time() - task.accepted_at))
+
+    @hookimpl
+    def task_succeeded(self, task: Any, result: Any) -> None:
+        self._finish(task, "delivered")
+
+    @hookimpl
+    def task_failed(self, task: Any, error: Any) -> None:
+        self._finish(task, error.reason if error.reason in ("gone", "expired", "dead") else "failed")

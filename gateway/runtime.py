@@ -1,0 +1,120 @@
+"""The composition root: config -> plugins, adapters, queue, router, delivery and worker.
+
+Used by the HTTP app (``gateway serve``) and by a worker-only process (``gateway worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pluggy
+
+from gateway.adapters import AdapterConfigError, AdapterRegistry
+from gateway.config import Config, ConfigError
+from gateway.delivery import Deliverer
+from gateway.engines import EngineDirectory
+from gateway.jobs.queue import JobQueue
+from gateway.jobs.sqlite import SQLiteJobQueue
+from gateway.jobs.worker import TaskExecutor, Worker
+from gateway.metrics import Metrics, MetricsRecorder
+from gateway.netguard import OutboundPolicy
+from gateway.plugins import call_hook, get_plugin_manager
+from gateway.redaction import add_secret
+from gateway.routing import Router
+
+log = logging.getLogger("gateway")
+SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "auth")
+
+
+def register_config_secrets(config: Config, engines: EngineDirectory) -> None:
+    for engine in engines:
+        add_secret(engine.token)
+    for provider in config.providers.values():
+        for key, value in provider.options.items():
+            if isinstance(value, str) and any(word in key.lower() for word in SECRET_OPTION_WORDS):
+                add_secret(value)
+            if key == "headers" and isinstance(value, dict):
+                for header_value in value.values():
+                    add_secret(str(header_value))
+
+
+def load_adapter_registry(pm: pluggy.PluginManager) -> AdapterRegistry:
+    registry = AdapterRegistry()
+    for impl in pm.hook.register_adapters.get_hookimpls():
+        def register(name: str, factory: Any, categories: Any = ("text",), _plugin: str = impl.plugin_name) -> None:
+            registry.register(name, factory, categories, plugin=_plugin)
+
+        impl.function(register=register)
+    return registry
+
+
+def build_adapters(config: Config, registry: AdapterRegistry) -> dict[str, Any]:
+    """One adapter per configured provider; checks each engine's route against what adapters serve."""
+    adapters: dict[str, Any] = {}
+    for name, provider in config.providers.items():
+        kind = registry.get(provider.type)
+        if kind is None:
+            raise ConfigError(
+                config.path, f"providers.{name}.type", f"no installed plugin provides adapter type {provider.type!r}",
+                f"use one of: {', '.join(registry.names()) or 'none (no adapter plugin is loaded)'}; install the plugin that provides it, or check GATEWAY_LOAD_PLUGINS",
+            )
+        try:
+            adapters[name] = kind.factory(name, dict(provider.options))
+        except AdapterConfigError as exc:
+            raise ConfigError(config.path, f"providers.{name}.{exc.key}", exc.message, "see the plugin's documentation for this option") from None
+    for i, engine in enumerate(config.engines):
+        for j, target in enumerate(engine.route):
+            kind = registry.get(config.providers[target.provider].type)
+            assert kind is not None
+            if engine.category not in kind.categories:
+                raise ConfigError(
+                    config.path, f"engines[{i}].route[{j}]",
+                    f"adapter type {kind.name!r} (provider {target.provider!r}) does not serve category {engine.category.value!r}",
+                    f"route {engine.category.value} engines to a provider whose type serves it",
+                )
+    return adapters
+
+
+class Runtime:
+    def __init__(self, config: Config, *, with_worker: bool = True) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.pm = get_plugin_manager([(MetricsRecorder(self.metrics), "gateway.metrics")])
+        self.registry = load_adapter_registry(self.pm)
+        self.adapters = build_adapters(config, self.registry)
+        self.engines = EngineDirectory(config)
+        register_config_secrets(config, self.engines)
+        self.policy = OutboundPolicy(config.security.allowed_portals, config.security.allow_private_networks)
+        self.queue: JobQueue = SQLiteJobQueue(config.queue.path)
+        self.router = Router(config.routing)
+        self.deliverer = Deliverer(self.policy, config.delivery)
+        self.worker: Worker | None = None
+        if with_worker:
+            self.worker = Worker(
+                queue=self.queue,
+                executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics),
+                deliverer=self.deliverer, pm=self.pm, metrics=self.metrics,
+                concurrency=config.concurrency, lease_seconds=config.queue.lease_seconds,
+                poll_interval=config.queue.poll_interval,
+            )
+
+    async def start(self, app: Any = None) -> None:
+        await self.queue.open()
+        await call_hook(self.pm.hook.startup, app=app, config=self.config)
+        await self.deliverer.open()
+        if self.worker is not None:
+            await self.worker.start()
+
+    async def stop(self, app: Any = None) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        await self.deliverer.close()
+        for adapter in self.adapters.values():
+            close = getattr(adapter, "aclose", None)
+            if close is not None:
+                await close()
+        try:
+            await call_hook(self.pm.hook.shutdown, app=app)
+        finally:
+            await self.queue.close()

@@ -1,0 +1,124 @@
+"""Adapter type ``openai``: the OpenAI HTTP protocol over httpx, for OpenAI and any compatible
+server (vLLM, Ollama, llama.cpp server, LocalAI, Groq, ...).
+
+Provider options (``providers.<name>`` in the gateway config)::
+
+    type: openai
+    base_url: https://api.openai.com/v1   # default
+    api_key: ${OPENAI_API_KEY}            # optional for local servers
+    headers: {X-Extra: value}             # optional, sent with every request
+    timeout: 120                          # read timeout, seconds
+    connect_timeout: 5
+    max_connections: 100
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from gateway import hookimpl
+from gateway.adapters import AdapterConfigError, AdapterError, TextRequest, TextResult, Usage
+
+OPTIONS = {"base_url", "api_key", "headers", "timeout", "connect_timeout", "max_connections"}
+RETRYABLE_STATUS = {408, 409, 425, 429}
+
+
+def _positive(options: Mapping[str, Any], key: str, default: float) -> float:
+    value = options.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AdapterConfigError(key, f"must be a number, got {value!r}") from None
+    if number <= 0:
+        raise AdapterConfigError(key, f"must be positive, got {value!r}")
+    return number
+
+
+def _upstream_message(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or response.text or response.reason_phrase)[:300]
+
+
+class OpenAIAdapter:
+    """One provider: a pooled client shared by every job routed to it."""
+
+    def __init__(self, name: str, options: Mapping[str, Any]) -> None:
+        unknown = set(options) - OPTIONS
+        if unknown:
+            raise AdapterConfigError(sorted(unknown)[0], f"unknown option; known options: {', '.join(sorted(OPTIONS))}")
+        base_url = str(options.get("base_url") or "https://api.openai.com/v1").rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise AdapterConfigError("base_url", f"{base_url!r} is not an http(s) URL")
+        headers = options.get("headers") or {}
+        if not isinstance(headers, Mapping):
+            raise AdapterConfigError("headers", "must be a mapping of header names to values")
+        headers = {str(k): str(v) for k, v in headers.items()}
+        if options.get("api_key"):
+            headers["Authorization"] = f"Bearer {options['api_key']}"
+        self.name = name
+        self.client = httpx.AsyncClient(
+            base_url=base_url + "/",
+            headers=headers,
+            timeout=httpx.Timeout(_positive(options, "timeout", 120.0), connect=_positive(options, "connect_timeout", 5.0)),
+            limits=httpx.Limits(max_connections=int(_positive(options, "max_connections", 100))),
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        try:
+            response = await self.client.post(path, json=body, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
+        except httpx.TimeoutException as exc:
+            raise AdapterError(f"{self.name}: timed out ({type(exc).__name__})", retryable=True) from None
+        except httpx.TransportError as exc:
+            raise AdapterError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from None
+        if response.status_code >= 400:
+            retryable = response.status_code >= 500 or response.status_code in RETRYABLE_STATUS
+            raise AdapterError(
+                f"{self.name}: HTTP {response.status_code}: {_upstream_message(response)}",
+                retryable=retryable, status=response.status_code,
+            )
+        try:
+            data = response.json()
+        except ValueError:
+            raise AdapterError(f"{self.name}: the answer is not JSON", retryable=True, status=response.status_code) from None
+        if not isinstance(data, dict):
+            raise AdapterError(f"{self.name}: the answer is not a JSON object", retryable=True, status=response.status_code)
+        return data
+
+    async def complete(self, request: TextRequest) -> TextResult:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            **request.params,
+        }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        data = await self._post("chat/completions", body, request.timeout)
+        try:
+            text = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise AdapterError(f"{self.name}: the answer has no choices[0].message.content", retryable=True) from None
+        if not isinstance(text, str) or not text:
+            raise AdapterError(f"{self.name}: the model returned no text", retryable=True)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+        return TextResult(
+            text=text,
+            usage=Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens")) if usage else None,
+        )
+
+
+@hookimpl
+def register_adapters(register: Any) -> None:
+    register("openai", OpenAIAdapter, categories=["text"])
