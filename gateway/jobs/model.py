@@ -104,3 +104,5 @@ class Job:
     finished_at: float | None = None
     detail: str = ""
     attempts: list[Attempt] = field(default_factory=list)
+    interrupted_delivery: bool = False
+    """Claimed from a worker that died while delivering: a callback may have reached the portal."""

@@ -247,6 +247,8 @@ class SQLiteJobQueue:
                 )
                 job = _row_to_job(row)
                 job.state = JobState(state)
+                # Reschedule and release clear the owner: one still set means its worker died.
+                job.interrupted_delivery = row["state"] == "delivering" and row["lease_owner"] is not None
                 jobs.append(job)
             return jobs
 

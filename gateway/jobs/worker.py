@@ -191,9 +191,13 @@ class Worker:
         delivery = await self.deliverer.attempt(job)
         self.metrics.delivery_attempts.labels(job.engine, job.category, delivery.outcome).inc()
         log.info("job %s callback attempt %d: %s", job.id, job.delivery_attempts + 1, delivery.attempt.detail)
+        delivered_state = JobState.DELIVERED if job.outcome and job.outcome.result is not None else JobState.FAILED
         if delivery.outcome == "delivered":
-            state = JobState.DELIVERED if job.outcome and job.outcome.result is not None else JobState.FAILED
-            await self._finish(job, state, delivery.attempt.detail, [delivery.attempt])
+            await self._finish(job, delivered_state, delivery.attempt.detail, [delivery.attempt])
+        elif delivery.outcome == "gone" and job.interrupted_delivery:
+            # The previous worker died during a callback: the portal consumed that one.
+            detail = "portal answered data:false after an attempt interrupted by a crash, which delivered the outcome"
+            await self._finish(job, delivered_state, detail, [delivery.attempt])
         elif delivery.outcome in DELIVERY_FAILURE_STATES:
             await self._finish(job, DELIVERY_FAILURE_STATES[delivery.outcome], delivery.attempt.detail, [delivery.attempt])
         else:

@@ -28,6 +28,7 @@ class DroppedConnection(Exception):
 class FakeOpenAI:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
+        self.url = ""  # set by whoever serves ``app``
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self._script: collections.deque[str] = collections.deque()

@@ -1,0 +1,134 @@
+"""Test harness: the gateway under uvicorn in a subprocess, configured for fast tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ENGINE_TOKEN = "tok-SECRET-0123456789abcdef"
+API_KEY = "sk-test-SECRETKEY-abcdef123456"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """A config with short timings: leases of 2 s, quick backoff, callbacks to 127.0.0.1 allowed."""
+    config: dict[str, Any] = {
+        "public_url": "http://127.0.0.1:0",
+        "queue": {"backend": "sqlite", "lease_seconds": 2, "poll_interval": 0.1},
+        "workers": {"concurrency": 16},
+        "security": {"allowed_portals": ["127.0.0.1"], "allow_private_networks": True},
+        "routing": {"retries": 2, "backoff_initial": 0.05, "backoff_max": 0.2, "cooldown_failures": 50, "cooldown_seconds": 1},
+        "delivery": {"backoff_initial": 0.1, "backoff_max": 0.5, "connect_timeout": 1, "read_timeout": 5},
+        "providers": {"up": {"type": "openai", "base_url": upstream_url + "/v1", "api_key": API_KEY, "timeout": 30}},
+        "engines": [{
+            "code": "acme_text", "name": "ACME text", "category": "text", "token": ENGINE_TOKEN,
+            "route": [{"provider": "up", "model": "test-model"}],
+            "settings": {"code_alias": "ChatGPT"},
+        }],
+    }
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+class GatewayProcess:
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        config = dict(config)
+        config["public_url"] = f"http://127.0.0.1:{self.port}"
+        config.setdefault("data_dir", str(workdir / "var"))
+        self.config = config
+        self.config_path = workdir / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def completions_url(self, code: str = "acme_text") -> str:
+        return next(e["completions_url"] for e in self.cli_json("engines", "list") if e["code"] == code)
+
+    def start(self, timeout: float = 20.0) -> GatewayProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", str(self.port), "--log-level", "DEBUG"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=_env(),
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.url + "/-/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway did not become healthy:\n{self.logs()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, cwd=self.workdir, env=_env(), timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"gateway {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def job_states(self) -> dict[str, str]:
+        return {job["id"]: job["state"] for job in self.cli_json("jobs", "list", "--limit", "1000")}
+
+    def wait_final(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until ``count`` jobs are in a final state; returns all jobs."""
+        final = {"delivered", "failed", "gone", "expired", "dead"}
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = self.cli_json("jobs", "list", "--limit", "1000")
+            if sum(1 for j in jobs if j["state"] in final) >= count or time.monotonic() > deadline:
+                return jobs
+            time.sleep(0.2)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("GATEWAY_LOAD_PLUGINS", None)
+    env.pop("GATEWAY_CONFIG", None)
+    return env

@@ -1,0 +1,142 @@
+"""Every kind of bad request gets a clear JSON error with the right status, and nothing is lost:
+no job is created, no upstream call is made, no callback URL is contacted."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.bitrix.protocol import encode_like_php
+from gateway.bitrix.simulator import PortalEmulator
+from gateway.loopback import LoopbackServer
+from gateway_openai.testing import FakeOpenAI
+from tests.harness import ENGINE_TOKEN, GatewayProcess, make_config
+
+pytestmark = pytest.mark.e2e
+LIMIT = 8192
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, PortalEmulator, FakeOpenAI]]:
+    upstream, portal = FakeOpenAI(), PortalEmulator()
+    with LoopbackServer(upstream.app) as up, LoopbackServer(portal.app) as portal_server:
+        portal.url = portal_server.url
+        config = make_config(up.url, limits={"max_body_bytes": LIMIT})
+        gw = GatewayProcess(config, tmp_path_factory.mktemp("bad-input")).start()
+        try:
+            yield gw, portal, upstream
+        finally:
+            gw.kill()
+
+
+def _body(portal: PortalEmulator, **changes: Any) -> dict[str, Any]:
+    _, body = portal.new_request(prompt="hello")
+    for key, value in changes.items():
+        if value is _DROP:
+            body.pop(key)
+        else:
+            body[key] = value
+    return body
+
+
+_DROP = object()
+CASES: dict[str, tuple[dict[str, Any], int, str]] = {
+    # name: (how to send, expected status, expected error code)
+    "unknown engine": ({"path": "/engines/nope/" + ENGINE_TOKEN + "/completions"}, 404, "unknown_engine"),
+    "bad token": ({"path": "/engines/acme_text/not-the-token-000000000000/completions"}, 401, "bad_token"),
+    "text/plain": ({"content_type": "text/plain"}, 415, "unsupported_media_type"),
+    "form encoded": ({"raw": b"prompt=hi", "content_type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    "no content type": ({"content_type": None}, 415, "unsupported_media_type"),
+    "not JSON": ({"raw": b"{prompt: hi"}, 400, "invalid_json"),
+    "JSON array": ({"raw": b"[1, 2]"}, 400, "invalid_json"),
+    "empty body": ({"raw": b""}, 400, "invalid_json"),
+    "no callbackUrl": ({"changes": {"callbackUrl": _DROP}}, 422, "missing_callback_url"),
+    "null errorCallbackUrl": ({"changes": {"errorCallbackUrl": None}}, 422, "missing_callback_url"),
+    "relative callbackUrl": ({"changes": {"callbackUrl": "/bitrix/services/main/ajax.php"}}, 422, "invalid_field"),
+    "ftp callbackUrl": ({"changes": {"callbackUrl": "ftp://127.0.0.1/x"}}, 422, "invalid_field"),
+    "callback host not allowed": ({"changes": {"callbackUrl": "https://evil.example.com/bitrix/services/main/ajax.php?hash=x"}}, 422, "callback_not_allowed"),
+    "callback with credentials": ({"changes": {"errorCallbackUrl": "http://user:pw@127.0.0.1/x"}}, 422, "callback_not_allowed"),
+    "wrong category": ({"changes": {"category": "image"}}, 422, "wrong_category"),
+    "empty prompt": ({"changes": {"prompt": "  "}}, 422, "invalid_field"),
+    "prompt object for text": ({"changes": {"prompt": {"prompt": "x"}}}, 422, "invalid_field"),
+    "negative ttl": ({"changes": {"ttl": -5}}, 422, "invalid_field"),
+    "temperature not a number": ({"changes": {"temperature": "hot"}}, 422, "invalid_field"),
+    "fractional max_tokens": ({"changes": {"max_tokens": 1.5}}, 422, "invalid_field"),
+    "context not a list": ({"changes": {"context": "hello"}}, 422, "invalid_field"),
+    "context item content not text": ({"changes": {"context": [{"role": "user", "content": 5}]}}, 422, "invalid_field"),
+    "body over the limit": ({"changes": {"prompt": "x" * (LIMIT + 1)}}, 413, "body_too_large"),
+    "chunked body over the limit": ({"chunked": True, "changes": {"prompt": "x" * (LIMIT + 1)}}, 413, "body_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_request_is_refused_clearly(stack, case):
+    gw, portal, upstream = stack
+    how, status, code = CASES[case]
+    path = how.get("path", f"/engines/acme_text/{ENGINE_TOKEN}/completions")
+    raw = how["raw"] if "raw" in how else encode_like_php(_body(portal, **how.get("changes", {})))
+    headers = {}
+    content_type = how.get("content_type", "application/json")
+    if content_type:
+        headers["Content-Type"] = content_type
+    content: Any = raw
+    if how.get("chunked"):
+        content = iter([raw[i:i + 1000] for i in range(0, len(raw), 1000)])
+    response = httpx.post(gw.url + path, content=content, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+
+
+def test_nothing_was_accepted_or_contacted(stack):
+    """Runs after the cases above (same module): they left no trace."""
+    gw, portal, upstream = stack
+    assert gw.cli_json("jobs", "list") == []
+    assert upstream.requests == []
+    assert all(not job.callbacks for job in portal.jobs.values())
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'gateway_requests_rejected_total{reason="callback_not_allowed"} 2.0' in metrics
+    assert "gateway_jobs_accepted_total{" not in metrics
+
+
+def test_no_redirects_on_the_completions_url(stack):
+    gw, portal, _ = stack
+    response = httpx.post(f"{gw.url}/engines/acme_text/{ENGINE_TOKEN}/completions/", content=encode_like_php(_body(portal)),
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 404  # not a 307, which the portal would follow as a GET
+
+
+def test_get_is_the_registration_check(stack):
+    gw, _, _ = stack
+    assert httpx.get(f"{gw.url}/engines/acme_text/{ENGINE_TOKEN}/completions").status_code == 200
+    assert httpx.get(f"{gw.url}/engines/acme_text/wrong-token-0000000000/completions").status_code == 401
+
+
+def test_private_callback_refused_unless_allowed(gateway, portal, upstream):
+    config = make_config(upstream.url)
+    config["security"] = {"allowed_portals": ["127.0.0.1"], "allow_private_networks": False}
+    gw = gateway(config)
+    job_hash, body = portal.new_request()
+    response = portal.send(gw.completions_url(), body)
+    assert response.status_code == 422
+    assert "allow_private_networks" in response.json()["error"]["message"]
+    assert gw.cli_json("jobs", "list") == [] and upstream.requests == [] and portal.jobs[job_hash].callbacks == []
+
+
+def test_unknown_and_null_fields_are_tolerated(gateway, portal, upstream):
+    gw = gateway()
+    job_hash, body = portal.new_request(
+        prompt="tolerant", payload_markers=[], context=None, temperature=None, payload_role=None,
+        qualityParam="summarize", consumptionId=17, brand_new_key={"nested": [1, 2]},
+    )
+    body["ttl"] = None  # the gateway falls back to limits.default_ttl
+    assert portal.send(gw.completions_url(), body).status_code == 202
+    assert portal.wait(job_hash, timeout=20).delivered[0].body == {"result": "echo: tolerant"}
+    assert upstream.requests[0]["messages"] == [{"role": "user", "content": "tolerant"}]
+    assert "temperature" not in upstream.requests[0]
+    assert json.dumps(body)  # the body really carried those keys
