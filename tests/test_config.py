@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+from gateway.tasks import Category
+
+MINIMAL = """
+providers:
+  up: {type: openai, base_url: "${UP_URL:-http://127.0.0.1:1/v1}", api_key: "${KEY}"}
+engines:
+  - code: acme_text
+    category: text
+    route: [{provider: up, model: m}]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_interpolation_and_defaults(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), environ={"KEY": "secret-value"})
+    assert config.providers["up"].options == {"base_url": "http://127.0.0.1:1/v1", "api_key": "secret-value"}
+    engine = config.engine("acme_text")
+    assert engine is not None and engine.category is Category.TEXT and engine.name == "acme_text"
+    assert engine.token is None
+    assert config.max_body_bytes == 1024 * 1024 and config.queue.backend == "sqlite"
+
+
+def test_missing_variable_names_file_key_and_fix(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert err.value.file == str(path)
+    assert err.value.key == "providers.up.api_key"
+    assert "KEY" in err.value.problem and "export KEY=" in err.value.fix
+    assert str(path) in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_misspelled_key_suggests_the_right_one(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + "securty: {}\n"), environ={"KEY": "k"})
+    assert err.value.key == "securty" and "security" in err.value.fix
+
+
+@pytest.mark.parametrize("snippet, key", [
+    ("engines:\n  - {code: 'bad code', category: text, route: [{provider: up, model: m}]}", "engines[0].code"),
+    ("engines:\n  - {code: a, category: video, route: [{provider: up, model: m}]}", "engines[0].category"),
+    ("engines:\n  - {code: a, category: text, route: [{provider: nope, model: m}]}", "engines[0].route[0].provider"),
+    ("engines:\n  - {code: a, category: text, route: []}", "engines[0].route"),
+    ("engines:\n  - {code: a, category: text, token: short, route: [{provider: up, model: m}]}", "engines[0].token"),
+    ("engines:\n  - {code: a, category: text, route: [{provider: up, model: m}]}\n  - {code: A, category: text, route: [{provider: up, model: m}]}", "engines[1].code"),
+    ("limits: {max_body_bytes: lots}", "limits.max_body_bytes"),
+    ("security: {allow_private_networks: maybe}", "security.allow_private_networks"),
+    ("queue: {backend: postgres}", "queue.backend"),
+    ("public_url: gw.example.com", "public_url"),
+])
+def test_invalid_values_are_reported_with_their_key(tmp_path, snippet, key):
+    text = "providers:\n  up: {type: openai}\n" + snippet + "\n"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), environ={})
+    assert err.value.key == key
+    assert err.value.fix
+
+
+def test_interpolated_booleans_and_numbers(tmp_path):
+    text = "security: {allow_private_networks: '${PRIV}'}\nlimits: {max_body_bytes: '${MAX}'}\n"
+    config = load_config(write(tmp_path, text), environ={"PRIV": "true", "MAX": "4096"})
+    assert config.security.allow_private_networks is True and config.max_body_bytes == 4096
+
+
+def test_missing_file_and_broken_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is not valid YAML at line 2"):
+        load_config(write(tmp_path, "a: 1\n  b: 2\n"))
