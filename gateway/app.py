@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -51,6 +52,15 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
 class CompletionsEndpoint:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self._metrics: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def _engine_metrics(self, code: str, category: str) -> tuple[Any, Any]:
+        """(accepted counter, accept latency histogram) for an engine; looked up once, not per request."""
+        children = self._metrics.get((code, category))
+        if children is None:
+            m = self.runtime.metrics
+            children = self._metrics[(code, category)] = (m.accepted.labels(code, category), m.accept_latency.labels(code, category))
+        return children
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -87,7 +97,7 @@ class CompletionsEndpoint:
             )
         except ProtocolError as exc:
             raise RequestRejected(exc.status, exc.code, exc.message) from None
-        for name, url in (("callbackUrl", parsed.callback_url), ("errorCallbackUrl", parsed.error_callback_url)):
+        for name, url in (("callbackUrl", parsed.callback_parts), ("errorCallbackUrl", parsed.error_callback_parts)):
             try:
                 rt.policy.check_url(url)
             except URLRefused as exc:
@@ -99,6 +109,7 @@ class CompletionsEndpoint:
             callback_url=parsed.callback_url, error_callback_url=parsed.error_callback_url,
             accepted_at=now, deadline=task.deadline,
         )
+        accepted_counter, latency_histogram = self._engine_metrics(code, task.category.value)
         worker = rt.worker
         reserved = worker is not None and worker.reserve()
         try:
@@ -116,14 +127,14 @@ class CompletionsEndpoint:
                 worker.submit(stored)
             elif worker:
                 worker.wake()
-            rt.metrics.accepted.labels(code, task.category.value).inc()
+            accepted_counter.inc()
             log.info("accepted job %s engine=%s category=%s ttl=%s", stored.id, code, task.category.value, task.ttl)
         else:
             if reserved and worker:
                 worker.unreserve()
             rt.metrics.duplicates.labels(code).inc()
             log.info("repeated request for job %s engine=%s: answered 202, no new job", stored.id, code)
-        rt.metrics.accept_latency.labels(code, task.category.value).observe(time.perf_counter() - started)
+        latency_histogram.observe(time.perf_counter() - started)
         return JSONResponse(ACCEPTED, 202)
 
 

@@ -41,9 +41,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.redaction import configure_logging
 
+    from gateway.runtime import Runtime
+
     config = _config(args)
     configure_logging(args.log_level)
-    app = create_app(config)
+    app = create_app(config, Runtime(config, with_worker=not args.no_worker))
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
     runtime = app.state.runtime
@@ -248,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--no-worker", action="store_true", help="accept only; run `gateway worker` processes for the work")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", parents=[common], help="run workers only (scale-out beside `serve`)")

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.adapters import result_from_json
+from gateway import http
 from gateway.bitrix import protocol
 from gateway.config import DeliverySettings
 from gateway.jobs.model import Attempt, Job
@@ -52,7 +53,7 @@ class Deliverer:
 
     async def open(self) -> None:
         self._client = httpx.AsyncClient(
-            transport=self.policy.transport(retries=0),
+            transport=http.transport(self.policy),
             follow_redirects=False,
             timeout=httpx.Timeout(self.settings.read_timeout, connect=self.settings.connect_timeout),
             headers={"User-Agent": "bitrix24-ai-gateway"},

@@ -15,21 +15,24 @@ import uvicorn
 
 
 class LoopbackServer:
-    def __init__(self, app: Any, port: int = 0, host: str = "127.0.0.1") -> None:
-        self.app, self.host, self.port = app, host, port
+    def __init__(self, app: Any, port: int = 0, host: str = "127.0.0.1", **options: Any) -> None:
+        """``options`` go to ``uvicorn.Config`` (e.g. ``ssl_certfile``, ``timeout_keep_alive``)."""
+        self.app, self.host, self.port, self.options = app, host, port, options
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.options.get("ssl_certfile") else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def start(self) -> LoopbackServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_config=None, access_log=False, timeout_graceful_shutdown=1)
+        options = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 1, **self.options}
+        config = uvicorn.Config(self.app, **options)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"loopback-{self.port}")
         self._thread.start()

@@ -2,22 +2,17 @@
 
 Two checks, both needed. :meth:`OutboundPolicy.check_url` runs at accept time and costs
 no network call: the scheme, the host against ``security.allowed_portals`` and literal
-IP addresses. The guarded transport checks again at connect time, on every address the
-name resolves to, and connects to the address it checked, so a portal name that
-resolves to a private address (or is re-pointed after acceptance) is still refused.
+IP addresses. The gateway's HTTP transport (``gateway.http.transport(policy)``) checks
+again at connect time, on every address the name resolves to, and connects to the
+address it checked, so a portal name that resolves to a private address (or is
+re-pointed after acceptance) is still refused.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import socket
 from collections.abc import Iterable
-from typing import Any
-from urllib.parse import urlsplit
-
-import httpcore
-import httpx
+from urllib.parse import SplitResult, urlsplit
 
 
 class URLRefused(Exception):
@@ -34,6 +29,7 @@ class OutboundPolicy:
     def __init__(self, allowed_hosts: Iterable[str], allow_private_networks: bool = False) -> None:
         self.allowed_hosts = tuple(h.lower().rstrip(".") for h in allowed_hosts)
         self.allow_private_networks = allow_private_networks
+        self._host_refusal: dict[str, str] = {}
 
     def host_allowed(self, host: str) -> bool:
         host = host.lower().rstrip(".")
@@ -52,59 +48,33 @@ class OutboundPolicy:
                 "set security.allow_private_networks: true only if the portal is on a private network"
             )
 
-    def check_url(self, url: str) -> None:
-        parts = urlsplit(url)
+    def check_url(self, url: str | SplitResult) -> None:
+        parts = urlsplit(url) if isinstance(url, str) else url
         if parts.scheme not in ("http", "https"):
             raise URLRefused(f"scheme {parts.scheme!r} is not allowed; only http and https")
+        if "@" in parts.netloc:
+            raise URLRefused("URLs with credentials are not contacted")
         host = parts.hostname
         if not host:
             raise URLRefused("the URL has no host")
-        if parts.username or parts.password:
-            raise URLRefused("URLs with credentials are not contacted")
+        refusal = self._host_refusal.get(host)
+        if refusal is None:
+            refusal = self._refuse_host(host)
+            if len(self._host_refusal) < 4096:  # portals are few; a flood of names is not cached
+                self._host_refusal[host] = refusal
+        if refusal:
+            raise URLRefused(refusal)
+
+    def _refuse_host(self, host: str) -> str:
+        """Why the host may not be contacted, or "" if it may (before name resolution)."""
         if not self.host_allowed(host):
-            raise URLRefused(f"host {host} is not in security.allowed_portals; add it there if it is your portal")
+            return f"host {host} is not in security.allowed_portals; add it there if it is your portal"
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            return
-        self.check_address(host, host)
-
-    def transport(self, **kwargs: Any) -> httpx.AsyncHTTPTransport:
-        """An httpx transport whose every connection passes :meth:`check_address`."""
-        transport = httpx.AsyncHTTPTransport(**kwargs)
-        # httpx does not take httpcore's network_backend as an option; the new pool has no
-        # connection yet, so swapping its backend puts resolution and the check in one place.
-        transport._pool._network_backend = _GuardedBackend(self)
-        return transport
-
-
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, policy: OutboundPolicy) -> None:
-        self._policy = policy
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        if not self._policy.host_allowed(host):
-            raise URLRefused(f"host {host} is not in security.allowed_portals")
-        loop = asyncio.get_running_loop()
+            return ""
         try:
-            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        for address in addresses:
-            self._policy.check_address(host, address)
-        last: Exception | None = None
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(address, port, timeout=timeout, local_address=local_address, socket_options=socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-        assert last is not None
-        raise last
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        raise URLRefused("unix sockets are not contacted")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+            self.check_address(host, host)
+        except URLRefused as exc:
+            return str(exc)
+        return ""

@@ -1,4 +1,6 @@
 import httpx
+
+from gateway import http
 import pytest
 
 from gateway.loopback import LoopbackServer
@@ -49,11 +51,11 @@ async def test_resolved_address_is_checked_at_connect_time():
         url = f"http://localhost:{server.port}/"
         guarded = OutboundPolicy(["localhost"])
         guarded.check_url(url)  # a name: nothing to check without resolving it
-        async with httpx.AsyncClient(transport=guarded.transport()) as client:
+        async with httpx.AsyncClient(transport=http.transport(guarded)) as client:
             with pytest.raises(URLRefused, match="non-public address"):
                 await client.get(url)
         assert hits == []
         open_policy = OutboundPolicy(["localhost"], allow_private_networks=True)
-        async with httpx.AsyncClient(transport=open_policy.transport()) as client:
+        async with httpx.AsyncClient(transport=http.transport(open_policy)) as client:
             assert (await client.get(url)).text == "ok"
         assert hits == [1]

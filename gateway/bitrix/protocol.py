@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from gateway.adapters import Result, TextResult
 from gateway.tasks import Category, Message, Task
@@ -21,6 +22,7 @@ CONSUMED_KEYS = frozenset({
     "prompt", "payload_role", "context", "temperature", "max_tokens", "category", "ttl",
     "callbackUrl", "errorCallbackUrl", "auth",
 })
+_HASH_RE = re.compile(r"(?:^|&)hash=([^&]*)")
 ASSISTANT_ROLES = frozenset({"assistant", "bot", "ai", "model"})
 
 
@@ -38,6 +40,8 @@ class CompletionRequest:
     callback_url: str
     error_callback_url: str
     idempotency_key: str
+    callback_parts: SplitResult
+    error_callback_parts: SplitResult
     """A digest of the portal's job ``hash``: the same request sent twice maps to one job."""
 
 
@@ -64,14 +68,14 @@ def _number(data: Mapping[str, Any], key: str, kind: type) -> Any:
     return number
 
 
-def _url(data: Mapping[str, Any], key: str) -> str:
+def _url(data: Mapping[str, Any], key: str) -> SplitResult:
     value = data.get(key)
     if not isinstance(value, str) or not value:
         raise ProtocolError(422, "missing_callback_url", f"{key} is missing: the gateway could not return the result")
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise _invalid(key, "must be an absolute http(s) URL")
-    return value
+    return parts
 
 
 def _context(raw: Any) -> list[Message]:
@@ -97,13 +101,13 @@ def _context(raw: Any) -> list[Message]:
 
 
 def parse_completion_request(data: Any, *, engine: str, category: Category, default_ttl: int, job_id: str, now: float) -> CompletionRequest:
-    if not isinstance(data, Mapping):
+    if not isinstance(data, dict):
         raise ProtocolError(400, "invalid_json", "the request body must be a JSON object")
     sent_category = data.get("category")
     if sent_category not in (None, "") and sent_category != category.value:
         raise ProtocolError(422, "wrong_category", f"engine {engine!r} serves category {category.value!r}, the request is for {sent_category!r}")
-    callback_url = _url(data, "callbackUrl")
-    error_callback_url = _url(data, "errorCallbackUrl")
+    callback = _url(data, "callbackUrl")
+    error_callback = _url(data, "errorCallbackUrl")
 
     prompt = data.get("prompt")
     if category is Category.TEXT:
@@ -138,12 +142,13 @@ def parse_completion_request(data: Any, *, engine: str, category: Category, defa
         ttl=ttl,
         accepted_at=now,
         deadline=now + ttl,
-        portal=(urlsplit(callback_url).hostname or ""),
+        portal=callback.hostname or "",
         extra={k: v for k, v in data.items() if k not in CONSUMED_KEYS},
     )
-    portal_hash = parse_qs(urlsplit(callback_url).query).get("hash", [callback_url])[0]
+    found = _HASH_RE.search(callback.query)
+    portal_hash = found.group(1) if found else callback.geturl()
     key = hashlib.sha256(f"{engine}\n{portal_hash}".encode()).hexdigest()
-    return CompletionRequest(task, callback_url, error_callback_url, key)
+    return CompletionRequest(task, data["callbackUrl"], data["errorCallbackUrl"], key, callback, error_callback)
 
 
 def success_body(result: Result) -> dict[str, Any]:

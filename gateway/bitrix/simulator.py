@@ -9,6 +9,7 @@ Every callback is recorded, so tests can count deliveries.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import string
@@ -62,7 +63,11 @@ class PortalEmulator:
         self.jobs: dict[str, PortalJob] = {}
         self._changed = threading.Condition()
         self._fail_next: deque[int] = deque()
-        self.app = Starlette(routes=[Route(CALLBACK_PATH, self._callback, methods=["POST"])])
+        self.app = Starlette(routes=[
+            Route(CALLBACK_PATH, self._callback, methods=["POST"]),
+            Route("/-/requests", self._create_request, methods=["POST"]),
+            Route("/-/requests/{hash}", self._show_request, methods=["GET"]),
+        ])
 
     # -- the portal side of a request -------------------------------------------------
     def new_request(self, category: str = "text", prompt: Any = "Write a short greeting for our clients", ttl: int = 14400, **extra: Any) -> tuple[str, dict[str, Any]]:
@@ -124,6 +129,26 @@ class PortalEmulator:
         """Answer the next callbacks with these HTTP statuses (as a portal in trouble would)."""
         self._fail_next.extend(statuses)
 
+    # -- control API, for driving an emulator that runs in another process -------------------
+    async def _create_request(self, request: Request) -> Response:
+        """``POST /-/requests {category, prompt, ttl, extra}`` -> ``{hash, body}``."""
+        spec = await request.json()
+        job_hash, body = self.new_request(spec.get("category", "text"), spec.get("prompt", "Hello"), int(spec.get("ttl", 14400)), **spec.get("extra", {}))
+        return JSONResponse({"hash": job_hash, "body": body})
+
+    async def _show_request(self, request: Request) -> Response:
+        """``GET /-/requests/{hash}?wait=SECONDS``: the job's callbacks, waiting until one is delivered."""
+        job = self.jobs.get(request.path_params["hash"])
+        if job is None:
+            return JSONResponse({"error": "unknown hash"}, 404)
+        deadline = time.monotonic() + float(request.query_params.get("wait", 0))
+        while not job.consumed and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return JSONResponse({
+            "hash": job.hash, "consumed": job.consumed,
+            "callbacks": [{"kind": c.kind, "body": c.body, "accepted": c.accepted, "at": c.at} for c in job.callbacks],
+        })
+
     # -- the callback endpoints ---------------------------------------------------------
     async def _callback(self, request: Request) -> Response:
         if self._fail_next:
@@ -160,3 +185,21 @@ def _answer(status: str, data: Any, errors: list[Any]) -> JSONResponse:
 def _hash_of(body: dict[str, Any]) -> str:
     url = str(body.get("callbackUrl", ""))
     return url.rsplit("hash=", 1)[-1] if "hash=" in url else ""
+
+
+def main() -> None:
+    """``python -m gateway.bitrix.simulator --port 8002``: a standalone emulator with its control API."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8002)
+    args = parser.parse_args()
+    emulator = PortalEmulator()
+    emulator.url = f"http://127.0.0.1:{args.port}"
+    uvicorn.run(emulator.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -87,6 +87,7 @@ class Worker:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._reserved = 0
         self._wake = asyncio.Event()
+        self._backlog = False
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
 
@@ -107,6 +108,8 @@ class Worker:
         self._spawn(job)
 
     def wake(self) -> None:
+        """A job is waiting that this worker does not hold yet: claim soon."""
+        self._backlog = True
         self._wake.set()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -132,8 +135,11 @@ class Worker:
             log.info("handed %d unfinished job(s) back to the queue", len(unfinished))
 
     async def _dispatch(self) -> None:
+        """Claim due jobs when told there may be some, and every ``poll_interval`` regardless
+        (other processes' jobs, retries falling due, leases running out)."""
         while True:
             free = self.concurrency - len(self._inflight) - self._reserved
+            self._backlog = False
             if free > 0:
                 try:
                     jobs = await self.queue.claim(self.owner, free, self.lease_seconds)
@@ -143,7 +149,7 @@ class Worker:
                 for job in jobs:
                     self._spawn(job)
                 if jobs and len(jobs) == free:
-                    continue
+                    self._backlog = True  # the queue may hold more: claim again when a slot frees
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
@@ -163,7 +169,8 @@ class Worker:
 
     def _done(self, job_id: str) -> None:
         self._inflight.pop(job_id, None)
-        self._wake.set()
+        if self._backlog:
+            self._wake.set()
 
     # -- one job ----------------------------------------------------------------------
     async def _process(self, job: Job) -> None:
@@ -206,7 +213,6 @@ class Worker:
                 await self._finish(job, JobState.EXPIRED, f"the ttl passed while delivery failed: {delivery.attempt.detail}", [delivery.attempt])
             else:
                 await self.queue.reschedule(job.id, self.owner, next_at, delivery.attempt)
-                self.wake()
 
     async def _finish(self, job: Job, state: JobState, detail: str, attempts: list[Attempt]) -> None:
         if not await self.queue.finish(job.id, self.owner, state, detail, attempts):

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from gateway import hookimpl
+from gateway import hookimpl, http
 from gateway.adapters import AdapterConfigError, AdapterError, TextRequest, TextResult, Usage
 
 OPTIONS = {"base_url", "api_key", "headers", "timeout", "connect_timeout", "max_connections"}
@@ -63,11 +63,12 @@ class OpenAIAdapter:
         if options.get("api_key"):
             headers["Authorization"] = f"Bearer {options['api_key']}"
         self.name = name
+        limits = httpx.Limits(max_connections=int(_positive(options, "max_connections", 100)))
         self.client = httpx.AsyncClient(
+            transport=http.transport(limits=limits),
             base_url=base_url + "/",
             headers=headers,
             timeout=httpx.Timeout(_positive(options, "timeout", 120.0), connect=_positive(options, "connect_timeout", 5.0)),
-            limits=httpx.Limits(max_connections=int(_positive(options, "max_connections", 100))),
             follow_redirects=False,
         )
 

@@ -75,3 +75,20 @@ class _DroppingResponse:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload) * 4).encode())]})
         await send({"type": "http.response.body", "body": payload[:5], "more_body": True})
         raise DroppedConnection("scripted drop")
+
+
+def main() -> None:
+    """``python -m gateway_openai.testing --port 8001 --delay 0.05``: serve the fake for benchmarks."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    uvicorn.run(FakeOpenAI(delay=args.delay).app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
