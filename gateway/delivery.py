@@ -53,7 +53,7 @@ class Deliverer:
 
     async def open(self) -> None:
         self._client = httpx.AsyncClient(
-            transport=http.transport(self.policy),
+            transport=http.transport(self.policy, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)),
             follow_redirects=False,
             timeout=httpx.Timeout(self.settings.read_timeout, connect=self.settings.connect_timeout),
             headers={"User-Agent": "bitrix24-ai-gateway"},

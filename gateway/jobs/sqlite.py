@@ -6,9 +6,9 @@ durability (WAL, ``synchronous=FULL``) costs latency once per batch, not through
 
 The statements themselves run on the event loop thread, where they take microseconds.
 Running them in a thread instead makes each one hand the GIL back to a busy event loop,
-which can wait a whole switch interval (5 ms) per statement. Only the calls that can block
-long leave the loop: waiting for a write lock another process holds, and the fsync of
-``COMMIT`` when the disk turns out to be slow.
+which can wait a whole switch interval (5 ms) per statement. Only the calls that block
+leave the loop: the fsync of ``COMMIT`` (one thread hand-off per batch), and waiting for
+a write lock that another process holds.
 Several processes may share the file; SQLite's lock and the leases keep them apart.
 """
 
@@ -34,7 +34,6 @@ INSERT_COLUMNS = (
 )
 INSERT_ROW = "(" + ", ".join("?" * 13) + ")"
 INSERT_CHUNK = 256  # 13 parameters a row: well under SQLite's limit per statement
-INLINE_COMMIT_SECONDS = 0.002
 LOCK_TIMEOUT = 10.0
 
 SCHEMA = f"""
@@ -168,8 +167,6 @@ class SQLiteJobQueue:
         self._pending: list[_Op] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self._commit_seconds = 0.0
-        """Moving average of recent commits (fsync included), measured in the thread or not."""
 
     async def open(self) -> None:
         def setup() -> sqlite3.Connection:
@@ -228,7 +225,7 @@ class SQLiteJobQueue:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((op, None, exc))
-            await self._commit(conn)
+            await asyncio.to_thread(conn.execute, "COMMIT")  # the fsync, off the event loop
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -252,20 +249,6 @@ class SQLiteJobQueue:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             await asyncio.to_thread(_begin_waiting, conn, LOCK_TIMEOUT)
-
-    async def _commit(self, conn: sqlite3.Connection) -> None:
-        """COMMIT, whose fsync blocks. On a disk that syncs in well under a millisecond that is
-        cheaper than a hand-off to a thread (whose return waits for the GIL under load); on a
-        slow disk it would stall every request, so the commit then moves to a thread."""
-        if self._commit_seconds < INLINE_COMMIT_SECONDS:
-            started = time.perf_counter()
-            conn.execute("COMMIT")
-            elapsed = time.perf_counter() - started
-        else:
-            started = time.perf_counter()
-            await asyncio.to_thread(conn.execute, "COMMIT")
-            elapsed = time.perf_counter() - started
-        self._commit_seconds = 0.8 * self._commit_seconds + 0.2 * elapsed
 
     def _submit(self, op: _Op) -> asyncio.Future[Any]:
         if self._flusher is None:

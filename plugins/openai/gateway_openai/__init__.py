@@ -63,7 +63,9 @@ class OpenAIAdapter:
         if options.get("api_key"):
             headers["Authorization"] = f"Bearer {options['api_key']}"
         self.name = name
-        limits = httpx.Limits(max_connections=int(_positive(options, "max_connections", 100)))
+        pool_size = int(_positive(options, "max_connections", 100))
+        # Keep every connection alive between bursts: reopening them costs more than holding them.
+        limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
         self.client = httpx.AsyncClient(
             transport=http.transport(limits=limits),
             base_url=base_url + "/",
