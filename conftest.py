@@ -42,10 +42,10 @@ def gateway(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[Callable[..., Gate
     """``gateway(**config_overrides)`` starts a gateway subprocess; all are killed at the end."""
     started: list[GatewayProcess] = []
 
-    def start(config: dict[str, Any] | None = None, **overrides: Any) -> GatewayProcess:
+    def start(config: dict[str, Any] | None = None, *, args: tuple[str, ...] = (), **overrides: Any) -> GatewayProcess:
         process = GatewayProcess(config or make_config(upstream.url, **overrides), tmp_path)
         started.append(process)
-        return process.start()
+        return process.start(*args)
 
     yield start
     for process in started:

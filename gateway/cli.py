@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, find_config_path, load_config
+from gateway.jobs.model import JobState
 from gateway.plugins import PluginError
 
 EXIT_CONFIG = 2
@@ -154,7 +155,6 @@ def _with_queue(config: Config, action: Any) -> Any:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
-    from gateway.jobs.model import JobState
 
     config = _config(args)
     state = JobState(args.state) if args.state else None
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="inspect jobs").add_subparsers(dest="jobs_command", required=True)
     p = jobs.add_parser("list", parents=[common], help="recent jobs, newest first")
-    p.add_argument("--state", choices=["queued", "running", "delivering", "delivered", "failed", "gone", "expired", "dead"])
+    p.add_argument("--state", choices=[state.value for state in JobState])
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_list)

@@ -39,6 +39,8 @@ class QueueSettings:
     lease_seconds: float = 30.0
     """A claimed job whose worker stops renewing it for this long is taken up again."""
     poll_interval: float = 0.5
+    retention_days: float = 7.0
+    """Jobs in a final state are deleted this long after they ended (``gateway jobs`` history)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class Config:
     data_dir: Path = Path("var")
     queue: QueueSettings = QueueSettings()
     concurrency: int = 16
+    shutdown_grace: float = 10.0
+    """Seconds running jobs get to finish on shutdown before they are handed back to the queue."""
     max_body_bytes: int = 1024 * 1024
     default_ttl: int = 14400
     security: SecuritySettings = SecuritySettings()
@@ -243,11 +247,13 @@ def parse_config(data: Any, file: Path) -> Config:
         path=Path(q.str("path", str(data_dir / "queue.sqlite3"))),
         lease_seconds=q.number("lease_seconds", 30.0, minimum=1),
         poll_interval=q.number("poll_interval", 0.5, minimum=0.01),
+        retention_days=q.number("retention_days", 7.0),
     )
     q.done()
 
     workers = top.section("workers")
     concurrency = workers.number("concurrency", 16, minimum=1, integer=True)
+    shutdown_grace = workers.number("shutdown_grace", 10.0)
     workers.done()
 
     limits = top.section("limits")
@@ -289,7 +295,7 @@ def parse_config(data: Any, file: Path) -> Config:
     top.done()
     return Config(
         path=file, public_url=public_url, host=host, port=port, data_dir=data_dir, queue=queue,
-        concurrency=concurrency, max_body_bytes=max_body_bytes, default_ttl=default_ttl,
+        concurrency=concurrency, shutdown_grace=shutdown_grace, max_body_bytes=max_body_bytes, default_ttl=default_ttl,
         security=security, routing=routing, delivery=delivery, providers=providers, engines=engines,
     )
 

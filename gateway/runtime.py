@@ -97,6 +97,7 @@ class Runtime:
                 deliverer=self.deliverer, pm=self.pm, metrics=self.metrics,
                 concurrency=config.concurrency, lease_seconds=config.queue.lease_seconds,
                 poll_interval=config.queue.poll_interval,
+                retention_seconds=config.queue.retention_days * 86400,
             )
 
     async def start(self, app: Any = None) -> None:
@@ -108,7 +109,7 @@ class Runtime:
 
     async def stop(self, app: Any = None) -> None:
         if self.worker is not None:
-            await self.worker.stop()
+            await self.worker.stop(self.config.shutdown_grace)
         await self.deliverer.close()
         for adapter in self.adapters.values():
             close = getattr(adapter, "aclose", None)

@@ -66,10 +66,11 @@ class GatewayProcess:
     def completions_url(self, code: str = "acme_text") -> str:
         return next(e["completions_url"] for e in self.cli_json("engines", "list") if e["code"] == code)
 
-    def start(self, timeout: float = 20.0) -> GatewayProcess:
+    def start(self, *extra_args: str, timeout: float = 20.0) -> GatewayProcess:
+        """Start ``gateway serve`` (with ``extra_args``) and wait until it answers its health check."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", str(self.port), "--log-level", "DEBUG"],
+                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", str(self.port), "--log-level", "DEBUG", *extra_args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=_env(),
             )
         deadline = time.monotonic() + timeout
@@ -100,6 +101,12 @@ class GatewayProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def popen(self, *args: str) -> subprocess.Popen[bytes]:
+        """Another ``gateway`` command on the same config (e.g. ``worker``), logging to the same file."""
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "gateway", *args, "--config", str(self.config_path)],
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=_env())
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(

@@ -115,3 +115,42 @@ def test_adapter_option_errors_name_the_key(tmp_path, upstream):
     with pytest.raises(ConfigError) as err:
         Runtime(load_config(config_file(tmp_path, config)))
     assert err.value.key == "providers.up.timeot"
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    async def startup(self, app, config):
+        self.calls.append(f"startup {type(app).__name__} {config.engines[0].code}")
+
+    @hookimpl
+    def shutdown(self, app):
+        self.calls.append("shutdown")
+
+    @hookimpl
+    def register_routes(self, routes):
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        async def hello(request):
+            return PlainTextResponse("from a plugin")
+
+        routes.append(Route("/-/hello", hello))
+
+
+def test_startup_shutdown_and_routes(tmp_path, upstream):
+    import httpx
+
+    config = load_config(config_file(tmp_path, make_config(upstream.url)))
+    runtime = Runtime(config)
+    plugin = Lifecycle()
+    runtime.pm.register(plugin)
+    app = create_app(config, runtime)
+    with LoopbackServer(app) as server:
+        assert httpx.get(server.url + "/-/hello").text == "from a plugin"
+        assert plugin.calls == ["startup Starlette acme_text"]
+        names = [p["name"] for p in httpx.get(server.url + "/-/plugins.json").json()]
+        assert any("Lifecycle" in name or name.isdigit() for name in names)
+    assert plugin.calls[-1] == "shutdown"

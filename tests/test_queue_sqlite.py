@@ -101,3 +101,12 @@ async def test_unwritable_location_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(QueueStoreError, match="cannot"):
         await SQLiteJobQueue(blocker / "q.sqlite3").open()
+
+
+async def test_prune_deletes_only_old_final_jobs(queue):
+    old, _ = await queue.enqueue(make_job(), "old", lease_owner="w", lease_seconds=5)
+    await queue.finish(old.id, "w", JobState.EXPIRED, "gone", [Attempt("callback", "p", 0.0, 0.0, "retry")])
+    pending, _ = await queue.enqueue(make_job(), "pending", lease_owner=None, lease_seconds=5)
+    assert await queue.prune(time.time() - 3600, 10) == 0  # finished just now: kept
+    assert await queue.prune(time.time() + 1, 10) == 1
+    assert await queue.get(old.id) is None and (await queue.get(pending.id)) is not None

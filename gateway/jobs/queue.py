@@ -51,6 +51,10 @@ class JobQueue(Protocol):
 
     async def list(self, *, state: JobState | None = None, limit: int = 50) -> list[Job]: ...
 
+    async def prune(self, finished_before: float, limit: int) -> int:
+        """Delete up to ``limit`` final jobs (and their attempts) that ended before that time."""
+        ...
+
     async def depth(self) -> int:
         """Jobs not yet final."""
         ...

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (next_at) WHERE {_PENDING_SQL};
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -384,6 +385,18 @@ class SQLiteJobQueue:
             else:
                 rows = conn.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state.value, limit))
             return [_row_to_job(row) for row in rows]
+
+        return await self._run(op)
+
+    async def prune(self, finished_before: float, limit: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            ids = [row[0] for row in conn.execute(
+                "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?", (finished_before, limit))]
+            marks = ", ".join("?" * len(ids))
+            if ids:
+                conn.execute(f"DELETE FROM attempts WHERE job_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+            return len(ids)
 
         return await self._run(op)
 

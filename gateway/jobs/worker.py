@@ -31,6 +31,8 @@ from gateway.tasks import TaskRefused
 
 log = logging.getLogger("gateway.worker")
 
+PRUNE_BATCH = 500
+PRUNE_INTERVAL = 300.0
 DELIVERY_FAILURE_STATES = {"gone": JobState.GONE, "rejected": JobState.DEAD, "refused": JobState.DEAD}
 
 
@@ -80,9 +82,11 @@ class Worker:
     def __init__(
         self, *, queue: JobQueue, executor: TaskExecutor, deliverer: Deliverer, pm: pluggy.PluginManager,
         metrics: Metrics, concurrency: int, lease_seconds: float, poll_interval: float,
+        retention_seconds: float = 7 * 86400,
     ) -> None:
         self.queue, self.executor, self.deliverer, self.pm, self.metrics = queue, executor, deliverer, pm, metrics
         self.concurrency, self.lease_seconds, self.poll_interval = concurrency, lease_seconds, poll_interval
+        self.retention_seconds = retention_seconds
         self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._reserved = 0
@@ -117,20 +121,27 @@ class Worker:
         self._loops = [asyncio.create_task(self._dispatch(), name="gateway-dispatch"), asyncio.create_task(self._heartbeat(), name="gateway-heartbeat")]
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop claiming, let running jobs finish for ``grace`` seconds, hand the rest back."""
+        """Stop claiming, let running jobs finish for ``grace`` seconds, hand the rest back.
+
+        Leases keep being renewed during the grace period; the jobs still running after it
+        are cancelled and released, so that a restart resumes them at once."""
         self._stopping = True
-        for loop in self._loops:
-            loop.cancel()
-        for loop in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
-        if self._inflight:
-            await asyncio.wait(list(self._inflight.values()), timeout=grace)
-        unfinished = list(self._inflight)
-        for task in list(self._inflight.values()):
+        dispatch, heartbeat = self._loops
+        dispatch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatch
+        running = list(self._inflight.values())
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        unfinished = [job_id for job_id, task in self._inflight.items() if not task.done()]
+        cut_off = [self._inflight[job_id] for job_id in unfinished]
+        for task in cut_off:
             task.cancel()
+        await asyncio.gather(*cut_off, return_exceptions=True)
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
         if unfinished:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
             await self.queue.release(self.owner, unfinished)
             log.info("handed %d unfinished job(s) back to the queue", len(unfinished))
 
@@ -155,12 +166,19 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
     async def _heartbeat(self) -> None:
+        """Renew the leases of running jobs; now and then, delete jobs past their retention."""
+        next_prune = time.monotonic()
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
                 await self.queue.renew(self.owner, list(self._inflight), self.lease_seconds)
+                if time.monotonic() >= next_prune:
+                    deleted = await self.queue.prune(time.time() - self.retention_seconds, PRUNE_BATCH)
+                    next_prune = time.monotonic() + (0 if deleted == PRUNE_BATCH else min(PRUNE_INTERVAL, self.retention_seconds))
+                    if deleted:
+                        log.info("deleted %d job(s) past their retention", deleted)
             except Exception:
-                log.exception("renewing leases failed")
+                log.exception("lease renewal or job retention failed")
 
     def _spawn(self, job: Job) -> None:
         task = asyncio.create_task(self._process(job), name=f"job-{job.id}")
