@@ -8,8 +8,8 @@ Phases, each bounded in count and time, every server on 127.0.0.1:
 2. accept latency p50/p99 at half of (b)'s throughput, open loop (latency counts from the
    scheduled send time, so queueing is included);
 3. end-to-end overhead against an upstream with a fixed 50 ms latency, overhead = callback
-   received at the portal emulator - request sent - 50 ms: bursts of 50 requests sent at
-   once, and a sustained run keeping 50 requests in flight;
+   received at the portal emulator - request sent - 50 ms: 5 requests kept in flight (with
+   the gateway's CPU per job), bursts of 50 requests sent at once, and 50 kept in flight;
 4. start-up to first 200, and idle RSS of the gateway process.
 """
 
@@ -154,6 +154,22 @@ def start_process(args: list[str], port: int, health: str, workdir: Path, name: 
         time.sleep(0.005)
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server and wait for it, so that its shutdown work does not overlap the next phase."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -215,7 +231,18 @@ async def end_to_end(port: int, portal: Portal, count: int, in_flight: int, upst
         else:
             for start in range(0, count, in_flight):
                 burst = made[start:start + in_flight]
-                await asyncio.gather(*(one(conn, client, h, b) for conn, (h, b) in zip(conns, burst)))
+                sent: dict[str, float] = {}
+
+                async def send(conn: Connection, job_hash: str, body: bytes) -> None:
+                    sent[job_hash] = time.time()
+                    assert await conn.post(path, body) == 202
+
+                await asyncio.gather(*(send(conn, h, b) for conn, (h, b) in zip(conns, burst)))
+                done = (await client.post("/-/wait", json={"hashes": list(sent), "timeout": 30})).json()
+                for job_hash, callbacks in done.items():
+                    delivered = [c for c in callbacks if c["accepted"]]
+                    assert delivered and delivered[0]["kind"] == "success", callbacks
+                    overheads.append(delivered[0]["at"] - sent[job_hash] - upstream_delay)
                 await asyncio.sleep(burst_pause)
     elapsed = time.perf_counter() - started
     for c in conns:
@@ -242,7 +269,7 @@ def main() -> None:
         procs.append(proc)
         asyncio.run(closed_loop(bare_port, path, portal.bodies(500), 32))  # warm-up
         bare_rps, _ = asyncio.run(closed_loop(bare_port, path, portal.bodies(args.requests), 32))
-        proc.terminate()
+        stop(proc)
 
         gw, gw_port, startup = start_gateway(workdir, gateway_config(workdir, fast_port, "accept-only"), "gateway-accept-only", "--no-worker")
         procs.append(gw)
@@ -252,24 +279,26 @@ def main() -> None:
         gw_rps, _ = asyncio.run(closed_loop(gw_port, path, portal.bodies(args.requests), 32))
         rate = gw_rps / 2
         latencies = asyncio.run(open_loop(gw_port, path, portal.bodies(int(rate * 5)), rate))
-        gw.terminate()
+        stop(gw)
 
         gw, gw_port, _ = start_gateway(workdir, gateway_config(workdir, fast_port, "embedded-worker"), "gateway-embedded")
         procs.append(gw)
         full_rps, _ = asyncio.run(closed_loop(gw_port, path, portal.bodies(args.requests), 32))
-        gw.terminate()
+        gw.kill()  # its backlog of thousands of jobs must not run on into the next phase
+        gw.wait()
 
         gw, gw_port, _ = start_gateway(workdir, gateway_config(workdir, slow_port, "e2e"), "gateway-e2e")
         procs.append(gw)
         asyncio.run(end_to_end(gw_port, portal, 200, 50, 0.05, None))  # warm-up
+        cpu_before = cpu_seconds(gw.pid)
+        light, light_rate = asyncio.run(end_to_end(gw_port, portal, args.e2e_requests // 2, 5, 0.05, None))
+        cpu_per_job = (cpu_seconds(gw.pid) - cpu_before) / (args.e2e_requests // 2)
         bursts, _ = asyncio.run(end_to_end(gw_port, portal, args.e2e_requests, 50, 0.05, 0.5))
         sustained, sustained_rate = asyncio.run(end_to_end(gw_port, portal, args.e2e_requests, 50, 0.05, None))
         loaded_rss = rss_mb(gw.pid)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(10)
+            stop(proc)
 
     ms = 1000
     rows = [
@@ -277,6 +306,8 @@ def main() -> None:
         ("gateway accept, --no-worker (durable commit)", f"{gw_rps:,.0f} req/s  ({gw_rps / bare_rps:.0%} of bare)"),
         ("gateway accept, embedded worker also running jobs", f"{full_rps:,.0f} req/s  ({full_rps / bare_rps:.0%} of bare)"),
         (f"accept latency at {rate:,.0f} req/s (half of --no-worker)", f"p50 {statistics.median(latencies) * ms:.2f} ms, p99 {percentile(latencies, 0.99) * ms:.2f} ms"),
+        ("end-to-end overhead, 5 always in flight, upstream 50 ms", f"p50 {statistics.median(light) * ms:.1f} ms, p99 {percentile(light, 0.99) * ms:.1f} ms, {light_rate:,.0f} jobs/s"),
+        ("gateway CPU per job (accept, upstream call, callback)", f"{cpu_per_job * ms:.1f} ms"),
         ("end-to-end overhead, bursts of 50, upstream 50 ms", f"p50 {statistics.median(bursts) * ms:.1f} ms, p99 {percentile(bursts, 0.99) * ms:.1f} ms"),
         ("end-to-end overhead, 50 always in flight", f"p50 {statistics.median(sustained) * ms:.1f} ms, p99 {percentile(sustained, 0.99) * ms:.1f} ms, {sustained_rate:,.0f} jobs/s"),
         ("start-up to first 200 (gateway serve)", f"{startup:.2f} s"),

@@ -67,6 +67,7 @@ class PortalEmulator:
             Route(CALLBACK_PATH, self._callback, methods=["POST"]),
             Route("/-/requests", self._create_request, methods=["POST"]),
             Route("/-/requests/{hash}", self._show_request, methods=["GET"]),
+            Route("/-/wait", self._wait_many, methods=["POST"]),
         ])
 
     # -- the portal side of a request -------------------------------------------------
@@ -146,8 +147,17 @@ class PortalEmulator:
             await asyncio.sleep(0.005)
         return JSONResponse({
             "hash": job.hash, "consumed": job.consumed,
-            "callbacks": [{"kind": c.kind, "body": c.body, "accepted": c.accepted, "at": c.at} for c in job.callbacks],
+            "callbacks": [_callback_json(c) for c in job.callbacks],
         })
+
+    async def _wait_many(self, request: Request) -> Response:
+        """``POST /-/wait {hashes, timeout}``: every job's callbacks once all were delivered."""
+        spec = await request.json()
+        jobs = [self.jobs[h] for h in spec["hashes"] if h in self.jobs]
+        deadline = time.monotonic() + float(spec.get("timeout", 30))
+        while not all(job.consumed for job in jobs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return JSONResponse({job.hash: [_callback_json(c) for c in job.callbacks] for job in jobs})
 
     # -- the callback endpoints ---------------------------------------------------------
     async def _callback(self, request: Request) -> Response:
@@ -176,6 +186,10 @@ class PortalEmulator:
                     job.consumed = True
                 self._changed.notify_all()
         return _answer("success", accepted, [])
+
+
+def _callback_json(callback: Callback) -> dict[str, Any]:
+    return {"kind": callback.kind, "body": callback.body, "accepted": callback.accepted, "at": callback.at}
 
 
 def _answer(status: str, data: Any, errors: list[Any]) -> JSONResponse:
