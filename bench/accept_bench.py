@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -233,11 +232,11 @@ async def end_to_end(port: int, portal: Portal, count: int, in_flight: int, upst
                 burst = made[start:start + in_flight]
                 sent: dict[str, float] = {}
 
-                async def send(conn: Connection, job_hash: str, body: bytes) -> None:
+                async def send(conn: Connection, job_hash: str, body: bytes, sent: dict[str, float]) -> None:
                     sent[job_hash] = time.time()
                     assert await conn.post(path, body) == 202
 
-                await asyncio.gather(*(send(conn, h, b) for conn, (h, b) in zip(conns, burst)))
+                await asyncio.gather(*(send(conn, h, b, sent) for conn, (h, b) in zip(conns, burst, strict=False)))
                 done = (await client.post("/-/wait", json={"hashes": list(sent), "timeout": 30})).json()
                 for job_hash, callbacks in done.items():
                     delivered = [c for c in callbacks if c["accepted"]]

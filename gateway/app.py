@@ -88,8 +88,10 @@ class CompletionsEndpoint:
         body = await read_limited_body(request, rt.config.max_body_bytes)
         try:
             data = json.loads(body)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise RequestRejected(400, "invalid_json", f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        except UnicodeDecodeError:
+            raise RequestRejected(400, "invalid_json", "the body is not valid UTF-8 text") from None
         now = time.time()
         try:
             parsed = parse_completion_request(

@@ -141,7 +141,7 @@ class _Section:
             return default
         return self.data[name]
 
-    def str(self, name: str, default: Any = _MISSING) -> Any:
+    def text(self, name: str, default: Any = _MISSING) -> Any:
         value = self.raw(name, default)
         if value is default and default is not _MISSING:
             return value
@@ -228,23 +228,23 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 
 def parse_config(data: Any, file: Path) -> Config:
     top = _Section(file, "", data)
-    public_url = top.str("public_url", "http://127.0.0.1:8080").rstrip("/")
+    public_url = top.text("public_url", "http://127.0.0.1:8080").rstrip("/")
     parts = urlsplit(public_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(file, "public_url", f"{public_url!r} is not an http(s) URL", "write the URL portals use to reach the gateway, e.g. https://gw.example.com")
     listen = top.section("listen")
-    host = listen.str("host", "127.0.0.1")
+    host = listen.text("host", "127.0.0.1")
     port = listen.number("port", 8080, integer=True)
     listen.done()
-    data_dir = Path(top.str("data_dir", "var"))
+    data_dir = Path(top.text("data_dir", "var"))
 
     q = top.section("queue")
-    backend = q.str("backend", "sqlite")
+    backend = q.text("backend", "sqlite")
     if backend != "sqlite":
         raise ConfigError(file, "queue.backend", f"unknown backend {backend!r}", "use `sqlite` (the embedded queue)")
     queue = QueueSettings(
         backend=backend,
-        path=Path(q.str("path", str(data_dir / "queue.sqlite3"))),
+        path=Path(q.text("path", str(data_dir / "queue.sqlite3"))),
         lease_seconds=q.number("lease_seconds", 30.0, minimum=1),
         poll_interval=q.number("poll_interval", 0.5, minimum=0.01),
         retention_days=q.number("retention_days", 7.0),
@@ -304,7 +304,7 @@ def _parse_providers(section: _Section) -> dict[str, ProviderConfig]:
     providers = {}
     for name in list(section.data):
         entry = section.section(str(name))
-        kind = entry.str("type")
+        kind = entry.text("type")
         options = {k: v for k, v in entry.data.items() if k != "type"}
         providers[str(name)] = ProviderConfig(str(name), kind, options)
     section.done()
@@ -317,17 +317,17 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
     engines: list[EngineConfig] = []
     for i, item in enumerate(raw):
         e = _Section(file, f"engines[{i}]", item)
-        code = e.str("code")
+        code = e.text("code")
         if not ENGINE_CODE_RE.match(code):
             raise ConfigError(file, e.key("code"), f"{code!r} may use only letters, digits, _ and -", "rename the engine (the portal enforces the same rule)")
         if any(other.code.lower() == code.lower() for other in engines):
             raise ConfigError(file, e.key("code"), f"engine code {code!r} is used twice", "give each engine its own code")
-        category = e.str("category")
+        category = e.text("category")
         try:
             cat = Category(category)
         except ValueError:
             raise ConfigError(file, e.key("category"), f"unknown category {category!r}", "use one of text, image, audio, call") from None
-        token = e.str("token", None)
+        token = e.text("token", None)
         if token is not None and len(token) < 16:
             raise ConfigError(file, e.key("token"), "is shorter than 16 characters", "use a long random token, or leave it out to have one generated")
         route_raw = e.raw("route")
@@ -336,17 +336,17 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
         route = []
         for j, target_raw in enumerate(route_raw):
             t = _Section(file, f"{e.key('route')}[{j}]", target_raw)
-            provider = t.str("provider")
+            provider = t.text("provider")
             if provider not in providers:
                 raise ConfigError(file, t.key("provider"), f"no provider named {provider!r}", f"define it under `providers:` (defined: {', '.join(providers) or 'none'})")
             params = t.raw("params", {})
             if not isinstance(params, Mapping):
                 raise ConfigError(file, t.key("params"), "must be a mapping", "write e.g. {temperature: 0.2}")
-            route.append(RouteTarget(provider, t.str("model"), dict(params)))
+            route.append(RouteTarget(provider, t.text("model"), dict(params)))
             t.done()
         settings = e.raw("settings", {})
         if not isinstance(settings, Mapping):
             raise ConfigError(file, e.key("settings"), "must be a mapping", "write e.g. {code_alias: ChatGPT}")
-        engines.append(EngineConfig(code, e.str("name", code), cat, token, tuple(route), dict(settings)))
+        engines.append(EngineConfig(code, e.text("name", code), cat, token, tuple(route), dict(settings)))
         e.done()
     return tuple(engines)

@@ -92,7 +92,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 
     async def connect_tcp(
         self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
+        socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         if self.policy is not None and not self.policy.host_allowed(host):
             raise URLRefused(f"host {host} is not in security.allowed_portals")
@@ -102,7 +102,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 if self.policy is not None:
                     for info in infos:
-                        self.policy.check_address(host, info[4][0])
+                        self.policy.check_address(host, str(info[4][0]))
                 return await self._connect_first(infos, local_address, socket_options or ())
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"connecting to {host}:{port} took longer than {timeout} s") from None

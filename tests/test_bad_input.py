@@ -54,6 +54,7 @@ CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "not JSON": ({"raw": b"{prompt: hi"}, 400, "invalid_json"),
     "JSON array": ({"raw": b"[1, 2]"}, 400, "invalid_json"),
     "empty body": ({"raw": b""}, 400, "invalid_json"),
+    "not UTF-8": ({"raw": b'{"prompt": "\xff\xfe"}'}, 400, "invalid_json"),
     "no callbackUrl": ({"changes": {"callbackUrl": _DROP}}, 422, "missing_callback_url"),
     "null errorCallbackUrl": ({"changes": {"errorCallbackUrl": None}}, 422, "missing_callback_url"),
     "relative callbackUrl": ({"changes": {"callbackUrl": "/bitrix/services/main/ajax.php"}}, 422, "invalid_field"),

@@ -155,7 +155,7 @@ def _insert_many(conn: sqlite3.Connection, ops: list[_Op]) -> list[tuple[_Op, An
         keys = [row[1] for row in rows]
         found = conn.execute(f"SELECT * FROM jobs WHERE idem_key IN ({', '.join('?' * len(keys))})", keys).fetchall()
         stored = {r["idem_key"]: r for r in found}
-        for op, row in zip(chunk, rows):
+        for op, row in zip(chunk, rows, strict=True):
             existing = stored[row[1]]
             results.append((op, None if existing["id"] == row[0] else _row_to_job(existing), None))
     return results
@@ -230,8 +230,8 @@ class SQLiteJobQueue:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            error = QueueStoreError(f"queue database {self.path}: {exc}")
-            results = [(op, None, error) for op in batch]
+            failure = QueueStoreError(f"queue database {self.path}: {exc}")
+            results = [(op, None, failure) for op in batch]
         for op, result, error in results:
             if op.future.done():
                 continue

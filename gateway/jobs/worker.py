@@ -61,7 +61,7 @@ class TaskExecutor:
                 return await asyncio.wait_for(invoke(adapter, task, target.model, target.params, budget), budget)
             except AdapterError:
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise AdapterError(f"{target.label} did not answer within {budget:.1f}s", retryable=True) from None
             except Exception as exc:
                 log.exception("job %s: adapter %s raised unexpectedly", job.id, target.provider)
@@ -162,7 +162,7 @@ class Worker:
                 if jobs and len(jobs) == free:
                     self._backlog = True  # the queue may hold more: claim again when a slot frees
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
     async def _heartbeat(self) -> None:
