@@ -105,6 +105,129 @@ def cmd_engines_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selected_engines(config: Config, codes: list[str] | None) -> list[Any]:
+    from gateway.engines import EngineDirectory
+
+    engines = list(EngineDirectory(config))
+    if not codes:
+        return engines
+    unknown = [code for code in codes if code not in {e.code for e in engines}]
+    if unknown:
+        raise ConfigError(config.path, "engines", f"no engine {unknown[0]!r}", f"use one of: {', '.join(e.code for e in engines) or 'none'}")
+    return [e for e in engines if e.code in codes]
+
+
+def _portal_client(args: argparse.Namespace, config: Config) -> Any:
+    from gateway.bitrix.rest import PortalClient
+
+    webhook = args.portal or config.portal_webhook
+    if not webhook:
+        raise ConfigError(config.path, "portal.webhook", "no portal webhook is configured",
+                          "pass --portal https://<portal>/rest/<user>/<secret>/ or set portal.webhook (e.g. \"${BITRIX24_WEBHOOK}\")")
+    try:
+        return PortalClient(webhook, retries=config.portal_retries, backoff=config.portal_backoff)
+    except ValueError as exc:
+        raise ConfigError(config.path, "portal.webhook", str(exc), "copy the inbound webhook URL from the portal (scope ai_admin)") from None
+
+
+def _portal_command(action: Any) -> int:
+    """Run a portal command; portal and registration errors become one clear line and exit 1."""
+    from gateway.bitrix.registration import RegistrationError
+    from gateway.bitrix.rest import PortalError
+
+    try:
+        return int(asyncio.run(action()) or 0)
+    except RegistrationError as exc:
+        print(f"not registered: {exc}", file=sys.stderr)
+    except PortalError as exc:
+        print(f"portal error: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_engines_register(args: argparse.Namespace) -> int:
+    from gateway.bitrix.registration import builtin_collision, check_reachable, compare
+
+    config = _config(args)
+    engines = _selected_engines(config, args.engine)
+    for engine in engines:
+        builtin = builtin_collision(engine.code)
+        if builtin:
+            print(f"engine {engine.code}: the code collides with the portal's built-in engine {builtin}; "
+                  "choose another code (the portal compares codes case-insensitively)", file=sys.stderr)
+            return EXIT_CONFIG
+    portal = _portal_client(args, config)
+
+    async def run() -> int:
+        for engine in engines:
+            await check_reachable(engine)
+        async with portal:
+            statuses = {(s.code, s.category): s for s in compare(engines, await portal.list())}
+            for engine in engines:
+                status = statuses[(engine.code, engine.config.category.value)]
+                masked = _mask_token(engine.completions_url, engine.token)
+                if status.status == "in_sync":
+                    print(f"{engine.code}: unchanged (id {status.remote_id})")
+                    continue
+                if status.status == "different":
+                    if args.dry_run:
+                        print(f"{engine.code}: would call ai.engine.unregister code={engine.code} ({', '.join(status.differences)} changed)")
+                    else:
+                        await portal.unregister(engine.code)
+                params = {"name": engine.config.name, "code": engine.code, "category": engine.config.category.value, "settings": dict(engine.config.settings)}
+                if args.dry_run:
+                    print(f"{engine.code}: would call ai.engine.register {json.dumps({**params, 'completions_url': masked}, ensure_ascii=False)}")
+                    continue
+                engine_id = await portal.register(completions_url=engine.completions_url, **params)
+                verb = "re-registered" if status.status == "different" else "registered"
+                print(f"{engine.code}: {verb} as id {engine_id}" + (f" ({', '.join(status.differences)} changed)" if status.differences else ""))
+        return 0
+
+    return _portal_command(run)
+
+
+def cmd_engines_remote(args: argparse.Namespace) -> int:
+    from gateway.bitrix.registration import compare
+
+    config = _config(args)
+    engines = _selected_engines(config, None)
+    portal = _portal_client(args, config)
+
+    async def run() -> int:
+        async with portal:
+            statuses = compare(engines, await portal.list())
+        if args.json:
+            print(json.dumps([{"code": s.code, "category": s.category, "status": s.status, "differences": s.differences, "id": s.remote_id} for s in statuses], indent=2))
+            return 0
+        for s in statuses:
+            detail = f" ({', '.join(s.differences)} differ)" if s.differences else ""
+            print(f"{s.code:<24} {s.category:<6} {s.status}{detail}")
+        return 0
+
+    return _portal_command(run)
+
+
+def cmd_engines_unregister(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not args.all and not args.engine:
+        print("name the engines to remove with --engine CODE (repeatable), or --all for every engine in the config", file=sys.stderr)
+        return EXIT_CONFIG
+    engines = _selected_engines(config, None if args.all else args.engine)
+    portal = _portal_client(args, config)
+
+    async def run() -> int:
+        async with portal:
+            for engine in engines:
+                if args.dry_run:
+                    print(f"{engine.code}: would call ai.engine.unregister code={engine.code}")
+                elif await portal.unregister(engine.code):
+                    print(f"{engine.code}: unregistered")
+                else:
+                    print(f"{engine.code}: was not registered on the portal (ai.engine.unregister answered false)")
+        return 0
+
+    return _portal_command(run)
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from gateway.metrics import Metrics, MetricsRecorder
     from gateway.plugins import get_plugin_manager, list_plugins
@@ -218,6 +341,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"registration check (GET completions_url): HTTP {status} {'ok' if status == 200 else '-- the portal requires exactly 200'}")
         if status != 200:
             return 1
+        if args.register:
+            from gateway.bitrix.rest import PortalClient, PortalError
+
+            async def register() -> int:
+                async with PortalClient(emulator.webhook) as portal:
+                    return await portal.register(name=engine.config.name, code=engine.code, category=engine.config.category.value,
+                                                 completions_url=url, settings=dict(engine.config.settings))
+
+            try:
+                print(f"ai.engine.register on the emulator: engine id {asyncio.run(register())}")
+            except PortalError as exc:
+                print(f"ai.engine.register on the emulator failed: {exc}", file=sys.stderr)
+                return 1
         job_hash, body = emulator.new_request(engine.config.category.value, args.prompt, ttl=args.ttl)
         started = time.monotonic()
         response = emulator.send(url, body)
@@ -261,6 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = engines.add_parser("list", parents=[common], help="list engines with their completions URLs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_engines_list)
+    portal = argparse.ArgumentParser(add_help=False)
+    portal.add_argument("--portal", metavar="WEBHOOK", help="inbound webhook https://<portal>/rest/<user>/<secret>/ (default: portal.webhook)")
+    p = engines.add_parser("register", parents=[common, portal], help="register the config's engines on the portal (idempotent)")
+    p.add_argument("--engine", action="append", metavar="CODE", help="only this engine (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the calls that would change the portal, make none")
+    p.set_defaults(func=cmd_engines_register)
+    p = engines.add_parser("remote", parents=[common, portal], help="the portal's engines beside the config's")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_engines_remote)
+    p = engines.add_parser("unregister", parents=[common, portal], help="remove engines from the portal")
+    p.add_argument("--engine", action="append", metavar="CODE", help="this engine (repeatable)")
+    p.add_argument("--all", action="store_true", help="every engine in the config")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_engines_unregister)
 
     p = sub.add_parser("plugins", parents=[common], help="list loaded plugins")
     p.add_argument("--json", action="store_true")
@@ -282,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Write a short greeting for our clients")
     p.add_argument("--gateway", metavar="URL", help="where the gateway listens (default: public_url)")
     p.add_argument("--ttl", type=int, default=14400)
+    p.add_argument("--register", action="store_true", help="register the engine on the emulator first (ai.engine.register)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_simulate)
     return parser

@@ -114,6 +114,10 @@ class Config:
     delivery: DeliverySettings = DeliverySettings()
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     engines: tuple[EngineConfig, ...] = ()
+    portal_webhook: str | None = None
+    """Inbound webhook (scope ai_admin) used by `gateway engines register/remote/unregister`."""
+    portal_retries: int = 4
+    portal_backoff: float = 1.0
 
     def engine(self, code: str) -> EngineConfig | None:
         return next((e for e in self.engines if e.code == code), None)
@@ -290,6 +294,11 @@ def parse_config(data: Any, file: Path) -> Config:
     )
     d.done()
 
+    portal = top.section("portal")
+    portal_webhook = portal.text("webhook", None) or None
+    portal_retries = portal.number("retries", 4, integer=True)
+    portal_backoff = portal.number("backoff", 1.0)
+    portal.done()
     providers = _parse_providers(top.section("providers"))
     engines = _parse_engines(file, top.raw("engines", []), providers)
     top.done()
@@ -297,6 +306,7 @@ def parse_config(data: Any, file: Path) -> Config:
         path=file, public_url=public_url, host=host, port=port, data_dir=data_dir, queue=queue,
         concurrency=concurrency, shutdown_grace=shutdown_grace, max_body_bytes=max_body_bytes, default_ttl=default_ttl,
         security=security, routing=routing, delivery=delivery, providers=providers, engines=engines,
+        portal_webhook=portal_webhook, portal_retries=portal_retries, portal_backoff=portal_backoff,
     )
 
 

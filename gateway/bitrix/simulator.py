@@ -10,7 +10,9 @@ Every callback is recorded, so tests can count deliveries.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import re
 import secrets
 import string
 import threading
@@ -29,6 +31,9 @@ from starlette.routing import Route
 from gateway.bitrix.protocol import encode_like_php
 
 CALLBACK_PATH = "/bitrix/services/main/ajax.php"
+CODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+CATEGORIES = ("text", "image", "audio", "call")
+BUILTIN_ENGINES = {"text": ("ChatGPT", "YandexGPT", "GigaChat"), "image": ("Dalle",), "audio": ("Audio",), "call": ("AudioCall",)}
 SUCCESS_ACTION = "ai.controller.integration.thirdparty.callbackSuccess"
 ERROR_ACTION = "ai.controller.integration.thirdparty.callbackError"
 HASH_ALPHABET = string.ascii_letters + string.digits
@@ -68,7 +73,13 @@ class PortalEmulator:
             Route("/-/requests", self._create_request, methods=["POST"]),
             Route("/-/requests/{hash}", self._show_request, methods=["GET"]),
             Route("/-/wait", self._wait_many, methods=["POST"]),
+            Route("/rest/{user}/{secret}/{method}", self._rest, methods=["POST"]),
         ])
+        self.webhook_secret = secrets.token_hex(12)
+        self.engines: dict[int, dict[str, Any]] = {}
+        self.rest_calls: list[tuple[str, dict[str, Any]]] = []
+        self._rest_fail_next: deque[tuple[int, str]] = deque()
+        self._engine_ids = itertools.count(1)
 
     # -- the portal side of a request -------------------------------------------------
     def new_request(self, category: str = "text", prompt: Any = "Write a short greeting for our clients", ttl: int = 14400, **extra: Any) -> tuple[str, dict[str, Any]]:
@@ -130,6 +141,74 @@ class PortalEmulator:
         """Answer the next callbacks with these HTTP statuses (as a portal in trouble would)."""
         self._fail_next.extend(statuses)
 
+    # -- the REST API of ai.engine.* (an inbound webhook with scope ai_admin) -------------------
+    @property
+    def webhook(self) -> str:
+        return f"{self.url}/rest/1/{self.webhook_secret}/"
+
+    def rest_fail_next(self, *failures: tuple[int, str]) -> None:
+        """Answer the next REST calls with (HTTP status, error code), e.g. (503, "QUERY_LIMIT_EXCEEDED")."""
+        self._rest_fail_next.extend(failures)
+
+    async def _rest(self, request: Request) -> Response:
+        if request.path_params["secret"] != self.webhook_secret:
+            return _rest_error(401, "NO_AUTH_FOUND", "Wrong authorization data")
+        method = request.path_params["method"].removesuffix(".json")
+        try:
+            params = await request.json() if await request.body() else {}
+        except ValueError:
+            params = {}
+        self.rest_calls.append((method, params))
+        if self._rest_fail_next:
+            status, code = self._rest_fail_next.popleft()
+            return _rest_error(status, code, "scripted failure")
+        handler = {"ai.engine.register": self._register, "ai.engine.list": self._list, "ai.engine.unregister": self._unregister}.get(method)
+        if handler is None:
+            return _rest_error(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+        return await handler(params if isinstance(params, dict) else {})
+
+    async def _register(self, params: dict[str, Any]) -> Response:
+        for key, suffix in (("name", "NAME"), ("code", "CODE"), ("category", "CATEGORY"), ("completions_url", "COMPLETIONS_URL")):
+            if not params.get(key):
+                return _rest_error(400, f"ENGINE_REGISTER_ERROR_{suffix}", f"Parameter {key} is required")
+        code, category, url = str(params["code"]), str(params["category"]), str(params["completions_url"])
+        if not CODE_RE.match(code):
+            return _rest_error(400, "ENGINE_REGISTER_ERROR_CODE_FORMAT", "Code may contain only latin letters, digits, _ and -")
+        if category not in CATEGORIES:
+            return _rest_error(400, "ENGINE_REGISTER_ERROR_CATEGORY_FORMAT", "Unknown category")
+        taken = [*BUILTIN_ENGINES[category], *(e["code"] for e in self.engines.values() if e["category"] == category)]
+        if any(other.lower() == code.lower() for other in taken):
+            return _rest_error(400, "ENGINE_REGISTER_ERROR_CODE_UNIQUE", "Engine with this code already exists")
+        try:
+            async with httpx.AsyncClient(follow_redirects=True, timeout=httpx.Timeout(60.0, connect=5.0)) as client:
+                check = (await client.get(url)).status_code
+        except httpx.HTTPError:
+            check = None
+        if check != 200:
+            return _rest_error(400, "ENGINE_REGISTER_ERROR_COMPLETIONS_URL_FAIL", "Completions url is not available")
+        settings = params.get("settings", {})
+        if not isinstance(settings, (dict, list)):
+            return _rest_error(400, "ENGINE_REGISTER_ERROR_SETTINGS_FORMAT", "Settings must be an array")
+        engine_id = next(self._engine_ids)
+        self.engines[engine_id] = {
+            "id": engine_id, "app_code": None, "name": str(params["name"]), "code": code, "category": category,
+            "completions_url": url, "settings": settings, "date_create": int(time.time()),
+        }
+        return _rest_result(engine_id)
+
+    async def _list(self, params: dict[str, Any]) -> Response:
+        wanted = {str(k).lower(): v for k, v in (params.get("filter") or {}).items()}
+        items = [dict(e) for e in self.engines.values() if all(str(e.get(k)) == str(v) for k, v in wanted.items())]
+        limit = params.get("limit")
+        return _rest_result(items[: int(limit)] if limit else items)
+
+    async def _unregister(self, params: dict[str, Any]) -> Response:
+        code = str(params.get("code") or "")
+        doomed = [i for i, e in self.engines.items() if e["code"].lower() == code.lower()]
+        for engine_id in doomed:
+            del self.engines[engine_id]
+        return _rest_result(bool(doomed))
+
     # -- control API, for driving an emulator that runs in another process -------------------
     async def _create_request(self, request: Request) -> Response:
         """``POST /-/requests {category, prompt, ttl, extra}`` -> ``{hash, body}``."""
@@ -186,6 +265,15 @@ class PortalEmulator:
                     job.consumed = True
                 self._changed.notify_all()
         return _answer("success", accepted, [])
+
+
+def _rest_result(result: Any) -> JSONResponse:
+    now = time.time()
+    return JSONResponse({"result": result, "time": {"start": now, "finish": now, "duration": 0.0}})
+
+
+def _rest_error(status: int, code: str, description: str) -> JSONResponse:
+    return JSONResponse({"error": code, "error_description": description}, status)
 
 
 def _callback_json(callback: Callback) -> dict[str, Any]:
