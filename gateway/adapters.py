@@ -49,12 +49,54 @@ class TextResult:
         return cls(text=data["text"], usage=Usage(**usage) if usage else None)
 
 
-Result = TextResult
-RESULT_TYPES: dict[str, type[TextResult]] = {"text": TextResult}
+@dataclass(frozen=True)
+class ImageRequest:
+    model: str
+    prompt: str
+    """The portal's prompt with its style joined in front, as the portal's own DALL-E engine does."""
+    size: str
+    """``WIDTHxHEIGHT`` from the portal's format (square, portrait, landscape) and the engine's sizes."""
+    n: int = 1
+    params: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One picture as the provider gave it: its bytes, or a URL to fetch them from."""
+
+    data: bytes | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What an image adapter returns; the core hosts the pictures before anything is stored."""
+
+    images: list[GeneratedImage]
+
+
+@dataclass(frozen=True)
+class HostedImages:
+    """The stored result of an image task: URLs of the pictures the gateway serves itself."""
+
+    urls: list[str]
+    kind: str = "images"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "urls": list(self.urls)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HostedImages:
+        return cls(urls=list(data["urls"]))
+
+
+Result = TextResult | HostedImages
+RESULT_TYPES: dict[str, Any] = {"text": TextResult, "images": HostedImages}
 
 
 def result_from_json(data: Mapping[str, Any]) -> Result:
-    return RESULT_TYPES[data["kind"]].from_json(data)
+    return RESULT_TYPES[data["kind"]].from_json(data)  # type: ignore[no-any-return]
 
 
 class AdapterError(Exception):
@@ -83,6 +125,14 @@ class AdapterConfigError(Exception):
 @runtime_checkable
 class TextAdapter(Protocol):
     async def complete(self, request: TextRequest) -> TextResult: ...
+
+
+@runtime_checkable
+class ImageAdapter(Protocol):
+    async def generate_image(self, request: ImageRequest) -> ImageResult: ...
+
+
+IMAGE_FORMATS = ("square", "portrait", "landscape")
 
 
 AdapterFactory = Callable[[str, Mapping[str, Any]], Any]
@@ -115,7 +165,8 @@ class AdapterRegistry:
         return sorted(self._types)
 
 
-async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any], timeout: float) -> Result:
+async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any], timeout: float, *,
+                 image_sizes: Mapping[str, str] | None = None, max_images: int = 1) -> TextResult | ImageResult:
     """Build the category's typed request from the task and call the adapter."""
     if task.category is Category.TEXT:
         request = TextRequest(
@@ -127,4 +178,14 @@ async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any]
             timeout=timeout,
         )
         return await adapter.complete(request)
+    if task.category is Category.IMAGE:
+        prompt = task.prompt
+        style = prompt.get("style")
+        text = f"{style}, {prompt['prompt']}" if isinstance(style, str) and style.strip() else prompt["prompt"]
+        sizes = image_sizes or {}
+        wanted = prompt.get("images_number") or 1
+        return await adapter.generate_image(ImageRequest(
+            model=model, prompt=text, size=sizes[prompt.get("format") or "square"],
+            n=max(1, min(int(wanted), max_images)), params=dict(params), timeout=timeout,
+        ))
     raise AdapterError(f"category {task.category.value!r} is not supported by this gateway version", retryable=False)

@@ -15,11 +15,12 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.bitrix.protocol import ProtocolError, parse_completion_request
 from gateway.config import Config
+from gateway.files import CONTENT_TYPES
 from gateway.jobs.model import Job, JobState, new_job_id
 from gateway.jobs.sqlite import QueueStoreError
 from gateway.netguard import URLRefused
@@ -158,11 +159,27 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
     async def plugins(request: Request) -> Response:
         return JSONResponse(list_plugins(rt.pm))
 
+    async def hosted_file(request: Request) -> Response:
+        name = request.path_params["name"]
+        path = rt.files.path(name)
+        if path is None:
+            return JSONResponse({"error": {"code": "not_found", "message": "no such file"}}, 404)
+        # Files never change once written and their names are unique: the name is a strong ETag.
+        headers = {
+            "ETag": f'"{name}"',
+            "Cache-Control": f"public, max-age={int(rt.config.files.retention_days * 86400)}, immutable",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if request.headers.get("if-none-match") in (headers["ETag"], "*"):
+            return Response(status_code=304, headers=headers)
+        return FileResponse(path, media_type=CONTENT_TYPES[name.rsplit(".", 1)[1]], headers=headers)
+
     routes: list[BaseRoute] = [
         Route("/engines/{code}/{token}/completions", CompletionsEndpoint(rt).handle, methods=["GET", "POST"]),
         Route("/-/health", health),
         Route("/metrics", metrics),
         Route("/-/plugins.json", plugins),
+        Route("/files/{name}", hosted_file),
     ]
     rt.pm.hook.register_routes(routes=routes)
 

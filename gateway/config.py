@@ -86,6 +86,10 @@ class RouteTarget:
         return f"{self.provider}/{self.model}"
 
 
+DEFAULT_IMAGE_SIZES = {"square": "1024x1024", "portrait": "1024x1792", "landscape": "1792x1024"}
+_SIZE_RE = re.compile(r"^\d{2,5}x\d{2,5}$")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     code: str
@@ -94,6 +98,18 @@ class EngineConfig:
     token: str | None
     route: tuple[RouteTarget, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)
+    image_sizes: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGE_SIZES))
+    """Image engines: the size requested for each of the portal's formats."""
+    max_images: int = 1
+    """Image engines: the most pictures one request may ask for (``images_number`` is capped)."""
+
+
+@dataclass(frozen=True)
+class FilesSettings:
+    retention_days: float = 30.0
+    """Hosted images are deleted this long after they were generated."""
+    max_bytes: int = 20 * 1024 * 1024
+    """The largest picture the gateway downloads from a provider."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class Config:
     max_body_bytes: int = 1024 * 1024
     default_ttl: int = 14400
     security: SecuritySettings = SecuritySettings()
+    files: FilesSettings = FilesSettings()
     routing: RoutingSettings = RoutingSettings()
     delivery: DeliverySettings = DeliverySettings()
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
@@ -274,6 +291,10 @@ def parse_config(data: Any, file: Path) -> Config:
     security = SecuritySettings(tuple(p.lower() for p in portals), sec.bool("allow_private_networks", False))
     sec.done()
 
+    f = top.section("files")
+    files = FilesSettings(f.number("retention_days", 30.0), f.number("max_bytes", 20 * 1024 * 1024, minimum=1024, integer=True))
+    f.done()
+
     r = top.section("routing")
     routing = RoutingSettings(
         retries=r.number("retries", 2, integer=True),
@@ -305,7 +326,7 @@ def parse_config(data: Any, file: Path) -> Config:
     return Config(
         path=file, public_url=public_url, host=host, port=port, data_dir=data_dir, queue=queue,
         concurrency=concurrency, shutdown_grace=shutdown_grace, max_body_bytes=max_body_bytes, default_ttl=default_ttl,
-        security=security, routing=routing, delivery=delivery, providers=providers, engines=engines,
+        security=security, files=files, routing=routing, delivery=delivery, providers=providers, engines=engines,
         portal_webhook=portal_webhook, portal_retries=portal_retries, portal_backoff=portal_backoff,
     )
 
@@ -357,6 +378,17 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
         settings = e.raw("settings", {})
         if not isinstance(settings, Mapping):
             raise ConfigError(file, e.key("settings"), "must be a mapping", "write e.g. {code_alias: ChatGPT}")
-        engines.append(EngineConfig(code, e.text("name", code), cat, token, tuple(route), dict(settings)))
+        image = e.section("image")
+        sizes = dict(DEFAULT_IMAGE_SIZES)
+        sizes_section = image.section("sizes")
+        for fmt in DEFAULT_IMAGE_SIZES:
+            size = sizes_section.text(fmt, DEFAULT_IMAGE_SIZES[fmt])
+            if not _SIZE_RE.match(size):
+                raise ConfigError(file, sizes_section.key(fmt), f"{size!r} is not WIDTHxHEIGHT", "write e.g. 1024x1024")
+            sizes[fmt] = size
+        sizes_section.done()
+        max_images = image.number("max_images", 1, minimum=1, integer=True)
+        image.done()
+        engines.append(EngineConfig(code, e.text("name", code), cat, token, tuple(route), dict(settings), sizes, max_images))
         e.done()
     return tuple(engines)

@@ -6,6 +6,7 @@ Used by the HTTP app (``gateway serve``) and by a worker-only process (``gateway
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -14,6 +15,7 @@ from gateway.adapters import AdapterConfigError, AdapterRegistry
 from gateway.config import Config, ConfigError
 from gateway.delivery import Deliverer
 from gateway.engines import EngineDirectory
+from gateway.files import ImageHost, LocalFileStore
 from gateway.jobs.queue import JobQueue
 from gateway.jobs.sqlite import SQLiteJobQueue
 from gateway.jobs.worker import TaskExecutor, Worker
@@ -89,15 +91,20 @@ class Runtime:
         self.queue: JobQueue = SQLiteJobQueue(config.queue.path)
         self.router = Router(config.routing)
         self.deliverer = Deliverer(self.policy, config.delivery)
+        self.files = LocalFileStore(Path(config.data_dir) / "files")
+        self.images = ImageHost(
+            self.files, config.public_url, allow_private_networks=config.security.allow_private_networks,
+            max_bytes=config.files.max_bytes, retention_days=config.files.retention_days,
+        )
         self.worker: Worker | None = None
         if with_worker:
             self.worker = Worker(
                 queue=self.queue,
-                executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics),
+                executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images),
                 deliverer=self.deliverer, pm=self.pm, metrics=self.metrics,
                 concurrency=config.concurrency, lease_seconds=config.queue.lease_seconds,
                 poll_interval=config.queue.poll_interval,
-                retention_seconds=config.queue.retention_days * 86400,
+                retention_seconds=config.queue.retention_days * 86400, images=self.images,
             )
 
     async def start(self, app: Any = None) -> None:
@@ -111,6 +118,7 @@ class Runtime:
         if self.worker is not None:
             await self.worker.stop(self.config.shutdown_grace)
         await self.deliverer.close()
+        await self.images.aclose()
         for adapter in self.adapters.values():
             close = getattr(adapter, "aclose", None)
             if close is not None:

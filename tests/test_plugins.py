@@ -103,10 +103,10 @@ def test_misspelled_hook_fails_loudly():
 
 def test_adapter_must_serve_the_engine_category(tmp_path, upstream):
     config = make_config(upstream.url)
-    config["engines"][0]["category"] = "image"
+    config["engines"][0]["category"] = "audio"
     with pytest.raises(ConfigError) as err:
         Runtime(load_config(config_file(tmp_path, config)))
-    assert err.value.key == "engines[0].route[0]" and "image" in err.value.problem
+    assert err.value.key == "engines[0].route[0]" and "audio" in err.value.problem
 
 
 def test_adapter_option_errors_name_the_key(tmp_path, upstream):

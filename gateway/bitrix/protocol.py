@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from gateway.adapters import Result, TextResult
+from gateway.adapters import IMAGE_FORMATS, HostedImages, Result, TextResult
 from gateway.tasks import Category, Message, Task
 
 CONSUMED_KEYS = frozenset({
@@ -100,6 +100,23 @@ def _context(raw: Any) -> list[Message]:
     return messages
 
 
+def _image_prompt(prompt: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"prompt", "style", "format", "images_number"}``, checked and with nulls dropped."""
+    text = prompt.get("prompt")
+    if not isinstance(text, str) or not text.strip():
+        raise _invalid("prompt.prompt", "an image request needs a non-empty description")
+    style = prompt.get("style")
+    if style is not None and not isinstance(style, str):
+        raise _invalid("prompt.style", "must be a string")
+    fmt = prompt.get("format")
+    if fmt not in (None, "", *IMAGE_FORMATS):
+        raise _invalid("prompt.format", f"must be one of {', '.join(IMAGE_FORMATS)}, got {fmt!r}")
+    count = _number(prompt, "images_number", int)
+    if count is not None and count < 1:
+        raise _invalid("prompt.images_number", f"must be at least 1, got {count}")
+    return {"prompt": text, "style": style or None, "format": fmt or None, "images_number": count}
+
+
 def parse_completion_request(data: Any, *, engine: str, category: Category, default_ttl: int, job_id: str, now: float) -> CompletionRequest:
     if not isinstance(data, dict):
         raise ProtocolError(400, "invalid_json", "the request body must be a JSON object")
@@ -115,6 +132,8 @@ def parse_completion_request(data: Any, *, engine: str, category: Category, defa
             raise _invalid("prompt", "a text request needs a non-empty string prompt")
     elif not isinstance(prompt, Mapping):
         raise _invalid("prompt", f"a {category.value} request needs a prompt object")
+    elif category is Category.IMAGE:
+        prompt = _image_prompt(prompt)
 
     system = data.get("payload_role")
     if system is not None and not isinstance(system, str):
@@ -154,6 +173,8 @@ def parse_completion_request(data: Any, *, engine: str, category: Category, defa
 def success_body(result: Result) -> dict[str, Any]:
     if isinstance(result, TextResult):
         return {"result": result.text}
+    if isinstance(result, HostedImages):
+        return {"result": list(result.urls)}  # the portal shows the first
     raise TypeError(f"no callback format for result {type(result).__name__}")
 
 

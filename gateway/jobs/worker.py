@@ -18,9 +18,10 @@ from typing import Any
 
 import pluggy
 
-from gateway.adapters import AdapterError, invoke, result_from_json
+from gateway.adapters import AdapterError, ImageResult, invoke, result_from_json
 from gateway.config import Config, RouteTarget
 from gateway.delivery import Deliverer
+from gateway.files import ImageHost
 from gateway.jobs.model import Attempt, Job, JobError, JobState, Outcome
 from gateway.jobs.queue import JobQueue
 from gateway.metrics import Metrics
@@ -39,8 +40,8 @@ DELIVERY_FAILURE_STATES = {"gone": JobState.GONE, "rejected": JobState.DEAD, "re
 class TaskExecutor:
     """Runs one task: ``prepare_task`` hooks, then the engine's route through the adapters."""
 
-    def __init__(self, config: Config, adapters: Mapping[str, Any], router: Router, pm: pluggy.PluginManager, metrics: Metrics) -> None:
-        self.config, self.adapters, self.router, self.pm, self.metrics = config, adapters, router, pm, metrics
+    def __init__(self, config: Config, adapters: Mapping[str, Any], router: Router, pm: pluggy.PluginManager, metrics: Metrics, images: ImageHost) -> None:
+        self.config, self.adapters, self.router, self.pm, self.metrics, self.images = config, adapters, router, pm, metrics, images
 
     async def execute(self, job: Job) -> tuple[Outcome, list[Attempt]]:
         task = job.task
@@ -55,10 +56,16 @@ class TaskExecutor:
         if engine is None:
             return Outcome(error=JobError(f"engine {job.engine!r} is no longer configured on this gateway", 503, "internal")), []
 
+        async def run(target: RouteTarget, budget: float) -> Any:
+            result = await invoke(self.adapters[target.provider], task, target.model, target.params, budget,
+                                  image_sizes=engine.image_sizes, max_images=engine.max_images)
+            if isinstance(result, ImageResult):  # hosted within the attempt: a bad image counts as its failure
+                return await self.images.host(result)
+            return result
+
         async def call(target: RouteTarget, budget: float) -> Any:
-            adapter = self.adapters[target.provider]
             try:
-                return await asyncio.wait_for(invoke(adapter, task, target.model, target.params, budget), budget)
+                return await asyncio.wait_for(run(target, budget), budget)
             except AdapterError:
                 raise
             except TimeoutError:
@@ -82,11 +89,12 @@ class Worker:
     def __init__(
         self, *, queue: JobQueue, executor: TaskExecutor, deliverer: Deliverer, pm: pluggy.PluginManager,
         metrics: Metrics, concurrency: int, lease_seconds: float, poll_interval: float,
-        retention_seconds: float = 7 * 86400,
+        retention_seconds: float = 7 * 86400, images: ImageHost | None = None,
     ) -> None:
         self.queue, self.executor, self.deliverer, self.pm, self.metrics = queue, executor, deliverer, pm, metrics
         self.concurrency, self.lease_seconds, self.poll_interval = concurrency, lease_seconds, poll_interval
         self.retention_seconds = retention_seconds
+        self.images = images
         self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._reserved = 0
@@ -177,6 +185,8 @@ class Worker:
                     next_prune = time.monotonic() + (0 if deleted == PRUNE_BATCH else min(PRUNE_INTERVAL, self.retention_seconds))
                     if deleted:
                         log.info("deleted %d job(s) past their retention", deleted)
+                    if self.images is not None and (files := await self.images.delete_expired()):
+                        log.info("deleted %d hosted file(s) past their retention", files)
             except Exception:
                 log.exception("lease renewal or job retention failed")
 

@@ -1,5 +1,6 @@
 """Adapter type ``openai``: the OpenAI HTTP protocol over httpx, for OpenAI and any compatible
-server (vLLM, Ollama, llama.cpp server, LocalAI, Groq, ...).
+server (vLLM, Ollama, llama.cpp server, LocalAI, Groq, ...): ``/chat/completions`` for
+text, ``/images/generations`` for images (``b64_json`` and ``url`` answers alike).
 
 Provider options (``providers.<name>`` in the gateway config)::
 
@@ -14,13 +15,17 @@ Provider options (``providers.<name>`` in the gateway config)::
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
 from gateway import hookimpl, http
-from gateway.adapters import AdapterConfigError, AdapterError, TextRequest, TextResult, Usage
+from gateway.adapters import (
+    AdapterConfigError, AdapterError, GeneratedImage, ImageRequest, ImageResult, TextRequest, TextResult, Usage,
+)
 
 OPTIONS = {"base_url", "api_key", "headers", "timeout", "connect_timeout", "max_connections"}
 RETRYABLE_STATUS = {408, 409, 425, 429}
@@ -122,6 +127,26 @@ class OpenAIAdapter:
         )
 
 
+    async def generate_image(self, request: ImageRequest) -> ImageResult:
+        body: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "n": request.n, "size": request.size, **request.params}
+        data = await self._post("images/generations", body, request.timeout)
+        items = data.get("data")
+        if not isinstance(items, list) or not items:
+            raise AdapterError(f"{self.name}: the answer has no data[] of images", retryable=True)
+        images = []
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
+                try:
+                    images.append(GeneratedImage(data=base64.b64decode(item["b64_json"], validate=True)))
+                except binascii.Error:
+                    raise AdapterError(f"{self.name}: b64_json is not valid base64", retryable=False) from None
+            elif isinstance(item, dict) and isinstance(item.get("url"), str):
+                images.append(GeneratedImage(url=item["url"]))
+            else:
+                raise AdapterError(f"{self.name}: an image has neither b64_json nor url", retryable=False)
+        return ImageResult(images)
+
+
 @hookimpl
 def register_adapters(register: Any) -> None:
-    register("openai", OpenAIAdapter, categories=["text"])
+    register("openai", OpenAIAdapter, categories=["text", "image"])

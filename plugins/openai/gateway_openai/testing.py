@@ -3,20 +3,28 @@
 By default it answers every chat completion with ``echo: <last user message>``. Queue
 behaviours with :meth:`FakeOpenAI.script` to make the next requests fail:
 ``"500"`` / ``"429"`` (that status), ``"delay:2.5"`` (answer after 2.5 s), ``"drop"``
-(close the connection in the middle of the answer), ``"ok"`` (a normal answer).
+(close the connection in the middle of the answer), ``"json:{...}"`` (answer 200 with
+that body), ``"ok"`` (a normal answer).
+
+Image generations answer with real PNG pictures (:func:`make_png`), as ``b64_json`` or,
+with ``image_mode = "url"``, as URLs this server serves; ``image_mode = "garbage"`` returns
+bytes that are not an image.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import json
+import struct
 import threading
+import zlib
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -33,7 +41,13 @@ class FakeOpenAI:
         self.headers: list[dict[str, str]] = []
         self._script: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
-        self.app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        self.image_mode = "b64"
+        self.pictures: list[bytes] = []  # every picture handed out, in order
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/images/generations", self._images, methods=["POST"]),
+            Route("/pictures/{index:int}.png", self._picture),
+        ])
 
     def script(self, *behaviours: str) -> None:
         with self._lock:
@@ -57,6 +71,8 @@ class FakeOpenAI:
         if behaviour.isdigit():
             status = int(behaviour)
             return JSONResponse({"error": {"message": f"scripted failure {status}", "type": "test"}}, status)
+        if behaviour.startswith("json:"):
+            return JSONResponse(json.loads(behaviour[5:]))
         if behaviour == "drop":
             return _DroppingResponse()
         last_user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
@@ -67,6 +83,46 @@ class FakeOpenAI:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": f"echo: {last_user}"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
         })
+
+
+    async def _images(self, request: Request) -> Any:
+        body = await request.json()
+        with self._lock:
+            self.requests.append(body)
+        behaviour = self._next()
+        if behaviour.isdigit():
+            return JSONResponse({"error": {"message": f"scripted failure {behaviour}"}}, int(behaviour))
+        if behaviour.startswith("json:"):
+            return JSONResponse(json.loads(behaviour[5:]))
+        width, height = (int(v) for v in str(body.get("size", "1024x1024")).split("x"))
+        data = []
+        for _ in range(int(body.get("n", 1))):
+            picture = b"this is not an image at all" if self.image_mode == "garbage" else make_png(width // 128, height // 128, len(self.pictures))
+            with self._lock:
+                self.pictures.append(picture)
+                index = len(self.pictures) - 1
+            if self.image_mode == "url":
+                data.append({"url": f"{self.url}/pictures/{index}.png"})
+            else:
+                data.append({"b64_json": base64.b64encode(picture).decode()})
+        return JSONResponse({"created": 0, "data": data})
+
+    async def _picture(self, request: Request) -> Response:
+        index = request.path_params["index"]
+        if index >= len(self.pictures):
+            return Response(status_code=404)
+        return Response(self.pictures[index], media_type="image/png")
+
+
+def make_png(width: int, height: int, seed: int = 0) -> bytes:
+    """A valid RGB PNG whose pixels depend on ``seed``, so every picture is different."""
+    rows = b"".join(b"\x00" + bytes((x * 37 + seed * 11) % 256 for x in range(width * 3)) for _ in range(height))
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 class _DroppingResponse:

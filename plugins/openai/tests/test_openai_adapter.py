@@ -77,3 +77,31 @@ def test_option_errors(options, key):
     with pytest.raises(AdapterConfigError) as err:
         OpenAIAdapter("p", options)
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("mode", ["b64", "url"])
+async def test_image_generation(upstream, mode):
+    from gateway.adapters import ImageRequest
+
+    upstream.image_mode = mode
+    adapter = OpenAIAdapter("up", {"base_url": upstream.url + "/v1"})
+    result = await adapter.generate_image(ImageRequest(model="dall-e-3", prompt="a cat", size="256x512", n=2, params={"quality": "hd"}))
+    await adapter.aclose()
+    assert upstream.requests[0] == {"model": "dall-e-3", "prompt": "a cat", "size": "256x512", "n": 2, "quality": "hd"}
+    if mode == "b64":
+        assert [image.data for image in result.images] == upstream.pictures
+    else:
+        assert [image.url for image in result.images] == [f"{upstream.url}/pictures/{i}.png" for i in range(2)]
+
+
+async def test_image_answers_that_make_no_sense(upstream):
+    from gateway.adapters import ImageRequest
+
+    upstream.script('json:{"data": []}', 'json:{"data": [{"b64_json": "not base64!"}]}', 'json:{"data": [{"revised_prompt": "x"}]}')
+    adapter = OpenAIAdapter("up", {"base_url": upstream.url + "/v1"})
+    request = ImageRequest(model="m", prompt="p", size="1x1")
+    for retryable, message in ((True, "no data"), (False, "not valid base64"), (False, "neither b64_json nor url")):
+        with pytest.raises(AdapterError, match=message) as err:
+            await adapter.generate_image(request)
+        assert err.value.retryable is retryable
+    await adapter.aclose()

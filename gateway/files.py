@@ -1,0 +1,137 @@
+"""Hosting generated images at public, unguessable URLs.
+
+The portal shows the first image URL it receives and does not copy it; users may save
+it hours later, while providers' own URLs often expire within the hour. So the gateway
+keeps the bytes itself and serves them at ``{public_url}/files/<id>.<ext>``: ids carry
+192 random bits, files are checked to be real PNG, JPEG or WebP images before they are
+stored, and they are deleted after ``files.retention_days``.
+
+Storage sits behind :class:`FileStore`, so an S3-compatible store can replace the local
+directory without touching the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from gateway import http
+from gateway.adapters import AdapterError, HostedImages, ImageResult
+from gateway.netguard import OutboundPolicy, URLRefused
+
+CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{32}\.(png|jpg|webp)$")
+
+
+def image_extension(data: bytes) -> str | None:
+    """The file extension for PNG, JPEG or WebP bytes (by their signature), else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+class FileStore(Protocol):
+    async def put(self, data: bytes, extension: str) -> str:
+        """Store the bytes; returns the public file name ``<id>.<ext>``."""
+        ...
+
+    def path(self, name: str) -> Path | None:
+        """Where a stored file is, or None for a name that is not a stored file."""
+        ...
+
+    async def delete_older_than(self, cutoff: float) -> int: ...
+
+
+class LocalFileStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    async def put(self, data: bytes, extension: str) -> str:
+        name = f"{secrets.token_urlsafe(24)}.{extension}"  # 24 bytes: 192 bits, 32 characters
+
+        def write() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, self.root / name)
+
+        await asyncio.to_thread(write)
+        return name
+
+    def path(self, name: str) -> Path | None:
+        if not NAME_RE.match(name):  # no separators, no dots but the extension's: no traversal
+            return None
+        path = self.root / name
+        return path if path.is_file() else None
+
+    async def delete_older_than(self, cutoff: float) -> int:
+        def sweep() -> int:
+            if not self.root.is_dir():
+                return 0
+            deleted = 0
+            for entry in os.scandir(self.root):
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    deleted += 1
+            return deleted
+
+        return await asyncio.to_thread(sweep)
+
+
+class ImageHost:
+    """Turns an adapter's images (bytes or provider URLs) into URLs the gateway serves."""
+
+    def __init__(self, store: FileStore, public_url: str, *, allow_private_networks: bool, max_bytes: int, retention_days: float) -> None:
+        self.store, self.public_url, self.max_bytes = store, public_url.rstrip("/"), max_bytes
+        self.retention_seconds = retention_days * 86400
+        # Provider URLs may point anywhere public (a CDN, a bucket); never inside the network.
+        self._client = httpx.AsyncClient(
+            transport=http.transport(OutboundPolicy(["*"], allow_private_networks)),
+            follow_redirects=True, timeout=httpx.Timeout(60.0, connect=10.0),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def host(self, result: ImageResult) -> HostedImages:
+        if not result.images:
+            raise AdapterError("the provider returned no image", retryable=True)
+        urls = []
+        for image in result.images:
+            data = image.data if image.data is not None else await self._download(image.url or "")
+            extension = image_extension(data)
+            if extension is None:
+                raise AdapterError("the provider returned bytes that are not a PNG, JPEG or WebP image", retryable=False)
+            urls.append(f"{self.public_url}/files/{await self.store.put(data, extension)}")
+        return HostedImages(urls)
+
+    async def _download(self, url: str) -> bytes:
+        try:
+            OutboundPolicy(["*"], True).check_url(url)  # scheme and form; addresses are checked on connect
+            async with self._client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise AdapterError(f"downloading the provider's image failed: HTTP {response.status_code}", retryable=response.status_code >= 500)
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > self.max_bytes:
+                        raise AdapterError(f"the provider's image is larger than files.max_bytes ({self.max_bytes} bytes)", retryable=False)
+                return bytes(data)
+        except URLRefused as exc:
+            raise AdapterError(f"the provider's image URL was refused: {exc}", retryable=False) from None
+        except httpx.HTTPError as exc:
+            raise AdapterError(f"downloading the provider's image failed: {type(exc).__name__}", retryable=True) from None
+
+    async def delete_expired(self) -> int:
+        return await self.store.delete_older_than(time.time() - self.retention_seconds)
