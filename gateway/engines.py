@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +38,13 @@ def completions_path(code: str, token: str) -> str:
 class EngineDirectory:
     def __init__(self, config: Config) -> None:
         generated = _load_or_generate_tokens(config)
-        self._engines = {}
+        self._engines: dict[str, Engine] = {}
         for engine in config.engines:
             token = engine.token or generated[engine.code]
             url = config.public_url + completions_path(engine.code, token)
             self._engines[engine.code] = Engine(engine, token, url)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Engine]:
         return iter(self._engines.values())
 
     def get(self, code: str) -> Engine | None:

@@ -96,8 +96,9 @@ class ImageHost:
         self.store, self.public_url, self.max_bytes = store, public_url.rstrip("/"), max_bytes
         self.retention_seconds = retention_days * 86400
         # Provider URLs may point anywhere public (a CDN, a bucket); never inside the network.
+        self._policy = OutboundPolicy(["*"], allow_private_networks)
         self._client = httpx.AsyncClient(
-            transport=http.transport(OutboundPolicy(["*"], allow_private_networks)),
+            transport=http.transport(self._policy),
             follow_redirects=True, timeout=httpx.Timeout(60.0, connect=10.0),
         )
 
@@ -118,7 +119,7 @@ class ImageHost:
 
     async def _download(self, url: str) -> bytes:
         try:
-            OutboundPolicy(["*"], True).check_url(url)  # scheme and form; addresses are checked on connect
+            self._policy.check_url(url)  # scheme, credentials, literal addresses; names are checked on connect
             async with self._client.stream("GET", url) as response:
                 if response.status_code != 200:
                     raise AdapterError(f"downloading the provider's image failed: HTTP {response.status_code}", retryable=response.status_code >= 500)

@@ -120,9 +120,6 @@ class GatewayProcess:
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def job_states(self) -> dict[str, str]:
-        return {job["id"]: job["state"] for job in self.cli_json("jobs", "list", "--limit", "1000")}
-
     def wait_final(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until ``count`` jobs are in a final state; returns all jobs."""
         final = {"delivered", "failed", "gone", "expired", "dead"}
