@@ -110,3 +110,30 @@ async def test_prune_deletes_only_old_final_jobs(queue):
     assert await queue.prune(time.time() - 3600, 10) == 0  # finished just now: kept
     assert await queue.prune(time.time() + 1, 10) == 1
     assert await queue.get(old.id) is None and (await queue.get(pending.id)) is not None
+
+
+async def test_close_finishes_the_batch_being_committed(tmp_path):
+    """A batch still waiting in its thread (here: for a lock another process holds) when
+    close() is called completes, and its callers get their answers."""
+    import sqlite3
+
+    path = tmp_path / "q.sqlite3"
+    q = SQLiteJobQueue(path)
+    await q.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process is writing
+    pending = [asyncio.ensure_future(q.enqueue(make_job(), f"k{i}", lease_owner=None, lease_seconds=5)) for i in range(50)]
+    await asyncio.sleep(0.05)  # the flusher took the batch and waits for the lock in a thread
+    closing = asyncio.ensure_future(q.close())
+    await asyncio.sleep(0.1)
+    other.execute("COMMIT")
+    other.close()
+    await asyncio.wait_for(closing, 5)
+    results = await asyncio.wait_for(asyncio.gather(*pending), 5)
+    assert all(created for _, created in results)
+    with pytest.raises(QueueStoreError, match="not open"):
+        await q.enqueue(make_job(), "late", lease_owner=None, lease_seconds=5)
+    reopened = SQLiteJobQueue(path)
+    await reopened.open()
+    assert await reopened.depth() == 50
+    await reopened.close()

@@ -168,6 +168,7 @@ class SQLiteJobQueue:
         self._pending: list[_Op] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def open(self) -> None:
         def setup() -> sqlite3.Connection:
@@ -182,18 +183,16 @@ class SQLiteJobQueue:
         except (OSError, sqlite3.Error) as exc:
             raise QueueStoreError(f"cannot open queue database {self.path}: {exc}") from exc
         self._wakeup = asyncio.Event()
+        self._closing = False
         self._flusher = asyncio.create_task(self._flush_forever(), name="gateway-sqlite-flusher")
 
     async def close(self) -> None:
+        """Finish every queued operation (a batch being committed included), then close."""
         if self._flusher is None or self._conn is None:
             return
-        while self._pending:
-            await asyncio.sleep(0.001)
-        self._flusher.cancel()
-        try:
-            await self._flusher
-        except asyncio.CancelledError:
-            pass
+        self._closing = True
+        self._wakeup.set()
+        await self._flusher
         self._conn.close()
         self._conn = self._flusher = None
 
@@ -204,6 +203,8 @@ class SQLiteJobQueue:
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 await self._run_batch(batch)
+            if self._closing:
+                return
 
     async def _run_batch(self, batch: list[_Op]) -> None:
         """One transaction and one fsync for the whole batch."""
@@ -252,7 +253,7 @@ class SQLiteJobQueue:
             await asyncio.to_thread(_begin_waiting, conn, LOCK_TIMEOUT)
 
     def _submit(self, op: _Op) -> asyncio.Future[Any]:
-        if self._flusher is None:
+        if self._flusher is None or self._closing:
             raise QueueStoreError("the queue is not open")
         self._pending.append(op)
         self._wakeup.set()
