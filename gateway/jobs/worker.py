@@ -157,8 +157,11 @@ class Worker:
         """Claim due jobs when told there may be some, and every ``poll_interval`` regardless
         (other processes' jobs, retries falling due, leases running out)."""
         while True:
-            free = self.concurrency - len(self._inflight) - self._reserved
+            # Cleared before claiming: a wake() that arrives during the claim round trip
+            # must end the wait below, not be erased by it.
+            self._wake.clear()
             self._backlog = False
+            free = self.concurrency - len(self._inflight) - self._reserved
             if free > 0:
                 try:
                     jobs = await self.queue.claim(self.owner, free, self.lease_seconds)
@@ -169,7 +172,6 @@ class Worker:
                     self._spawn(job)
                 if jobs and len(jobs) == free:
                     self._backlog = True  # the queue may hold more: claim again when a slot frees
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
