@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gateway_openai.testing import FakeOpenAI
 
 from gateway.bitrix.simulator import PortalEmulator
 from gateway.loopback import LoopbackServer
-from gateway_openai.testing import FakeOpenAI
 from tests.harness import GatewayProcess, make_config
 
 

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request

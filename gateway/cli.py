@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.redaction import configure_logging
-
     from gateway.runtime import Runtime
 
     config = _config(args)
@@ -145,7 +144,7 @@ def _portal_command(action: Any) -> int:
 
 
 def cmd_engines_register(args: argparse.Namespace) -> int:
-    from gateway.bitrix.registration import builtin_collision, check_reachable, compare
+    from gateway.bitrix.registration import builtin_collision, check_reachable, compare, registration_params
 
     config = _config(args)
     engines = _selected_engines(config, args.engine)
@@ -158,9 +157,9 @@ def cmd_engines_register(args: argparse.Namespace) -> int:
     portal = _portal_client(args, config)
 
     async def run() -> int:
-        for engine in engines:
-            await check_reachable(engine)
         async with portal:
+            for engine in engines:  # before any portal call: the portal's own error is vague
+                await check_reachable(engine)
             statuses = {(s.code, s.category): s for s in compare(engines, await portal.list())}
             for engine in engines:
                 status = statuses[(engine.code, engine.config.category.value)]
@@ -173,7 +172,7 @@ def cmd_engines_register(args: argparse.Namespace) -> int:
                         print(f"{engine.code}: would call ai.engine.unregister code={engine.code} ({', '.join(status.differences)} changed)")
                     else:
                         await portal.unregister(engine.code)
-                params = {"name": engine.config.name, "code": engine.code, "category": engine.config.category.value, "settings": dict(engine.config.settings)}
+                params = registration_params(engine)
                 if args.dry_run:
                     print(f"{engine.code}: would call ai.engine.register {json.dumps({**params, 'completions_url': masked}, ensure_ascii=False)}")
                     continue
@@ -278,7 +277,6 @@ def _with_queue(config: Config, action: Any) -> Any:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
-
     config = _config(args)
     state = JobState(args.state) if args.state else None
     jobs = _with_queue(config, lambda q: q.list(state=state, limit=args.limit)) or []
@@ -342,12 +340,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if status != 200:
             return 1
         if args.register:
+            from gateway.bitrix.registration import registration_params
             from gateway.bitrix.rest import PortalClient, PortalError
 
             async def register() -> int:
                 async with PortalClient(emulator.webhook) as portal:
-                    return await portal.register(name=engine.config.name, code=engine.code, category=engine.config.category.value,
-                                                 completions_url=url, settings=dict(engine.config.settings))
+                    return await portal.register(completions_url=url, **registration_params(engine))
 
             try:
                 print(f"ai.engine.register on the emulator: engine id {asyncio.run(register())}")

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gateway.adapters import result_from_json
 from gateway import http
+from gateway.adapters import result_from_json
 from gateway.bitrix import protocol
 from gateway.config import DeliverySettings
 from gateway.jobs.model import Attempt, Job

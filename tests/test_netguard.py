@@ -1,13 +1,12 @@
 import httpx
-
-from gateway import http
 import pytest
-
-from gateway.loopback import LoopbackServer
-from gateway.netguard import OutboundPolicy, URLRefused
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+
+from gateway import http
+from gateway.loopback import LoopbackServer
+from gateway.netguard import OutboundPolicy, URLRefused
 
 
 def test_host_patterns():

@@ -4,7 +4,12 @@ import pytest
 
 from gateway.adapters import TextResult
 from gateway.bitrix.protocol import (
-    ProtocolError, encode_like_php, error_body, parse_completion_request, read_callback_answer, success_body,
+    ProtocolError,
+    encode_like_php,
+    error_body,
+    parse_completion_request,
+    read_callback_answer,
+    success_body,
 )
 from gateway.tasks import Category, Message
 

@@ -40,9 +40,10 @@ class CompletionRequest:
     callback_url: str
     error_callback_url: str
     idempotency_key: str
+    """A digest of the portal's job ``hash``: the same request sent twice maps to one job."""
     callback_parts: SplitResult
     error_callback_parts: SplitResult
-    """A digest of the portal's job ``hash``: the same request sent twice maps to one job."""
+    """The two URLs parsed once, for the checks; the strings above are POSTed as received."""
 
 
 def _invalid(field: str, problem: str) -> ProtocolError:

@@ -16,8 +16,10 @@ import httpx
 
 from gateway.engines import Engine
 
-BUILTIN_CODES = ("ChatGPT", "YandexGPT", "GigaChat", "Dalle", "Audio", "AudioCall")
-"""Codes of the portal's own engines (case-insensitive); the portal refuses them for new engines."""
+BUILTIN_ENGINES = {"text": ("ChatGPT", "YandexGPT", "GigaChat"), "image": ("Dalle",), "audio": ("Audio",), "call": ("AudioCall",)}
+"""The portal's own engines by category; it refuses their codes (any case) in that category."""
+BUILTIN_CODES = tuple(code for codes in BUILTIN_ENGINES.values() for code in codes)
+"""Refused here in every category: stricter than the portal, and never wrong."""
 
 
 class RegistrationError(Exception):
@@ -37,6 +39,12 @@ class EngineStatus:
 
 def builtin_collision(code: str) -> str | None:
     return next((b for b in BUILTIN_CODES if b.lower() == code.lower()), None)
+
+
+def registration_params(engine: Engine) -> dict[str, Any]:
+    """The parameters of ``ai.engine.register`` for an engine, the completions URL excepted."""
+    config = engine.config
+    return {"name": config.name, "code": engine.code, "category": config.category.value, "settings": dict(config.settings)}
 
 
 def _normalised(settings: Any) -> dict[str, str]:

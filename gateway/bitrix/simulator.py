@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import re
 import secrets
 import string
 import threading
@@ -29,11 +28,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.bitrix.protocol import encode_like_php
+from gateway.bitrix.registration import BUILTIN_ENGINES
+from gateway.config import ENGINE_CODE_RE
+from gateway.tasks import Category
 
 CALLBACK_PATH = "/bitrix/services/main/ajax.php"
-CODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-CATEGORIES = ("text", "image", "audio", "call")
-BUILTIN_ENGINES = {"text": ("ChatGPT", "YandexGPT", "GigaChat"), "image": ("Dalle",), "audio": ("Audio",), "call": ("AudioCall",)}
+CATEGORIES = tuple(category.value for category in Category)
 SUCCESS_ACTION = "ai.controller.integration.thirdparty.callbackSuccess"
 ERROR_ACTION = "ai.controller.integration.thirdparty.callbackError"
 HASH_ALPHABET = string.ascii_letters + string.digits
@@ -172,7 +172,7 @@ class PortalEmulator:
             if not params.get(key):
                 return _rest_error(400, f"ENGINE_REGISTER_ERROR_{suffix}", f"Parameter {key} is required")
         code, category, url = str(params["code"]), str(params["category"]), str(params["completions_url"])
-        if not CODE_RE.match(code):
+        if not ENGINE_CODE_RE.match(code):
             return _rest_error(400, "ENGINE_REGISTER_ERROR_CODE_FORMAT", "Code may contain only latin letters, digits, _ and -")
         if category not in CATEGORIES:
             return _rest_error(400, "ENGINE_REGISTER_ERROR_CATEGORY_FORMAT", "Unknown category")

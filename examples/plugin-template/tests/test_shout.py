@@ -1,11 +1,11 @@
 import asyncio
 
 import pytest
+from gateway_shout import ShoutAdapter, prepare_task
 
 from gateway import TaskRefused
 from gateway.adapters import TextRequest
 from gateway.tasks import Category, Message, Task
-from gateway_shout import ShoutAdapter, prepare_task
 
 
 def test_shouts():

@@ -24,7 +24,14 @@ import httpx
 
 from gateway import hookimpl, http
 from gateway.adapters import (
-    AdapterConfigError, AdapterError, GeneratedImage, ImageRequest, ImageResult, TextRequest, TextResult, Usage,
+    AdapterConfigError,
+    AdapterError,
+    GeneratedImage,
+    ImageRequest,
+    ImageResult,
+    TextRequest,
+    TextResult,
+    Usage,
 )
 
 OPTIONS = {"base_url", "api_key", "headers", "timeout", "connect_timeout", "max_connections"}

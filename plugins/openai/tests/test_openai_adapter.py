@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from gateway_openai import OpenAIAdapter
 
 from gateway.adapters import AdapterConfigError, AdapterError, TextRequest
 from gateway.tasks import Message
-from gateway_openai import OpenAIAdapter
 
 pytestmark = pytest.mark.anyio
 
