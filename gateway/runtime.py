@@ -6,6 +6,7 @@ Used by the HTTP app (``gateway serve``) and by a worker-only process (``gateway
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from gateway.jobs.worker import TaskExecutor, Worker
 from gateway.metrics import Metrics, MetricsRecorder
 from gateway.netguard import OutboundPolicy
 from gateway.plugins import call_hook, get_plugin_manager
+from gateway.recordings import RecordingFetcher
 from gateway.redaction import add_secret
 from gateway.routing import Router
 
@@ -78,6 +80,24 @@ def build_adapters(config: Config, registry: AdapterRegistry) -> dict[str, Any]:
     return adapters
 
 
+def load_adapters(config: Config, adapters: dict[str, Any]) -> None:
+    """Let adapters load what they need before the first job (a local model), in worker processes only.
+
+    It runs before the server starts, so a missing or corrupt model stops the gateway at
+    start-up with the key to fix, rather than failing every job."""
+    for name, adapter in adapters.items():
+        load = getattr(adapter, "load", None)
+        if load is None:
+            continue
+        started = time.monotonic()
+        log.info("provider %s: loading", name)
+        try:
+            load()
+        except AdapterConfigError as exc:
+            raise ConfigError(config.path, f"providers.{name}.{exc.key}", exc.message, "check the file, or point the option at a working one") from None
+        log.info("provider %s: ready in %.1f s", name, time.monotonic() - started)
+
+
 class Runtime:
     def __init__(self, config: Config, *, with_worker: bool = True) -> None:
         self.config = config
@@ -96,11 +116,13 @@ class Runtime:
             self.files, config.public_url, allow_private_networks=config.security.allow_private_networks,
             max_bytes=config.files.max_bytes, retention_days=config.files.retention_days,
         )
+        self.recordings = RecordingFetcher(self.policy, config.audio, Path(config.data_dir) / "recordings")
         self.worker: Worker | None = None
         if with_worker:
+            load_adapters(config, self.adapters)
             self.worker = Worker(
                 queue=self.queue,
-                executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images),
+                executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images, self.recordings),
                 deliverer=self.deliverer, pm=self.pm, metrics=self.metrics,
                 concurrency=config.concurrency, lease_seconds=config.queue.lease_seconds,
                 poll_interval=config.queue.poll_interval,
@@ -112,6 +134,8 @@ class Runtime:
         await call_hook(self.pm.hook.startup, app=app, config=self.config)
         await self.deliverer.open()
         if self.worker is not None:
+            if removed := self.recordings.sweep():
+                log.info("removed %d recording(s) left by a process that stopped uncleanly", removed)
             await self.worker.start()
 
     async def stop(self, app: Any = None) -> None:
@@ -119,6 +143,7 @@ class Runtime:
             await self.worker.stop(self.config.shutdown_grace)
         await self.deliverer.close()
         await self.images.aclose()
+        await self.recordings.aclose()
         for adapter in self.adapters.values():
             close = getattr(adapter, "aclose", None)
             if close is not None:

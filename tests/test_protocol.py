@@ -2,15 +2,17 @@ import json
 
 import pytest
 
-from gateway.adapters import TextResult
+from gateway.adapters import Segment, TextResult, Transcript
 from gateway.bitrix.protocol import (
     ProtocolError,
     encode_like_php,
     error_body,
+    format_offset,
     parse_completion_request,
     read_callback_answer,
     success_body,
 )
+from gateway.languages import language_code
 from gateway.tasks import Category, Message
 
 CALLBACK = "https://acme.bitrix24.com/bitrix/services/main/ajax.php?action=ai.controller.integration.thirdparty.callbackSuccess&hash=Ab3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY"
@@ -87,7 +89,7 @@ def test_non_object_body():
 
 
 def test_callback_bodies():
-    assert success_body(TextResult("hi")) == {"result": "hi"}
+    assert success_body(TextResult("hi"), Category.TEXT) == {"result": "hi"}
     assert error_body("boom", 503) == {"message": "boom", "code": 503, "api_request_completed": False}
 
 
@@ -103,3 +105,50 @@ def test_callback_bodies():
 ])
 def test_portal_answers(status, body, outcome):
     assert read_callback_answer(status, body).outcome == outcome
+
+
+def test_audio_prompt_is_checked_and_php_empty_arrays_tolerated():
+    prompt = {"file": "https://acme.bitrix24.com/disk/showFile/42/", "fields": [], "fileExtension": ""}
+    task = parse(portal_body(prompt=prompt, category="audio", payload_provider="audio"), Category.AUDIO).task
+    assert task.prompt == {"file": "https://acme.bitrix24.com/disk/showFile/42/", "fields": {}, "fileExtension": None}
+    prompt = {"file": "https://acme.bitrix24.com/rec", "fields": {"type": "audio/mpeg", "prompt": "ACME", "detectEmotions": True}}
+    task = parse(portal_body(prompt=prompt, category="call"), Category.CALL).task
+    assert task.prompt["fields"] == {"type": "audio/mpeg", "prompt": "ACME", "detectEmotions": True}
+
+
+@pytest.mark.parametrize("prompt, field", [
+    ({}, "prompt.file"), ({"file": ""}, "prompt.file"), ({"file": "file:///etc/passwd"}, "prompt.file"),
+    ({"file": "//host/x"}, "prompt.file"), ({"file": "https://a/x", "fields": {"type": 5}}, "prompt.fields.type"),
+    ({"file": "https://a/x", "fileExtension": 3}, "prompt.fileExtension"), ("https://a/x.mp3", "prompt"),
+])
+def test_bad_audio_prompts(prompt, field):
+    with pytest.raises(ProtocolError) as err:
+        parse(portal_body(prompt=prompt, category="audio"), Category.AUDIO)
+    assert err.value.status == 422 and err.value.message.startswith(field)
+
+
+def test_transcripts_per_category():
+    transcript = Transcript("Hello there. Bye.", "en", (Segment(0.0, 1.5, " Hello there."), Segment(3599.2, 3600.4, "Bye.")), 3601.0)
+    assert success_body(transcript, Category.AUDIO) == {"result": "Hello there. Bye."}
+    assert success_body(transcript, Category.CALL) == {"result": [{"transcriptions": [
+        {"user_id": 0, "start_time_formatted": "00:00", "end_time_formatted": "00:01", "text": "Hello there."},
+        {"user_id": 0, "start_time_formatted": "59:59", "end_time_formatted": "01:00:00", "text": "Bye."},
+    ], "language": "en"}]}
+    plain = Transcript("Just text.", None, (), 12.9)
+    assert success_body(plain, Category.CALL)["result"][0]["transcriptions"] == [
+        {"user_id": 0, "start_time_formatted": "00:00", "end_time_formatted": "00:12", "text": "Just text."}]
+    assert Transcript.from_json(json.loads(json.dumps(transcript.to_json()))) == transcript
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "00:00"), (59.9, "00:59"), (61, "01:01"), (3599, "59:59"), (3600, "01:00:00"), (36125, "10:02:05"), (-1, "00:00")])
+def test_offsets(seconds, text):
+    assert format_offset(seconds) == text
+
+
+@pytest.mark.parametrize("name, code", [
+    ("English", "en"), ("Русский", "ru"), ("Deutsch", "de"), ("german", "de"), ("Português (Brasil)", "pt"),
+    ("Українська", "uk"), ("Türkçe", "tr"), ("简体中文", "zh"), ("Bahasa Indonesia", "id"), ("ru", "ru"),
+    ("Klingon", None), ("", None), (None, None),
+])
+def test_language_names(name, code):
+    assert language_code(name) == code

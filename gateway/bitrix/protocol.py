@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from gateway.adapters import IMAGE_FORMATS, HostedImages, Result, TextResult
+from gateway.adapters import IMAGE_FORMATS, HostedImages, Result, Segment, TextResult, Transcript
 from gateway.tasks import Category, Message, Task
 
 CONSUMED_KEYS = frozenset({
@@ -118,6 +118,28 @@ def _image_prompt(prompt: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt": text, "style": style or None, "format": fmt or None, "images_number": count}
 
 
+def _audio_prompt(prompt: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"file", "fields", "fileExtension"}``, checked: the worker downloads ``file`` later."""
+    url = prompt.get("file")
+    if not isinstance(url, str) or not url.strip():
+        raise _invalid("prompt.file", "an audio request needs the URL of the recording")
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _invalid("prompt.file", "must be an absolute http(s) URL")
+    fields = prompt.get("fields")
+    if fields is None or fields == []:  # PHP encodes an empty array as []
+        fields = {}
+    if not isinstance(fields, Mapping):
+        raise _invalid("prompt.fields", "must be an object")
+    for key in ("type", "prompt"):
+        if fields.get(key) is not None and not isinstance(fields[key], str):
+            raise _invalid(f"prompt.fields.{key}", "must be a string")
+    extension = prompt.get("fileExtension")
+    if extension is not None and not isinstance(extension, str):
+        raise _invalid("prompt.fileExtension", "must be a string")
+    return {"file": url.strip(), "fields": dict(fields), "fileExtension": extension or None}
+
+
 def parse_completion_request(data: Any, *, engine: str, category: Category, default_ttl: int, job_id: str, now: float) -> CompletionRequest:
     if not isinstance(data, dict):
         raise ProtocolError(400, "invalid_json", "the request body must be a JSON object")
@@ -135,6 +157,8 @@ def parse_completion_request(data: Any, *, engine: str, category: Category, defa
         raise _invalid("prompt", f"a {category.value} request needs a prompt object")
     elif category is Category.IMAGE:
         prompt = _image_prompt(prompt)
+    else:
+        prompt = _audio_prompt(prompt)
 
     system = data.get("payload_role")
     if system is not None and not isinstance(system, str):
@@ -171,12 +195,39 @@ def parse_completion_request(data: Any, *, engine: str, category: Category, defa
     return CompletionRequest(task, data["callbackUrl"], data["errorCallbackUrl"], key, callback, error_callback)
 
 
-def success_body(result: Result) -> dict[str, Any]:
+def success_body(result: Result, category: Category) -> dict[str, Any]:
     if isinstance(result, TextResult):
         return {"result": result.text}
     if isinstance(result, HostedImages):
         return {"result": list(result.urls)}  # the portal shows the first
+    if isinstance(result, Transcript):
+        if category is Category.CALL:
+            return {"result": [call_transcription(result)]}
+        return {"result": result.text}
     raise TypeError(f"no callback format for result {type(result).__name__}")
+
+
+def format_offset(seconds: float) -> str:
+    """``MM:SS``, or ``HH:MM:SS`` from one hour on, as the portal's own call engine writes times."""
+    total = max(0, int(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def call_transcription(transcript: Transcript, user_id: int = 0) -> dict[str, Any]:
+    """The object the portal's call engine produces: timed phrases and the language code.
+
+    A call track belongs to one participant, but the portal's request names none that
+    the gateway could read, so ``user_id`` is 0 unless a caller knows better."""
+    segments = transcript.segments or (Segment(0.0, transcript.duration or 0.0, transcript.text),)
+    return {
+        "transcriptions": [
+            {"user_id": user_id, "start_time_formatted": format_offset(s.start), "end_time_formatted": format_offset(s.end), "text": s.text.strip()}
+            for s in segments if s.text.strip()
+        ],
+        "language": transcript.language or "",
+    }
 
 
 def error_body(message: str, code: int | str) -> dict[str, Any]:

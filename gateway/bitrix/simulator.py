@@ -17,6 +17,7 @@ import string
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -24,7 +25,7 @@ from urllib.parse import urlencode
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.bitrix.protocol import encode_like_php
@@ -62,6 +63,20 @@ class PortalJob:
         return [c for c in self.callbacks if c.accepted]
 
 
+@dataclass
+class PortalFile:
+    """A recording the portal serves at a URL without an extension, as CRM and chat files are."""
+
+    data: bytes = b""
+    content_type: str = "application/octet-stream"
+    redirect: str | None = None
+    """Answer 302 to this URL instead of serving bytes."""
+    stream_bytes: int = 0
+    """Serve this many bytes of silence-like filler in chunks, without a Content-Length."""
+    downloads: int = 0
+    bytes_sent: int = 0
+
+
 class PortalEmulator:
     def __init__(self) -> None:
         self.url = ""
@@ -74,7 +89,10 @@ class PortalEmulator:
             Route("/-/requests/{hash}", self._show_request, methods=["GET"]),
             Route("/-/wait", self._wait_many, methods=["POST"]),
             Route("/rest/{user}/{secret}/{method}", self._rest, methods=["POST"]),
+            Route("/disk/file/{token}", self._file, methods=["GET"]),
+            Route("/-/files", self._create_file, methods=["POST"]),
         ])
+        self.files: dict[str, PortalFile] = {}
         self.webhook_secret = secrets.token_hex(12)
         self.engines: dict[int, dict[str, Any]] = {}
         self.rest_calls: list[tuple[str, dict[str, Any]]] = []
@@ -90,8 +108,8 @@ class PortalEmulator:
             self.jobs[job_hash] = PortalJob(job_hash, category, ttl, time.time())
         body: dict[str, Any] = {
             "prompt": prompt,
-            "payload_raw": prompt if isinstance(prompt, str) else None,
-            "payload_provider": "text" if category == "text" else "audio",
+            "payload_raw": prompt if isinstance(prompt, str) else prompt.get("file") if isinstance(prompt, dict) else None,
+            "payload_provider": {"text": "text", "image": "styledpicture"}.get(category, "audio"),
             "payload_role": "You are a helpful assistant.",
             "context": [],
             "payload_markers": {"language": "English"},
@@ -106,6 +124,15 @@ class PortalEmulator:
         }
         body.update(extra)
         return job_hash, body
+
+    def add_file(self, data: bytes = b"", content_type: str = "application/octet-stream", *, redirect: str | None = None, stream_bytes: int = 0) -> str:
+        """Serve a file; returns its URL, which has no extension (the MIME type goes in ``fields.type``)."""
+        token = secrets.token_urlsafe(12)
+        self.files[token] = PortalFile(data, content_type, redirect, stream_bytes)
+        return f"{self.url}/disk/file/{token}"
+
+    def file(self, url: str) -> PortalFile:
+        return self.files[url.rsplit("/", 1)[-1]]
 
     def callback_url(self, action: str, job_hash: str) -> str:
         return f"{self.url}{CALLBACK_PATH}?{urlencode({'action': action, 'hash': job_hash})}"
@@ -209,7 +236,29 @@ class PortalEmulator:
             del self.engines[engine_id]
         return _rest_result(bool(doomed))
 
+    async def _file(self, request: Request) -> Response:
+        served = self.files.get(request.path_params["token"])
+        if served is None:
+            return Response("Not found", 404)
+        served.downloads += 1
+        if served.redirect:
+            return Response(status_code=302, headers={"Location": served.redirect})
+        if served.stream_bytes:
+            async def chunks() -> AsyncIterator[bytes]:
+                chunk = b"\0" * 65536
+                while served.bytes_sent < served.stream_bytes and not await request.is_disconnected():
+                    served.bytes_sent += len(chunk)
+                    yield chunk
+            return StreamingResponse(chunks(), media_type=served.content_type)
+        served.bytes_sent += len(served.data)
+        return Response(served.data, media_type=served.content_type)
+
     # -- control API, for driving an emulator that runs in another process -------------------
+    async def _create_file(self, request: Request) -> Response:
+        """``POST /-/files`` with the file as the body -> ``{url}``, served with the request's Content-Type."""
+        url = self.add_file(await request.body(), request.headers.get("content-type", "application/octet-stream"))
+        return JSONResponse({"url": url})
+
     async def _create_request(self, request: Request) -> Response:
         """``POST /-/requests {category, prompt, ttl, extra}`` -> ``{hash, body}``."""
         spec = await request.json()

@@ -15,20 +15,22 @@ import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import pluggy
 
-from gateway.adapters import AdapterError, ImageResult, invoke, result_from_json
-from gateway.config import Config, RouteTarget
+from gateway.adapters import AdapterError, ImageResult, Recording, invoke, result_from_json
+from gateway.config import Config, EngineConfig, RouteTarget
 from gateway.delivery import Deliverer
 from gateway.files import ImageHost
 from gateway.jobs.model import Attempt, Job, JobError, JobState, Outcome
 from gateway.jobs.queue import JobQueue
 from gateway.metrics import Metrics
 from gateway.plugins import call_hook, notify
+from gateway.recordings import DownloadError, RecordingFetcher
 from gateway.redaction import redact
 from gateway.routing import Router
-from gateway.tasks import TaskRefused
+from gateway.tasks import Category, TaskRefused
 
 log = logging.getLogger("gateway.worker")
 
@@ -40,8 +42,10 @@ DELIVERY_FAILURE_STATES = {"gone": JobState.GONE, "rejected": JobState.DEAD, "re
 class TaskExecutor:
     """Runs one task: ``prepare_task`` hooks, then the engine's route through the adapters."""
 
-    def __init__(self, config: Config, adapters: Mapping[str, Any], router: Router, pm: pluggy.PluginManager, metrics: Metrics, images: ImageHost) -> None:
-        self.config, self.adapters, self.router, self.pm, self.metrics, self.images = config, adapters, router, pm, metrics, images
+    def __init__(self, config: Config, adapters: Mapping[str, Any], router: Router, pm: pluggy.PluginManager, metrics: Metrics,
+                 images: ImageHost, recordings: RecordingFetcher) -> None:
+        self.config, self.adapters, self.router, self.pm, self.metrics = config, adapters, router, pm, metrics
+        self.images, self.recordings = images, recordings
 
     async def execute(self, job: Job) -> tuple[Outcome, list[Attempt]]:
         task = job.task
@@ -55,10 +59,41 @@ class TaskExecutor:
         engine = self.config.engine(job.engine)
         if engine is None:
             return Outcome(error=JobError(f"engine {job.engine!r} is no longer configured on this gateway", 503, "internal")), []
+        deadline = self.router.route_deadline(job.deadline, task.ttl)
+        if task.category in (Category.AUDIO, Category.CALL):
+            return await self._with_recording(job, engine, deadline)
+        return await self._route(job, engine, deadline, None)
+
+    async def _with_recording(self, job: Job, engine: EngineConfig, deadline: float) -> tuple[Outcome, list[Attempt]]:
+        """Download the recording once (retrying transient failures), then run the route on it."""
+        prompt = job.task.prompt
+        host = urlsplit(prompt["file"]).hostname or "?"
+        attempts: list[Attempt] = []
+        for attempt in range(self.config.routing.retries + 1):
+            started = time.time()
+            try:
+                async with self.recordings.fetch(
+                    prompt["file"], mime=prompt["fields"].get("type"), extension=prompt.get("fileExtension"),
+                    timeout=max(0.0, deadline - started), job_id=job.id,
+                ) as recording:
+                    attempts.append(Attempt("download", host, started, time.time() - started, "ok", f"{recording.size} bytes, {recording.content_type}"))
+                    outcome, route_attempts = await self._route(job, engine, deadline, recording)
+                    return outcome, attempts + route_attempts
+            except DownloadError as exc:
+                message = redact(exc.message)
+                attempts.append(Attempt("download", host, started, time.time() - started, "retryable" if exc.retryable else "final", message[:500]))
+                pause = self.router.backoff(attempt)
+                if not exc.retryable or attempt == self.config.routing.retries or time.time() + pause >= deadline:
+                    return Outcome(error=JobError(f"the recording could not be used: {message}", exc.code, "download")), attempts
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def _route(self, job: Job, engine: EngineConfig, deadline: float, recording: Recording | None) -> tuple[Outcome, list[Attempt]]:
+        task = job.task
 
         async def run(target: RouteTarget, budget: float) -> Any:
             result = await invoke(self.adapters[target.provider], task, target.model, target.params, budget,
-                                  image_sizes=engine.image_sizes, max_images=engine.max_images)
+                                  image_sizes=engine.image_sizes, max_images=engine.max_images, recording=recording)
             if isinstance(result, ImageResult):  # hosted within the attempt: a bad image counts as its failure
                 return await self.images.host(result)
             return result
@@ -74,7 +109,7 @@ class TaskExecutor:
                 log.exception("job %s: adapter %s raised unexpectedly", job.id, target.provider)
                 raise AdapterError(f"adapter {target.provider} failed: {type(exc).__name__}", retryable=False) from exc
 
-        route = await self.router.run(engine.route, call, self.router.route_deadline(job.deadline, task.ttl))
+        route = await self.router.run(engine.route, call, deadline)
         for attempt in route.attempts:
             self.metrics.provider_attempts.labels(job.engine, attempt.target.split("/", 1)[0], attempt.outcome).inc()
         attempts = [Attempt(a.kind, a.target, a.started_at, a.duration, a.outcome, redact(a.detail)) for a in route.attempts]

@@ -1,6 +1,8 @@
 """Adapter type ``openai``: the OpenAI HTTP protocol over httpx, for OpenAI and any compatible
-server (vLLM, Ollama, llama.cpp server, LocalAI, Groq, ...): ``/chat/completions`` for
-text, ``/images/generations`` for images (``b64_json`` and ``url`` answers alike).
+server (vLLM, Ollama, llama.cpp server, LocalAI, Groq, speaches, ...): ``/chat/completions``
+for text, ``/images/generations`` for images (``b64_json`` and ``url`` answers alike),
+``/audio/transcriptions`` for audio and call (multipart upload; ``verbose_json`` for timed
+segments, and plain ``json`` from then on for a server that refuses it).
 
 Provider options (``providers.<name>`` in the gateway config)::
 
@@ -11,12 +13,14 @@ Provider options (``providers.<name>`` in the gateway config)::
     timeout: 120                          # read timeout, seconds
     connect_timeout: 5
     max_connections: 100
+    verbose_json: true                    # ask transcriptions for timed segments (false: plain json)
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,15 +30,19 @@ from gateway import hookimpl, http
 from gateway.adapters import (
     AdapterConfigError,
     AdapterError,
+    AudioRequest,
     GeneratedImage,
     ImageRequest,
     ImageResult,
+    Segment,
     TextRequest,
     TextResult,
+    Transcript,
     Usage,
 )
+from gateway.languages import language_code
 
-OPTIONS = {"base_url", "api_key", "headers", "timeout", "connect_timeout", "max_connections"}
+OPTIONS = {"base_url", "api_key", "headers", "timeout", "connect_timeout", "max_connections", "verbose_json"}
 RETRYABLE_STATUS = {408, 409, 425, 429}
 
 
@@ -75,6 +83,7 @@ class OpenAIAdapter:
         if options.get("api_key"):
             headers["Authorization"] = f"Bearer {options['api_key']}"
         self.name = name
+        self.verbose_json = bool(options.get("verbose_json", True))
         pool_size = int(_positive(options, "max_connections", 100))
         # Keep every connection alive between bursts: reopening them costs more than holding them.
         limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
@@ -89,9 +98,10 @@ class OpenAIAdapter:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _post(self, path: str, timeout: float, **content: Any) -> dict[str, Any]:
+        """POST ``content`` (httpx's ``json=`` or ``data=``/``files=``); the answer's JSON object."""
         try:
-            response = await self.client.post(path, json=body, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
+            response = await self.client.post(path, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)), **content)
         except httpx.TimeoutException as exc:
             raise AdapterError(f"{self.name}: timed out ({type(exc).__name__})", retryable=True) from None
         except httpx.TransportError as exc:
@@ -120,7 +130,7 @@ class OpenAIAdapter:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
-        data = await self._post("chat/completions", body, request.timeout)
+        data = await self._post("chat/completions", request.timeout, json=body)
         try:
             text = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -133,10 +143,9 @@ class OpenAIAdapter:
             usage=Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens")) if usage else None,
         )
 
-
     async def generate_image(self, request: ImageRequest) -> ImageResult:
         body: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "n": request.n, "size": request.size, **request.params}
-        data = await self._post("images/generations", body, request.timeout)
+        data = await self._post("images/generations", request.timeout, json=body)
         items = data.get("data")
         if not isinstance(items, list) or not items:
             raise AdapterError(f"{self.name}: the answer has no data[] of images", retryable=True)
@@ -154,6 +163,50 @@ class OpenAIAdapter:
         return ImageResult(images)
 
 
+    async def transcribe(self, request: AudioRequest) -> Transcript:
+        if self.verbose_json:
+            try:
+                return self._transcript(await self._upload(request, "verbose_json"))
+            except AdapterError as exc:
+                if exc.status != 400 or ("verbose_json" not in exc.message and "response_format" not in exc.message):
+                    raise
+                self.verbose_json = False  # this server speaks plain json only: stop asking
+        return self._transcript(await self._upload(request, "json"))
+
+    async def _upload(self, request: AudioRequest, response_format: str) -> dict[str, Any]:
+        fields: dict[str, Any] = {"model": request.model, "response_format": response_format}
+        if request.language:
+            fields["language"] = request.language
+        if request.prompt:
+            fields["prompt"] = request.prompt
+        if request.timestamps and response_format == "verbose_json":
+            fields["timestamp_granularities[]"] = "segment"
+        fields.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in request.params.items()})
+        with request.file.open("rb") as audio:  # streamed from disk by httpx, not read into memory
+            return await self._post("audio/transcriptions", request.timeout, data=fields, files={"file": (request.filename, audio, request.content_type)})
+
+    def _transcript(self, data: dict[str, Any]) -> Transcript:
+        text = data.get("text")
+        if not isinstance(text, str):
+            raise AdapterError(f"{self.name}: the answer has no text", retryable=True)
+        if not text.strip():
+            raise AdapterError(f"{self.name}: no speech was recognised in the recording", retryable=False, status=422)
+        segments = []
+        for item in data.get("segments") or ():
+            try:
+                segments.append(Segment(float(item["start"]), float(item["end"]), str(item["text"]).strip()))
+            except (KeyError, TypeError, ValueError):
+                raise AdapterError(f"{self.name}: a segment lacks start, end or text", retryable=False) from None
+        language = data.get("language")
+        duration = data.get("duration")
+        return Transcript(
+            text=text.strip(),
+            language=language_code(language) or language if isinstance(language, str) else None,
+            segments=tuple(segments),
+            duration=float(duration) if isinstance(duration, (int, float)) else None,
+        )
+
+
 @hookimpl
 def register_adapters(register: Any) -> None:
-    register("openai", OpenAIAdapter, categories=["text", "image"])
+    register("openai", OpenAIAdapter, categories=["text", "image", "audio", "call"])

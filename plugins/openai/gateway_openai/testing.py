@@ -6,6 +6,11 @@ behaviours with :meth:`FakeOpenAI.script` to make the next requests fail:
 (close the connection in the middle of the answer), ``"json:{...}"`` (answer 200 with
 that body), ``"ok"`` (a normal answer).
 
+Transcriptions (``/v1/audio/transcriptions``, multipart) record their form fields and the
+uploaded file in :attr:`FakeOpenAI.uploads` and answer ``transcript of <name> (<n> bytes)``,
+with timed segments for ``verbose_json``; ``transcription_mode = "json-only"`` makes the
+server refuse ``verbose_json`` with HTTP 400, as some compatible servers do.
+
 Image generations answer with real PNG pictures (:func:`make_png`), as ``b64_json`` or,
 with ``image_mode = "url"``, as URLs this server serves; ``image_mode = "garbage"`` returns
 bytes that are not an image.
@@ -43,9 +48,12 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self.image_mode = "b64"
         self.pictures: list[bytes] = []  # every picture handed out, in order
+        self.transcription_mode = "verbose"
+        self.uploads: list[dict[str, Any]] = []
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/images/generations", self._images, methods=["POST"]),
+            Route("/v1/audio/transcriptions", self._transcriptions, methods=["POST"]),
             Route("/pictures/{index:int}.png", self._picture),
         ])
 
@@ -106,6 +114,34 @@ class FakeOpenAI:
             else:
                 data.append({"b64_json": base64.b64encode(picture).decode()})
         return JSONResponse({"created": 0, "data": data})
+
+    async def _transcriptions(self, request: Request) -> Any:
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            return JSONResponse({"error": {"message": "file is required"}}, 400)
+        content = await upload.read()
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        with self._lock:
+            self.uploads.append({"fields": fields, "filename": upload.filename, "content_type": upload.content_type, "content": content})
+        behaviour = self._next()
+        if behaviour.isdigit():
+            return JSONResponse({"error": {"message": f"scripted failure {behaviour}"}}, int(behaviour))
+        if behaviour.startswith("json:"):
+            return JSONResponse(json.loads(behaviour[5:]))
+        text = f"transcript of {upload.filename} ({len(content)} bytes)"
+        response_format = fields.get("response_format", "json")
+        if response_format == "verbose_json":
+            if self.transcription_mode == "json-only":
+                return JSONResponse({"error": {"message": "response_format 'verbose_json' is not supported", "type": "invalid_request_error"}}, 400)
+            return JSONResponse({
+                "task": "transcribe", "language": "english", "duration": 75.5, "text": text,
+                "segments": [
+                    {"id": 0, "start": 0.0, "end": 61.2, "text": f" transcript of {upload.filename}"},
+                    {"id": 1, "start": 61.2, "end": 75.5, "text": f" ({len(content)} bytes)"},
+                ],
+            })
+        return JSONResponse({"text": text})
 
     async def _picture(self, request: Request) -> Response:
         index = request.path_params["index"]

