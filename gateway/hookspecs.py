@@ -44,7 +44,10 @@ def prepare_task(task: Any) -> Any:
 
 @hookspec
 def task_succeeded(task: Any, result: Any) -> Any:
-    """A task's result reached the portal. Fires once per task, for every category."""
+    """A task's result reached the portal. Fires once per task, for every category.
+
+    ``result`` is a ``TextResult``, ``HostedImages`` or ``Transcript`` (``gateway.adapters``);
+    its ``usage`` carries the tokens and cost the provider reported, when it did (billing)."""
 
 
 @hookspec

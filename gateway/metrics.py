@@ -28,9 +28,22 @@ class Metrics:
         self.finished = Counter("gateway_jobs_finished", "Jobs that reached a final state", ["engine", "category", "state"], registry=r)
         self.provider_attempts = Counter("gateway_provider_attempts", "Calls to route targets", ["engine", "provider", "outcome"], registry=r)
         self.delivery_attempts = Counter("gateway_delivery_attempts", "Callback POSTs to portals", ["engine", "category", "outcome"], registry=r)
+        self.tokens = Counter("gateway_tokens", "Tokens providers reported, by type (prompt, completion)", ["engine", "provider", "model", "type"], registry=r)
+        self.cost = Counter("gateway_cost_usd", "What provider calls cost, in US dollars, where the adapter knows", ["engine", "provider", "model"], registry=r)
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs not yet in a final state", registry=r)
         self.accept_latency = Histogram("gateway_accept_latency_seconds", "Time to answer a completions POST", ["engine", "category"], buckets=ACCEPT_BUCKETS, registry=r)
         self.end_to_end = Histogram("gateway_end_to_end_latency_seconds", "Acceptance to final state", ["engine", "category"], buckets=END_TO_END_BUCKETS, registry=r)
+
+    def count_usage(self, engine: str, provider: str, model: str, usage: Any) -> None:
+        """Add a result's :class:`~gateway.adapters.Usage` (counted when produced: the call was paid for)."""
+        if usage is None:
+            return
+        if usage.prompt_tokens:
+            self.tokens.labels(engine, provider, model, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self.tokens.labels(engine, provider, model, "completion").inc(usage.completion_tokens)
+        if usage.cost_usd:
+            self.cost.labels(engine, provider, model).inc(usage.cost_usd)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

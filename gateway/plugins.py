@@ -80,16 +80,23 @@ async def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> Non
 
 
 def list_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
-    """Name, version and implemented hooks of each registered plugin, for ``gateway plugins``."""
+    """Name, version and implemented hooks of each registered plugin, for ``gateway plugins``.
+
+    A plugin may define ``plugin_status()`` returning a small JSON object (e.g. whether a
+    heavy library is loaded yet); it is listed under ``status``."""
     versions = {id(plugin): dist.version for plugin, dist in pm.list_plugin_distinfo()}
     listing = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
         callers = pm.get_hookcallers(plugin) or []
-        listing.append({
+        entry: dict[str, Any] = {
             "name": name,
             "version": versions.get(id(plugin)),
             "hooks": sorted(caller.name for caller in callers),
-        })
+        }
+        status = getattr(plugin, "plugin_status", None)
+        if callable(status):
+            entry["status"] = status()
+        listing.append(entry)
     return sorted(listing, key=lambda item: item["name"])

@@ -117,6 +117,7 @@ class TaskExecutor:
             error = JobError(redact(route.error.message), route.error.code, route.error.reason)
             return Outcome(error=error), attempts
         assert route.target is not None
+        self.metrics.count_usage(job.engine, route.target.provider, route.target.model, getattr(route.value, "usage", None))
         return Outcome(result=route.value.to_json(), provider=route.target.label), attempts
 
 
