@@ -26,7 +26,7 @@ $(LLAMA_CPP_WHEEL): | $(BIN)/python
 	@echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) from source, once: about 6-7 minutes on 2 cores."
 	@echo "  The wheel is cached in $(WHEELHOUSE); the build log is $(WHEELHOUSE)/llama-cpp-python-build.log"
 	@start=$$SECONDS; \
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --wheel-dir $(WHEELHOUSE) \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir --wheel-dir $(WHEELHOUSE) \
 		llama-cpp-python==$(LLAMA_CPP_VERSION) > $(WHEELHOUSE)/llama-cpp-python-build.log 2>&1 & build=$$!; \
 	while kill -0 $$build 2>/dev/null; do sleep 20; kill -0 $$build 2>/dev/null && echo "  ... still compiling ($$((SECONDS - start)) s)"; done; \
 	if ! wait $$build; then tail -30 $(WHEELHOUSE)/llama-cpp-python-build.log; exit 1; fi; \

@@ -64,6 +64,15 @@ class Connection:
         self.writer.close()
 
 
+def print_table(rows: list[tuple[str, str]], footnote: str) -> None:
+    """The benchmarks' output: one measure per line, the figure beside it, then a footnote."""
+    width = max(len(name) for name, _ in rows)
+    print(f"{'measure':<{width}}  figure\n{'-' * width}  {'-' * 40}")
+    for name, figure in rows:
+        print(f"{name:<{width}}  {figure}")
+    print(f"\n({footnote})")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -312,11 +321,7 @@ def main() -> None:
         ("start-up to first 200 (gateway serve)", f"{startup:.2f} s"),
         ("RSS idle / after the end-to-end run", f"{idle_rss:.0f} MB / {loaded_rss:.0f} MB"),
     ]
-    width = max(len(name) for name, _ in rows)
-    print(f"{'measure':<{width}}  figure\n{'-' * width}  {'-' * 40}")
-    for name, figure in rows:
-        print(f"{name:<{width}}  {figure}")
-    print(f"\n(python {sys.version.split()[0]}, {os.cpu_count()} cores; logs in {workdir})")
+    print_table(rows, f"python {sys.version.split()[0]}, {os.cpu_count()} cores; logs in {workdir}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.accept_bench import TOKEN, Portal, cpu_seconds, end_to_end, percentile, rss_mb, start_gateway, start_process, stop  # noqa: E402
+from bench.accept_bench import TOKEN, Portal, cpu_seconds, end_to_end, percentile, print_table, rss_mb, start_gateway, start_process, stop  # noqa: E402
 from tests.harness import free_port  # noqa: E402
 
 LITELLM_TOKEN = "bench-litellm-0123456789abcdef"
@@ -91,11 +91,7 @@ def main() -> None:
         values = overheads[name]
         rows.append((f"{name} adapter: end-to-end overhead, 5 in flight", f"p50 {statistics.median(values) * ms:.1f} ms, p99 {percentile(values, 0.99) * ms:.1f} ms"))
         rows.append((f"{name} adapter: gateway CPU per job", f"{cpu[name] / (2 * args.jobs) * ms:.1f} ms"))
-    width = max(len(name) for name, _ in rows)
-    print(f"{'measure':<{width}}  figure\n{'-' * width}  {'-' * 40}")
-    for name, figure in rows:
-        print(f"{name:<{width}}  {figure}")
-    print(f"\n(upstream latency {DELAY * ms:.0f} ms, {2 * args.jobs} jobs per adapter; logs in {workdir})")
+    print_table(rows, f"upstream latency {DELAY * ms:.0f} ms, {2 * args.jobs} jobs per adapter; logs in {workdir}")
 
 
 if __name__ == "__main__":

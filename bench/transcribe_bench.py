@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway_whisper import WhisperAdapter  # noqa: E402
 
-from bench.accept_bench import Portal, open_loop, percentile, start_gateway, start_process, stop  # noqa: E402
+from bench.accept_bench import Portal, open_loop, percentile, print_table, start_gateway, start_process, stop  # noqa: E402
 from gateway.adapters import AudioRequest  # noqa: E402
 from gateway.bitrix.protocol import encode_like_php  # noqa: E402
 from tests.harness import free_port  # noqa: E402
@@ -140,11 +140,7 @@ def main() -> None:
         ("recordings finished by the end of that run", f"{done_during} of {backlog} (the rest were still running)"),
         ("start-up with the model loaded (gateway serve)", f"{startup:.2f} s"),
     ]
-    width = max(len(name) for name, _ in rows)
-    print(f"{'measure':<{width}}  figure\n{'-' * width}  {'-' * 40}")
-    for name, figure in rows:
-        print(f"{name:<{width}}  {figure}")
-    print(f"\n(python {sys.version.split()[0]}; logs in {workdir})")
+    print_table(rows, f"python {sys.version.split()[0]}; logs in {workdir}")
 
 
 if __name__ == "__main__":

@@ -317,6 +317,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 # -- simulate ---------------------------------------------------------------------------
 def cmd_simulate(args: argparse.Namespace) -> int:
     from gateway.bitrix.simulator import PortalEmulator
+    from gateway.demo import portal_prompt
     from gateway.engines import EngineDirectory, completions_path
     from gateway.loopback import LoopbackServer
 
@@ -353,15 +354,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 print(f"ai.engine.register on the emulator failed: {exc}", file=sys.stderr)
                 return 1
         category = engine.config.category.value
-        if category in ("audio", "call"):
-            if not args.audio:
-                print(f"engine {engine.code} is a {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)", file=sys.stderr)
-                return EXIT_CONFIG
-            prompt: Any = {"file": emulator.add_file(Path(args.audio).read_bytes()), "fields": {}, "fileExtension": ""}
-        elif category == "image":
-            prompt = {"prompt": args.prompt, "style": None, "format": "square"}
-        else:
-            prompt = args.prompt
+        if category in ("audio", "call") and not args.audio:
+            print(f"engine {engine.code} is a {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)", file=sys.stderr)
+            return EXIT_CONFIG
+        prompt = portal_prompt(category, emulator, text=args.prompt, audio=Path(args.audio).read_bytes() if args.audio else None)
         job_hash, body = emulator.new_request(category, prompt, ttl=args.ttl)
         started = time.monotonic()
         response = emulator.send(url, body)
@@ -380,6 +376,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"{callback.kind} callback after {elapsed:.2f} s:")
         print(json.dumps(callback.body, indent=2, ensure_ascii=False))
         return 0 if callback.kind == "success" else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import Demo
+
+    return Demo(_config(args), args.gateway, timeout=args.timeout).run()
 
 
 # -- parser -----------------------------------------------------------------------------
@@ -444,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", action="store_true", help="register the engine on the emulator first (ai.engine.register)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", parents=[common], help="one request per category through the gateway (started if not running), then the register parameters")
+    p.add_argument("--gateway", metavar="URL", help="where the gateway listens (default: public_url)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each callback")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
