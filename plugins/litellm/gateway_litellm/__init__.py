@@ -53,7 +53,7 @@ _import_lock: asyncio.Lock | None = None
 
 
 def plugin_status() -> dict[str, Any]:
-    """Shown in ``gateway plugins`` and ``GET /-/plugins.json``: whether litellm is loaded yet."""
+    """Listed in ``GET /-/plugins.json``: whether litellm is loaded in this process yet."""
     return {"litellm_imported": "litellm" in sys.modules}
 
 

@@ -97,7 +97,7 @@ _models: SharedModels[LoadedModel] = SharedModels()
 
 
 def plugin_status() -> dict[str, Any]:
-    """Shown in ``gateway plugins`` and ``GET /-/plugins.json``: loaded models and their use."""
+    """Listed in ``GET /-/plugins.json``: the models this process loaded, and how busy they are."""
     return {"models": [model.status() for model in _models.values()]}
 
 
