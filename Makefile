@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/gateway.yaml
 
-# llama-cpp-python has no prebuilt Linux wheel on PyPI: it is compiled once (about 6-7
+# llama-cpp-python has no prebuilt Linux wheel on PyPI: it is compiled once (4-7
 # minutes on 2 cores) into WHEELHOUSE and installed from there on every later set-up.
 # The flags give a portable x86-64 build (AVX2, no -march=native) without the multimodal part.
 LLAMA_CPP_VERSION := 0.3.36
@@ -23,7 +23,7 @@ $(BIN)/python:
 
 $(LLAMA_CPP_WHEEL): | $(BIN)/python
 	@mkdir -p $(WHEELHOUSE)
-	@echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) from source, once: about 6-7 minutes on 2 cores."
+	@echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) from source, once: 4-7 minutes on 2 cores."
 	@echo "  The wheel is cached in $(WHEELHOUSE); the build log is $(WHEELHOUSE)/llama-cpp-python-build.log"
 	@start=$$SECONDS; \
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --no-deps --no-cache-dir --wheel-dir $(WHEELHOUSE) \
