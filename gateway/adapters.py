@@ -214,6 +214,37 @@ class AudioAdapter(Protocol):
 IMAGE_FORMATS = ("square", "portrait", "landscape")
 
 
+def check_known_options(options: Mapping[str, Any], known: Iterable[str], hint: str = "") -> None:
+    """Refuse an option the adapter does not know: a typo would otherwise fall back to a default."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise AdapterConfigError(unknown[0], f"unknown option; known options: {', '.join(sorted(known))}{hint}")
+
+
+def number_option(options: Mapping[str, Any], key: str, default: float) -> float:
+    """A positive number; a string is read as one, since ``${VAR}`` interpolation gives strings."""
+    value = options.get(key, default)
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise AdapterConfigError(key, f"must be a positive number, got {value!r}")
+    return number
+
+
+def whole_option(options: Mapping[str, Any], key: str, default: int, *, minimum: int = 1) -> int:
+    """A whole number of at least ``minimum`` (strings read as numbers, as for :func:`number_option`)."""
+    value = options.get(key, default)
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise AdapterConfigError(key, f"must be a whole number >= {minimum}, got {value!r}")
+    return number
+
+
 AdapterFactory = Callable[[str, Mapping[str, Any]], Any]
 """``factory(provider_name, options) -> adapter``; may raise :class:`AdapterConfigError`."""
 

@@ -154,3 +154,16 @@ def test_startup_shutdown_and_routes(tmp_path, upstream):
         names = [p["name"] for p in httpx.get(server.url + "/-/plugins.json").json()]
         assert runtime.pm.get_name(plugin) in names  # listed like any installed plugin
     assert plugin.calls[-1] == "shutdown"
+
+
+@pytest.mark.parametrize("value, number, whole", [(30, 30.0, 30), ("30", 30.0, 30), (2.5, 2.5, None), ("0", None, None), (True, None, None), ("x", None, None), (-1, None, None)])
+def test_provider_option_readers(value, number, whole):
+    from gateway.adapters import AdapterConfigError, number_option, whole_option
+
+    for read, expected in ((number_option, number), (whole_option, whole)):
+        if expected is None:
+            with pytest.raises(AdapterConfigError) as err:
+                read({"n": value}, "n", 1)
+            assert err.value.key == "n" and repr(value) in err.value.message
+        else:
+            assert read({"n": value}, "n", 1) == expected

@@ -45,6 +45,8 @@ from gateway.adapters import (
     TextResult,
     Transcript,
     Usage,
+    check_known_options,
+    number_option,
 )
 from gateway.languages import language_code
 
@@ -97,23 +99,14 @@ def map_error(name: str, exc: Exception, litellm: Any) -> AdapterError:
     return AdapterError(message, retryable=False, status=status if isinstance(status, int) else None)
 
 
-def _number(options: Mapping[str, Any], key: str, default: float) -> float:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise AdapterConfigError(key, f"must be a positive number, got {value!r}")
-    return float(value)
-
-
 class LiteLLMAdapter:
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise AdapterConfigError(sorted(unknown)[0], f"unknown option; known options: {', '.join(sorted(OPTIONS))} (extra call arguments go under params)")
+        check_known_options(options, OPTIONS, " (extra call arguments go under params)")
         params = options.get("params") or {}
         if not isinstance(params, Mapping):
             raise AdapterConfigError("params", "must be a mapping of extra arguments, e.g. {top_p: 0.9}")
         self.name = name
-        self.timeout = _number(options, "timeout", 120.0)
+        self.timeout = number_option(options, "timeout", 120.0)
         self.common: dict[str, Any] = {k: str(options[k]) for k in ("api_key", "api_base", "api_version") if options.get(k)}
         self.common.update(params)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import hookimpl
-from gateway.adapters import AdapterConfigError, AdapterError, TextRequest, TextResult, Usage
+from gateway.adapters import AdapterConfigError, AdapterError, TextRequest, TextResult, Usage, check_known_options, whole_option
 from gateway.cpu import SharedModels, background_threads
 
 OPTIONS = {"model_path", "model_package", "n_ctx", "n_threads", "concurrency", "chat_format", "max_tokens", "nice"}
@@ -127,29 +127,20 @@ def _model_path(options: Mapping[str, Any]) -> str:
     return str(path)
 
 
-def _whole(options: Mapping[str, Any], key: str, default: int, minimum: int = 1) -> int:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AdapterConfigError(key, f"must be a whole number >= {minimum}, got {value!r}")
-    return value
-
-
 class LlamaCppAdapter:
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise AdapterConfigError(sorted(unknown)[0], f"unknown option; known options: {', '.join(sorted(OPTIONS))}")
+        check_known_options(options, OPTIONS)
         self.name = name
         self.path_option = "model_package" if options.get("model_package") else "model_path"
         self.key = ModelKey(
             path=_model_path(options),
-            n_ctx=_whole(options, "n_ctx", 2048, minimum=128),
-            n_threads=_whole(options, "n_threads", 2),
-            concurrency=_whole(options, "concurrency", 1),
+            n_ctx=whole_option(options, "n_ctx", 2048, minimum=128),
+            n_threads=whole_option(options, "n_threads", 2),
+            concurrency=whole_option(options, "concurrency", 1),
             chat_format=str(options["chat_format"]) if options.get("chat_format") else None,
-            nice=_whole(options, "nice", 10, minimum=0),
+            nice=whole_option(options, "nice", 10, minimum=0),
         )
-        self.max_tokens = _whole(options, "max_tokens", 512)
+        self.max_tokens = whole_option(options, "max_tokens", 512)
         self._loaded: LoadedModel | None = None
 
     def load(self) -> None:

@@ -39,22 +39,14 @@ from gateway.adapters import (
     TextResult,
     Transcript,
     Usage,
+    check_known_options,
+    number_option,
+    whole_option,
 )
 from gateway.languages import language_code
 
 OPTIONS = {"base_url", "api_key", "headers", "timeout", "connect_timeout", "max_connections", "verbose_json"}
 RETRYABLE_STATUS = {408, 409, 425, 429}
-
-
-def _positive(options: Mapping[str, Any], key: str, default: float) -> float:
-    value = options.get(key, default)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise AdapterConfigError(key, f"must be a number, got {value!r}") from None
-    if number <= 0:
-        raise AdapterConfigError(key, f"must be positive, got {value!r}")
-    return number
 
 
 def _upstream_message(response: httpx.Response) -> str:
@@ -70,9 +62,7 @@ class OpenAIAdapter:
     """One provider: a pooled client shared by every job routed to it."""
 
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise AdapterConfigError(sorted(unknown)[0], f"unknown option; known options: {', '.join(sorted(OPTIONS))}")
+        check_known_options(options, OPTIONS)
         base_url = str(options.get("base_url") or "https://api.openai.com/v1").rstrip("/")
         if not base_url.startswith(("http://", "https://")):
             raise AdapterConfigError("base_url", f"{base_url!r} is not an http(s) URL")
@@ -84,14 +74,14 @@ class OpenAIAdapter:
             headers["Authorization"] = f"Bearer {options['api_key']}"
         self.name = name
         self.verbose_json = bool(options.get("verbose_json", True))
-        pool_size = int(_positive(options, "max_connections", 100))
+        pool_size = whole_option(options, "max_connections", 100)
         # Keep every connection alive between bursts: reopening them costs more than holding them.
         limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
         self.client = httpx.AsyncClient(
             transport=http.transport(limits=limits),
             base_url=base_url + "/",
             headers=headers,
-            timeout=httpx.Timeout(_positive(options, "timeout", 120.0), connect=_positive(options, "connect_timeout", 5.0)),
+            timeout=httpx.Timeout(number_option(options, "timeout", 120.0), connect=number_option(options, "connect_timeout", 5.0)),
             follow_redirects=False,
         )
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import hookimpl
-from gateway.adapters import AdapterConfigError, AdapterError, AudioRequest, Segment, Transcript
+from gateway.adapters import AdapterConfigError, AdapterError, AudioRequest, Segment, Transcript, check_known_options, whole_option
 from gateway.cpu import SharedModels, background_processes, background_threads
 
 OPTIONS = {"model_dir", "model_package", "device", "compute_type", "cpu_threads", "concurrency", "beam_size", "nice"}
@@ -121,29 +121,20 @@ def _model_dir(options: Mapping[str, Any]) -> Path:
     return path
 
 
-def _whole(options: Mapping[str, Any], key: str, default: int) -> int:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AdapterConfigError(key, f"must be a whole number >= 1, got {value!r}")
-    return value
-
-
 class WhisperAdapter:
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
-        unknown = set(options) - OPTIONS
-        if unknown:
-            raise AdapterConfigError(sorted(unknown)[0], f"unknown option; known options: {', '.join(sorted(OPTIONS))}")
+        check_known_options(options, OPTIONS)
         self.name = name
         self.key = ModelKey(
             path=str(_model_dir(options)),
             device=str(options.get("device", "cpu")),
             compute_type=str(options.get("compute_type", "int8")),
             # One core stays free for the event loop: accept latency holds while audio is transcribed.
-            cpu_threads=_whole(options, "cpu_threads", max(1, min(4, (os.cpu_count() or 2) - 1))),
-            concurrency=_whole(options, "concurrency", 1),
-            nice=_whole(options, "nice", 10) if options.get("nice", 10) != 0 else 0,
+            cpu_threads=whole_option(options, "cpu_threads", max(1, min(4, (os.cpu_count() or 2) - 1))),
+            concurrency=whole_option(options, "concurrency", 1),
+            nice=whole_option(options, "nice", 10, minimum=0),
         )
-        self.beam_size = _whole(options, "beam_size", 5)
+        self.beam_size = whole_option(options, "beam_size", 5)
         self._loaded: LoadedModel | None = None
 
     def load(self) -> None:
