@@ -125,6 +125,7 @@ class WhisperAdapter:
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
         check_known_options(options, OPTIONS)
         self.name = name
+        self.path_option = "model_package" if options.get("model_package") else "model_dir"
         self.key = ModelKey(
             path=str(_model_dir(options)),
             device=str(options.get("device", "cpu")),
@@ -141,7 +142,7 @@ class WhisperAdapter:
         try:
             self._loaded = _models.get(self.key, lambda: LoadedModel(self.key))
         except Exception as exc:  # CTranslate2 reports a broken model as RuntimeError, a bad setting as ValueError
-            raise AdapterConfigError("model_dir", f"cannot load the Whisper model in {self.key.path}: {exc}") from None
+            raise AdapterConfigError(self.path_option, f"cannot load the Whisper model in {self.key.path}: {exc}") from None
 
     async def aclose(self) -> None:
         """Stop the decoder processes and threads (shared: every provider on the model closes at shutdown)."""
