@@ -8,6 +8,8 @@ that matches the task's category; the adapter answers with a typed result or rai
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,6 +167,53 @@ class Transcript:
         )
 
 
+def images_from_openai(items: Any, provider: str) -> list[GeneratedImage]:
+    """The pictures in the ``data`` list of OpenAI's ``/images/generations`` answer, which
+    compatible servers and litellm share: each ``b64_json`` or ``url``."""
+    if not isinstance(items, (list, tuple)) or not items:
+        raise AdapterError(f"{provider}: the answer has no data[] of images", retryable=True)
+    images = []
+    for item in items:
+        fields = item if isinstance(item, Mapping) else vars(item)  # litellm hands over objects
+        if isinstance(fields.get("b64_json"), str):
+            try:
+                images.append(GeneratedImage(data=base64.b64decode(fields["b64_json"], validate=True)))
+            except binascii.Error:
+                raise AdapterError(f"{provider}: b64_json is not valid base64", retryable=False) from None
+        elif isinstance(fields.get("url"), str):
+            images.append(GeneratedImage(url=fields["url"]))
+        else:
+            raise AdapterError(f"{provider}: an image has neither b64_json nor url", retryable=False)
+    return images
+
+
+def transcript_from_openai(data: Mapping[str, Any], provider: str, usage: Usage | None = None) -> Transcript:
+    """A :class:`Transcript` from the answer shape of OpenAI's ``/audio/transcriptions`` (``json``
+    or ``verbose_json``), which compatible servers and litellm answer in too.
+
+    No text at all is a retryable failure; text with no words is final (422: there is no
+    speech in the recording), and so is a segment without start, end or text."""
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise AdapterError(f"{provider}: the answer has no text", retryable=True)
+    if not text.strip():
+        raise AdapterError(f"{provider}: no speech was recognised in the recording", retryable=False, status=422)
+    segments = []
+    for item in data.get("segments") or ():
+        fields = item if isinstance(item, Mapping) else vars(item)  # litellm hands over objects
+        try:
+            segments.append(Segment(float(fields["start"]), float(fields["end"]), str(fields["text"]).strip()))
+        except (KeyError, TypeError, ValueError):
+            raise AdapterError(f"{provider}: a segment lacks start, end or text", retryable=False) from None
+    language, duration = data.get("language"), data.get("duration")
+    return Transcript(
+        text=text.strip(), segments=tuple(segments),
+        language=(language_code(language) or language) if isinstance(language, str) else None,  # verbose_json says "english"
+        duration=float(duration) if isinstance(duration, (int, float)) else None,
+        usage=usage,
+    )
+
+
 Result = TextResult | HostedImages | Transcript
 RESULT_TYPES: dict[str, Any] = {"text": TextResult, "images": HostedImages, "transcript": Transcript}
 
@@ -243,6 +292,16 @@ def whole_option(options: Mapping[str, Any], key: str, default: int, *, minimum:
     if number is None or number < minimum:
         raise AdapterConfigError(key, f"must be a whole number >= {minimum}, got {value!r}")
     return number
+
+
+def flag_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
+    """true or false; the strings "true" and "false" too, as ``${VAR}`` interpolation gives them."""
+    value = options.get(key, default)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise AdapterConfigError(key, f"must be true or false, got {value!r}")
+    return value
 
 
 AdapterFactory = Callable[[str, Mapping[str, Any]], Any]

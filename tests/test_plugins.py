@@ -167,3 +167,16 @@ def test_provider_option_readers(value, number, whole):
             assert err.value.key == "n" and repr(value) in err.value.message
         else:
             assert read({"n": value}, "n", 1) == expected
+
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("false", False), (" TRUE ", True), ("no", None), (0, None)])
+def test_provider_flag_option(value, expected):
+    from gateway.adapters import AdapterConfigError, flag_option
+
+    if expected is None:
+        with pytest.raises(AdapterConfigError) as err:
+            flag_option({"f": value}, "f", True)
+        assert err.value.key == "f"
+    else:
+        assert flag_option({"f": value}, "f", True) is expected

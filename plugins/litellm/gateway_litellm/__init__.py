@@ -25,8 +25,6 @@ every result.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import os
 import sys
 from collections.abc import Mapping
@@ -37,18 +35,17 @@ from gateway.adapters import (
     AdapterConfigError,
     AdapterError,
     AudioRequest,
-    GeneratedImage,
     ImageRequest,
     ImageResult,
-    Segment,
     TextRequest,
     TextResult,
     Transcript,
     Usage,
     check_known_options,
+    images_from_openai,
     number_option,
+    transcript_from_openai,
 )
-from gateway.languages import language_code
 
 OPTIONS = {"api_key", "api_base", "api_version", "timeout", "params"}
 _import_lock: asyncio.Lock | None = None
@@ -141,17 +138,7 @@ class LiteLLMAdapter:
         arguments = self._arguments(request.model, request.params, request.timeout)
         arguments.update(prompt=request.prompt, n=request.n, size=request.size)
         litellm, response = await self._call("aimage_generation", **arguments)
-        images = []
-        for item in getattr(response, "data", None) or ():
-            if getattr(item, "b64_json", None):
-                try:
-                    images.append(GeneratedImage(data=base64.b64decode(item.b64_json, validate=True)))
-                except binascii.Error:
-                    raise AdapterError(f"{self.name}: b64_json is not valid base64", retryable=False) from None
-            elif getattr(item, "url", None):
-                images.append(GeneratedImage(url=item.url))
-        if not images:
-            raise AdapterError(f"{self.name}: the answer has no images", retryable=True)
+        images = images_from_openai(getattr(response, "data", None), self.name)
         return ImageResult(images, usage=_usage(response, _cost(litellm, response, call_type="image_generation")))
 
     async def transcribe(self, request: AudioRequest) -> Transcript:
@@ -165,25 +152,8 @@ class LiteLLMAdapter:
             arguments.setdefault("timestamp_granularities", ["segment"])
         with request.file.open("rb") as audio:
             litellm, response = await self._call("atranscription", file=(request.filename, audio, request.content_type), **arguments)
-        text = getattr(response, "text", None)
-        if not isinstance(text, str):
-            raise AdapterError(f"{self.name}: the answer has no text", retryable=True)
-        if not text.strip():
-            raise AdapterError(f"{self.name}: no speech was recognised in the recording", retryable=False, status=422)
-        segments = []
-        for item in getattr(response, "segments", None) or ():
-            fields = item if isinstance(item, Mapping) else vars(item)
-            start, end = fields.get("start"), fields.get("end")
-            if isinstance(start, (int, float)) and isinstance(end, (int, float)):
-                segments.append(Segment(float(start), float(end), str(fields.get("text") or "").strip()))
-        language = getattr(response, "language", None)
-        duration = getattr(response, "duration", None)
-        return Transcript(
-            text=text.strip(), segments=tuple(segments),
-            language=(language_code(language) or language) if isinstance(language, str) else None,
-            duration=float(duration) if isinstance(duration, (int, float)) else None,
-            usage=_usage(response, _cost(litellm, response, call_type="atranscription")),
-        )
+        answer = {key: getattr(response, key, None) for key in ("text", "segments", "language", "duration")}
+        return transcript_from_openai(answer, self.name, _usage(response, _cost(litellm, response, call_type="atranscription")))
 
 
 def _cost(litellm: Any, response: Any, **kwargs: Any) -> float | None:

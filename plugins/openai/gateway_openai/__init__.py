@@ -18,8 +18,6 @@ Provider options (``providers.<name>`` in the gateway config)::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -31,19 +29,19 @@ from gateway.adapters import (
     AdapterConfigError,
     AdapterError,
     AudioRequest,
-    GeneratedImage,
     ImageRequest,
     ImageResult,
-    Segment,
     TextRequest,
     TextResult,
     Transcript,
     Usage,
     check_known_options,
+    flag_option,
+    images_from_openai,
     number_option,
+    transcript_from_openai,
     whole_option,
 )
-from gateway.languages import language_code
 
 OPTIONS = {"base_url", "api_key", "headers", "timeout", "connect_timeout", "max_connections", "verbose_json"}
 RETRYABLE_STATUS = {408, 409, 425, 429}
@@ -73,7 +71,7 @@ class OpenAIAdapter:
         if options.get("api_key"):
             headers["Authorization"] = f"Bearer {options['api_key']}"
         self.name = name
-        self.verbose_json = bool(options.get("verbose_json", True))
+        self.verbose_json = flag_option(options, "verbose_json", True)
         pool_size = whole_option(options, "max_connections", 100)
         # Keep every connection alive between bursts: reopening them costs more than holding them.
         limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
@@ -136,32 +134,17 @@ class OpenAIAdapter:
     async def generate_image(self, request: ImageRequest) -> ImageResult:
         body: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "n": request.n, "size": request.size, **request.params}
         data = await self._post("images/generations", request.timeout, json=body)
-        items = data.get("data")
-        if not isinstance(items, list) or not items:
-            raise AdapterError(f"{self.name}: the answer has no data[] of images", retryable=True)
-        images = []
-        for item in items:
-            if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
-                try:
-                    images.append(GeneratedImage(data=base64.b64decode(item["b64_json"], validate=True)))
-                except binascii.Error:
-                    raise AdapterError(f"{self.name}: b64_json is not valid base64", retryable=False) from None
-            elif isinstance(item, dict) and isinstance(item.get("url"), str):
-                images.append(GeneratedImage(url=item["url"]))
-            else:
-                raise AdapterError(f"{self.name}: an image has neither b64_json nor url", retryable=False)
-        return ImageResult(images)
-
+        return ImageResult(images_from_openai(data.get("data"), self.name))
 
     async def transcribe(self, request: AudioRequest) -> Transcript:
         if self.verbose_json:
             try:
-                return self._transcript(await self._upload(request, "verbose_json"))
+                return transcript_from_openai(await self._upload(request, "verbose_json"), self.name)
             except AdapterError as exc:
                 if exc.status != 400 or ("verbose_json" not in exc.message and "response_format" not in exc.message):
                     raise
                 self.verbose_json = False  # this server speaks plain json only: stop asking
-        return self._transcript(await self._upload(request, "json"))
+        return transcript_from_openai(await self._upload(request, "json"), self.name)
 
     async def _upload(self, request: AudioRequest, response_format: str) -> dict[str, Any]:
         fields: dict[str, Any] = {"model": request.model, "response_format": response_format}
@@ -174,28 +157,6 @@ class OpenAIAdapter:
         fields.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in request.params.items()})
         with request.file.open("rb") as audio:  # streamed from disk by httpx, not read into memory
             return await self._post("audio/transcriptions", request.timeout, data=fields, files={"file": (request.filename, audio, request.content_type)})
-
-    def _transcript(self, data: dict[str, Any]) -> Transcript:
-        text = data.get("text")
-        if not isinstance(text, str):
-            raise AdapterError(f"{self.name}: the answer has no text", retryable=True)
-        if not text.strip():
-            raise AdapterError(f"{self.name}: no speech was recognised in the recording", retryable=False, status=422)
-        segments = []
-        for item in data.get("segments") or ():
-            try:
-                segments.append(Segment(float(item["start"]), float(item["end"]), str(item["text"]).strip()))
-            except (KeyError, TypeError, ValueError):
-                raise AdapterError(f"{self.name}: a segment lacks start, end or text", retryable=False) from None
-        language = data.get("language")
-        duration = data.get("duration")
-        return Transcript(
-            text=text.strip(),
-            language=language_code(language) or language if isinstance(language, str) else None,
-            segments=tuple(segments),
-            duration=float(duration) if isinstance(duration, (int, float)) else None,
-        )
-
 
 @hookimpl
 def register_adapters(register: Any) -> None:
