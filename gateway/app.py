@@ -6,6 +6,7 @@ callback URLs, persist, answer 202. No provider code and no network call runs on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -23,7 +24,7 @@ from gateway.bitrix.protocol import ProtocolError, parse_completion_request
 from gateway.config import Config
 from gateway.files import CONTENT_TYPES
 from gateway.jobs.model import Job, JobState, new_job_id
-from gateway.jobs.sqlite import QueueStoreError
+from gateway.jobs.sqlite import QueueItemError, QueueStoreError
 from gateway.netguard import URLRefused
 from gateway.plugins import list_plugins
 from gateway.runtime import Runtime
@@ -51,6 +52,12 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _engine_path(request: Request) -> str:
+    """The request path with the token masked: the log must not learn a valid token."""
+    code = request.path_params.get("code", "?")
+    return f"/engines/{code}/…/completions"
+
+
 class CompletionsEndpoint:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -70,17 +77,23 @@ class CompletionsEndpoint:
             return await self.accept(request, started)
         except RequestRejected as exc:
             self.runtime.metrics.rejected.labels(exc.code).inc()
-            log.info("rejected %s %s: %s %s", request.method, request.url.path, exc.status, exc.message)
+            log.info("rejected %s %s: %s %s", request.method, _engine_path(request), exc.status, exc.message)
             return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status)
+        except ClientDisconnect:  # the client went away (or its body timed out): nobody to answer
+            log.info("client disconnected while sending a request for %s; nothing was stored", _engine_path(request))
+            self.runtime.metrics.rejected.labels("client_disconnected").inc()
+            return Response(status_code=400)
+        except Exception:  # a bug, not the client's fault: a JSON answer the portal shows as a failure, no traceback to the client
+            log.exception("internal error while accepting a request for %s", _engine_path(request))
+            self.runtime.metrics.rejected.labels("internal_error").inc()
+            return JSONResponse({"error": {"code": "internal_error", "message": "the gateway failed to accept the request; it was not stored"}}, 500)
 
     async def accept(self, request: Request, started: float) -> Response:
         rt = self.runtime
         code, token = request.path_params["code"], request.path_params["token"]
         engine = rt.engines.authenticate(code, token)
-        if engine is None:
-            if rt.engines.get(code) is None:
-                raise RequestRejected(404, "unknown_engine", f"no engine with code {code!r} is configured on this gateway")
-            raise RequestRejected(401, "bad_token", "the token in the URL is not this engine's token; copy the URL from `gateway engines list`")
+        if engine is None:  # one answer for an unknown code and a wrong token: no probing for codes
+            raise RequestRejected(404, "unknown_engine", "no engine at this URL (unknown engine code or wrong token); copy the completions URL from `gateway engines list`")
         if request.method == "GET":  # the portal's registration check: exactly 200
             return JSONResponse({"result": "OK", "engine": code})
 
@@ -94,18 +107,24 @@ class CompletionsEndpoint:
             raise RequestRejected(400, "invalid_json", f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from None
         except UnicodeDecodeError:
             raise RequestRejected(400, "invalid_json", "the body is not valid UTF-8 text") from None
+        except RecursionError:
+            raise RequestRejected(400, "invalid_json", "the body's JSON is nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+            raise RequestRejected(400, "invalid_json", f"the body's JSON cannot be read: {str(exc)[:120]}") from None
         now = time.time()
         try:
             parsed = parse_completion_request(
-                data, engine=code, category=engine.config.category, default_ttl=rt.config.default_ttl, job_id=new_job_id(), now=now
+                data, engine=code, category=engine.config.category, default_ttl=rt.config.default_ttl, job_id=new_job_id(), now=now,
+                context=engine.config.context,
             )
         except ProtocolError as exc:
             raise RequestRejected(exc.status, exc.code, exc.message) from None
-        for name, url in (("callbackUrl", parsed.callback_parts), ("errorCallbackUrl", parsed.error_callback_parts)):
+        for name, url in parsed.outbound_urls:
             try:
-                rt.policy.check_url(url)
+                rt.policy.check_url(str(url))
             except URLRefused as exc:
-                raise RequestRejected(422, "callback_not_allowed", f"{name}: {exc}") from None
+                code_name = "file_not_allowed" if name == "prompt.file" else "callback_not_allowed"
+                raise RequestRejected(422, code_name, f"{name}: {exc}") from None
 
         task = parsed.task
         job = Job(
@@ -121,6 +140,11 @@ class CompletionsEndpoint:
                 job, parsed.idempotency_key, lease_owner=worker.owner if reserved and worker else None,
                 lease_seconds=rt.config.queue.lease_seconds,
             )
+        except QueueItemError as exc:  # this request's values, not the queue: retrying will not help
+            if reserved and worker:
+                worker.unreserve()
+            log.warning("could not store a request for engine %s: %s", code, exc)
+            raise RequestRejected(422, "invalid_field", f"the request cannot be stored: {exc}") from None
         except QueueStoreError as exc:
             if reserved and worker:
                 worker.unreserve()
@@ -146,8 +170,13 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
     rt = runtime or Runtime(config)
 
     async def health(request: Request) -> Response:
+        """200 ``{"status": "ok", "queue_depth": N}``; 503 while the queue cannot answer or a
+        background loop is down (waiting to be restarted), naming the loops."""
+        down = rt.loops.down()
+        if down:
+            return JSONResponse({"status": "error", "error": f"background loop(s) down: {', '.join(sorted(down))}", "loops_down": down}, 503)
         try:
-            depth = await rt.queue.depth()
+            depth = await asyncio.wait_for(rt.queue.depth(), 5.0)  # a stuck queue is an answer too: 503, not a hang
         except Exception as exc:
             return JSONResponse({"status": "error", "error": f"queue: {type(exc).__name__}"}, 503)
         return JSONResponse({"status": "ok", "queue_depth": depth})

@@ -18,6 +18,7 @@ from pathlib import Path
 from gateway.config import Config, EngineConfig
 
 TOKENS_FILE = "engine-tokens.json"
+_UNKNOWN_ENGINE_TOKEN = secrets.token_urlsafe(24)
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,22 @@ class EngineDirectory:
     def authenticate(self, code: str, token: str) -> Engine | None:
         """The engine if ``token`` is its token (constant-time comparison), else None."""
         engine = self._engines.get(code)
-        if engine is None or not hmac.compare_digest(engine.token.encode(), token.encode()):
-            return None
-        return engine
+        # An unknown code costs the same comparison as a known one: timing tells no codes apart.
+        expected = engine.token if engine is not None else _UNKNOWN_ENGINE_TOKEN
+        matches = hmac.compare_digest(expected.encode(), token.encode("utf-8", "surrogatepass"))
+        return engine if matches and engine is not None else None
+
+
+def tokens_path(config: Config) -> Path:
+    """Where generated engine tokens are kept (``gateway engines list`` shows it)."""
+    return Path(config.data_dir) / TOKENS_FILE
 
 
 def _load_or_generate_tokens(config: Config) -> dict[str, str]:
     missing = [e.code for e in config.engines if not e.token]
     if not missing:
         return {}
-    path = Path(config.data_dir) / TOKENS_FILE
+    path = tokens_path(config)
     tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
     if all(code in tokens for code in missing):
         return tokens

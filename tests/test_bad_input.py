@@ -46,7 +46,7 @@ _DROP = object()
 CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     # name: (how to send, expected status, expected error code)
     "unknown engine": ({"path": "/engines/nope/" + ENGINE_TOKEN + "/completions"}, 404, "unknown_engine"),
-    "bad token": ({"path": "/engines/acme_text/not-the-token-000000000000/completions"}, 401, "bad_token"),
+    "bad token": ({"path": "/engines/acme_text/not-the-token-000000000000/completions"}, 404, "unknown_engine"),
     "text/plain": ({"content_type": "text/plain"}, 415, "unsupported_media_type"),
     "form encoded": ({"raw": b"prompt=hi", "content_type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
     "no content type": ({"content_type": None}, 415, "unsupported_media_type"),
@@ -66,8 +66,25 @@ CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "negative ttl": ({"changes": {"ttl": -5}}, 422, "invalid_field"),
     "temperature not a number": ({"changes": {"temperature": "hot"}}, 422, "invalid_field"),
     "fractional max_tokens": ({"changes": {"max_tokens": 1.5}}, 422, "invalid_field"),
-    "context not a list": ({"changes": {"context": "hello"}}, 422, "invalid_field"),
-    "context item content not text": ({"changes": {"context": [{"role": "user", "content": 5}]}}, 422, "invalid_field"),
+    "context not a list": ({"changes": {"context": "hello", "collect_context": True}}, 422, "invalid_field"),
+    "context item content not text": ({"changes": {"context": [{"role": "user", "content": 5}], "collect_context": True}}, 422, "invalid_field"),
+    "JSON nested 4,000 deep": ({"raw": b'{"x":' + b"[" * 4000 + b"]" * 4000 + b"}"}, 400, "invalid_json"),
+    "integer of 4,301 digits": ({"raw": b'{"x":' + b"9" * 4301 + b"}"}, 400, "invalid_json"),
+    "ttl 1e400": ({"raw_field": ("ttl", b"1e400")}, 422, "invalid_field"),
+    "ttl Infinity": ({"raw_field": ("ttl", b"Infinity")}, 422, "invalid_field"),
+    "ttl 1e300": ({"raw_field": ("ttl", b"1e300")}, 422, "invalid_field"),
+    "temperature 1e400": ({"raw_field": ("temperature", b"1e400")}, 422, "invalid_field"),
+    "max_tokens 1e400": ({"raw_field": ("max_tokens", b"1e400")}, 422, "invalid_field"),
+    "max_tokens NaN": ({"raw_field": ("max_tokens", b"NaN")}, 422, "invalid_field"),
+    "surrogate in callbackUrl": ({"changes": {"callbackUrl": "http://127.0.0.1/x?hash=\ud800"}}, 422, "invalid_field"),
+    "surrogate in errorCallbackUrl path": ({"changes": {"errorCallbackUrl": "http://127.0.0.1/\udbff/x"}}, 422, "invalid_field"),
+    "surrogate in the prompt": ({"changes": {"prompt": "hello \udc00"}}, 422, "invalid_field"),
+    "unclosed IPv6 callback host": ({"changes": {"callbackUrl": "http://[::1/"}}, 422, "invalid_field"),
+    "callback port abc": ({"changes": {"callbackUrl": "http://127.0.0.1:abc/x"}}, 422, "invalid_field"),
+    "callback port 70000": ({"changes": {"callbackUrl": "http://127.0.0.1:70000/x"}}, 422, "invalid_field"),
+    "tab in callbackUrl": ({"changes": {"callbackUrl": "http://127.0.0.1/a\tb"}}, 422, "invalid_field"),
+    "NUL in errorCallbackUrl": ({"changes": {"errorCallbackUrl": "http://127.0.0.1/a\x00b"}}, 422, "invalid_field"),
+    "newline in callbackUrl": ({"changes": {"callbackUrl": "http://127.0.0.1/a\nb"}}, 422, "invalid_field"),
     "body over the limit": ({"changes": {"prompt": "x" * (LIMIT + 1)}}, 413, "body_too_large"),
     "chunked body over the limit": ({"chunked": True, "changes": {"prompt": "x" * (LIMIT + 1)}}, 413, "body_too_large"),
 }
@@ -79,6 +96,9 @@ def test_bad_request_is_refused_clearly(stack, case):
     how, status, code = CASES[case]
     path = how.get("path", f"/engines/acme_text/{ENGINE_TOKEN}/completions")
     raw = how["raw"] if "raw" in how else encode_like_php(_body(portal, **how.get("changes", {})))
+    if "raw_field" in how:  # a number JSON allows but Python's json.dumps would not write
+        key, literal = how["raw_field"]
+        raw = encode_like_php(_body(portal, **{key: "__RAW__"})).replace(b'"__RAW__"', literal)
     headers = {}
     content_type = how.get("content_type", "application/json")
     if content_type:
@@ -114,7 +134,19 @@ def test_no_redirects_on_the_completions_url(stack):
 def test_get_is_the_registration_check(stack):
     gw, _, _ = stack
     assert httpx.get(f"{gw.url}/engines/acme_text/{ENGINE_TOKEN}/completions").status_code == 200
-    assert httpx.get(f"{gw.url}/engines/acme_text/wrong-token-0000000000/completions").status_code == 401
+    assert httpx.get(f"{gw.url}/engines/acme_text/wrong-token-0000000000/completions").status_code == 404
+
+
+def test_unknown_engine_and_wrong_token_get_the_same_answer(stack):
+    """A scanner cannot tell which engine codes exist."""
+    gw, portal, _ = stack
+    body = encode_like_php(_body(portal))
+    answers = []
+    for path in (f"/engines/nope/{ENGINE_TOKEN}/completions", "/engines/acme_text/not-the-token-000000000000/completions"):
+        for method in ("GET", "POST"):
+            response = httpx.request(method, gw.url + path, content=body, headers={"Content-Type": "application/json"})
+            answers.append((response.status_code, response.content))
+    assert len(set(answers)) == 1 and answers[0][0] == 404, answers
 
 
 def test_private_callback_refused_unless_allowed(gateway, portal, upstream):

@@ -20,7 +20,7 @@ def test_text_request_is_answered_at_the_callback(gateway, portal, upstream):
     job_hash, body = portal.new_request(
         prompt="Say hi to Ünïcode/slashes",
         context=[{"role": "user", "content": "earlier question"}, {"role": "assistant", "content": "earlier answer"}],
-        temperature=0.3, max_tokens=50,
+        temperature=0.3, max_tokens=50, collect_context=True,
     )
     response = portal.send(url, body)
     assert response.status_code == 202
@@ -186,7 +186,7 @@ def test_no_secret_in_logs_or_output(gateway, portal, upstream):
         hashes.append(job_hash)
         portal.send(url, body)
     bad = httpx.post(url.replace(ENGINE_TOKEN, "wrong-token-xxxxxxxxxxxxxx"), json={})
-    assert bad.status_code == 401
+    assert bad.status_code == 404
     for job_hash in hashes:
         portal.wait(job_hash, timeout=20)
     jobs = gw.wait_final(2)

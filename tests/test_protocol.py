@@ -31,8 +31,8 @@ def portal_body(**changes):
     return json.loads(encode_like_php(body))  # as it arrives: PHP escapes decoded
 
 
-def parse(body, category=Category.TEXT):
-    return parse_completion_request(body, engine="acme", category=category, default_ttl=840, job_id="j1", now=1000.0)
+def parse(body, category=Category.TEXT, context="when_requested"):
+    return parse_completion_request(body, engine="acme", category=category, default_ttl=840, job_id="j1", now=1000.0, context=context)
 
 
 def test_php_encoding_is_what_the_portal_sends():
@@ -42,7 +42,7 @@ def test_php_encoding_is_what_the_portal_sends():
 
 
 def test_text_request_becomes_a_task_without_secrets():
-    request = parse(portal_body())
+    request = parse(portal_body(collect_context=True))
     task = request.task
     assert task.messages() == [
         Message("system", "You are helpful."), Message("user", "hi"), Message("assistant", "hello"), Message("user", "Write a greeting"),
@@ -73,13 +73,82 @@ def test_numbers_may_arrive_as_strings_and_nulls_default():
     ({"temperature": "NaN"}, 422, "temperature"),
     ({"max_tokens": 0}, 422, "max_tokens"),
     ({"ttl": "soon"}, 422, "ttl"),
-    ({"context": [1]}, 422, "context[0]"),
+    ({"ttl": 1e400}, 422, "ttl: must be a finite number"),
+    ({"ttl": 86401}, 422, "ttl: must be between 1 and 86400"),
+    ({"ttl": 0}, 422, "ttl: must be between 1 and 86400"),
+    ({"ttl": 10**300}, 422, "ttl: must be between 1 and 86400, got a number of more than 18 digits"),
+    ({"temperature": 1e400}, 422, "temperature: must be a finite number"),
+    ({"temperature": -0.1}, 422, "temperature: must be between 0.0 and 2.0"),
+    ({"temperature": 2.5}, 422, "temperature: must be between"),
+    ({"max_tokens": 1e400}, 422, "max_tokens: must be a finite number"),
+    ({"max_tokens": 2**40}, 422, "max_tokens: must be between 1 and 1048576"),
+    ({"max_tokens": "9" * 40}, 422, "max_tokens: must be a number"),
+    ({"prompt": "hi \ud800 there"}, 422, "prompt: contains a lone UTF-16 surrogate"),
+    ({"payload_role": "\udfff"}, 422, "payload_role: contains a lone UTF-16 surrogate"),
+    ({"context": [{"role": "user", "content": "a\ud800"}], "collect_context": True}, 422, "context[0].content: contains a lone"),
+    ({"callbackUrl": "http://[::1/"}, 422, "callbackUrl: is not a valid URL"),
+    ({"callbackUrl": "https://acme.bitrix24.com:abc/x"}, 422, "callbackUrl: is not a valid URL"),
+    ({"callbackUrl": "https://acme.bitrix24.com:70000/x"}, 422, "callbackUrl: port 70000 is out of range (1-65535)"),
+    ({"callbackUrl": "https://acme.bitrix24.com:0/x"}, 422, "callbackUrl: port 0 is out of range"),
+    ({"errorCallbackUrl": "https://acme.bitrix24.com/x?hash=\ud800"}, 422, "errorCallbackUrl: contains '\\ud800' at position"),
+    ({"callbackUrl": "https://acme.bitrix24.com/a\tb"}, 422, "callbackUrl: contains '\\t' at position 27"),
+    ({"callbackUrl": "https://acme.bitrix24.com/a\x00b"}, 422, "callbackUrl: contains '\\x00'"),
+    ({"callbackUrl": "https://acme.bitrix24.com/a\nb"}, 422, "callbackUrl: contains '\\n'"),
+    ({"callbackUrl": "https://acme.bitrix24.com/a b"}, 422, "callbackUrl: contains ' '"),
+    ({"callbackUrl": "https://acme.bitrix24.com/" + "x" * 5000}, 422, "callbackUrl: is longer than 4096 characters"),
+    ({"callbackUrl": "http:///x"}, 422, "callbackUrl: must be an absolute http(s) URL"),
+    ({"context": [1], "collect_context": True}, 422, "context[0]"),
     ({"payload_role": ["x"]}, 422, "payload_role"),
 ])
 def test_invalid_requests(changes, status, field):
     with pytest.raises(ProtocolError) as err:
         parse(portal_body(**changes))
     assert err.value.status == status and field in err.value.message
+
+
+def test_numbers_at_the_edges_of_their_range_are_accepted():
+    task = parse(portal_body(ttl=86400, temperature=0, max_tokens=1048576)).task
+    assert (task.ttl, task.temperature, task.max_tokens) == (86400, 0.0, 1048576)
+    assert parse(portal_body(ttl="1", temperature="2")).task.temperature == 2.0
+
+
+def test_context_follows_the_engine_setting_and_collect_context():
+    """The portal's own engines use ``context`` only when the request asks (collect_context)."""
+    assert parse(portal_body()).task.context == []
+    assert parse(portal_body(collect_context=False)).task.context == []
+    for truthy in (True, "Y", "true", 1, "1"):
+        assert len(parse(portal_body(collect_context=truthy)).task.context) == 2
+    assert len(parse(portal_body(), context="always").task.context) == 2
+    # A bad context is ignored when it is not used, as the portal's engines would.
+    assert parse(portal_body(context="not a list")).task.context == []
+
+
+def test_unknown_keys_that_cannot_be_stored_are_dropped_not_refused():
+    deep: object = "bottom"
+    for _ in range(40):
+        deep = [deep]
+    request = parse(portal_body(bx_deep=deep, bx_surrogate="\ud800", bx_huge=10**30, bx_inf=1e400, bx_fine={"a": [1, "b"]}, **{"bad\udc00key": 1}))
+    assert request.task.extra["bx_fine"] == {"a": [1, "b"]}
+    assert not {"bx_deep", "bx_surrogate", "bx_huge", "bx_inf", "bad\udc00key"} & set(request.task.extra)
+    json.dumps(request.task.to_json()).encode()  # storable as it is
+
+
+def test_idn_callback_host_is_the_one_httpx_connects_to():
+    url = "https://портал.рф/bitrix/services/main/ajax.php?action=x&hash=abc"
+    request = parse(portal_body(callbackUrl=url, errorCallbackUrl=url))
+    assert request.task.portal == "портал.рф"
+    assert str(dict(request.outbound_urls)["callbackUrl"]).startswith("https://xn--")
+
+
+def test_images_number_is_bounded():
+    body = portal_body(category="image", prompt={"prompt": "a cat", "images_number": 1e400})
+    with pytest.raises(ProtocolError, match="prompt.images_number: must be a finite number"):
+        parse(body, Category.IMAGE)
+    body = portal_body(category="image", prompt={"prompt": "a cat", "images_number": 101})
+    with pytest.raises(ProtocolError, match="prompt.images_number: must be between 1 and 100"):
+        parse(body, Category.IMAGE)
+    body = portal_body(category="image", prompt={"prompt": "a cat", "images_number": 4})
+    assert parse(body, Category.IMAGE).task.prompt["images_number"] == 4
 
 
 def test_non_object_body():
@@ -120,6 +189,8 @@ def test_audio_prompt_is_checked_and_php_empty_arrays_tolerated():
     ({}, "prompt.file"), ({"file": ""}, "prompt.file"), ({"file": "file:///etc/passwd"}, "prompt.file"),
     ({"file": "//host/x"}, "prompt.file"), ({"file": "https://a/x", "fields": {"type": 5}}, "prompt.fields.type"),
     ({"file": "https://a/x", "fileExtension": 3}, "prompt.fileExtension"), ("https://a/x.mp3", "prompt"),
+    ({"file": "https://a:99999/x"}, "prompt.file: port 99999"), ({"file": "https://a/x\ud800"}, "prompt.file: contains"),
+    ({"file": "https://a/x", "fields": {"prompt": "\ud800"}}, "prompt.fields.prompt: contains a lone"),
 ])
 def test_bad_audio_prompts(prompt, field):
     with pytest.raises(ProtocolError) as err:

@@ -13,17 +13,33 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import SplitResult, urlsplit
+
+import httpx
 
 from gateway.adapters import IMAGE_FORMATS, HostedImages, Result, Segment, TextResult, Transcript
 from gateway.tasks import Category, Message, Task
 
 CONSUMED_KEYS = frozenset({
     "prompt", "payload_role", "context", "temperature", "max_tokens", "category", "ttl",
-    "callbackUrl", "errorCallbackUrl", "auth",
+    "callbackUrl", "errorCallbackUrl", "auth", "collect_context",
 })
-_HASH_RE = re.compile(r"(?:^|&)hash=([^&]*)")
+_HASH_RE = re.compile(r"[?&]hash=([^&#]*)")
 ASSISTANT_ROLES = frozenset({"assistant", "bot", "ai", "model"})
+
+# Bounds on what the portal may send. The portal itself sends ttl 14,400 (840 on old
+# portals), temperatures in 0..1 and URLs of about 150 characters.
+TTL_RANGE = (1, 86_400)
+TEMPERATURE_RANGE = (0.0, 2.0)
+MAX_TOKENS_RANGE = (1, 1_048_576)
+IMAGES_NUMBER_RANGE = (1, 100)
+MAX_URL_LENGTH = 4096
+MAX_EXTRA_DEPTH = 16
+"""Unknown keys are kept for plugins (``Task.extra``) only down to this depth."""
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_URL_FORBIDDEN = re.compile("[\x00-\x20\x7f\ud800-\udfff]")
+"""Control characters, spaces and lone surrogates: no portal URL has them, and httpx
+refuses some of them only when it is about to send."""
+TRUE_WORDS = frozenset({"true", "1", "y", "yes"})
 
 
 class ProtocolError(Exception):
@@ -41,42 +57,104 @@ class CompletionRequest:
     error_callback_url: str
     idempotency_key: str
     """A digest of the portal's job ``hash``: the same request sent twice maps to one job."""
-    callback_parts: SplitResult
-    error_callback_parts: SplitResult
-    """The two URLs parsed once, for the checks; the strings above are POSTed as received."""
+    outbound_urls: tuple[tuple[str, httpx.URL], ...]
+    """Every URL the gateway will contact for this job (callbacks, the recording), by field
+    name, parsed by httpx as delivery will parse them, for the outbound policy. The
+    strings above are POSTed as received."""
 
 
 def _invalid(field: str, problem: str) -> ProtocolError:
     return ProtocolError(422, "invalid_field", f"{field}: {problem}")
 
 
-def _number(data: Mapping[str, Any], key: str, kind: type) -> Any:
+def _show(value: Any) -> str:
+    """A short, safe rendering of a bad value for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
+        return "a number of more than 18 digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _text(value: Any, field: str) -> str:
+    """A string with no lone UTF-16 surrogate (JSON allows ``\\ud800``; UTF-8 and SQL do not)."""
+    if not isinstance(value, str):
+        raise _invalid(field, f"must be a string, got {type(value).__name__}")
+    if _LONE_SURROGATE.search(value):
+        raise _invalid(field, "contains a lone UTF-16 surrogate (an escape such as \\ud800 with no pair); send valid Unicode text")
+    return value
+
+
+def _optional_text(data: Mapping[str, Any], key: str, field: str) -> str | None:
+    value = data.get(key)
+    return None if value is None else _text(value, field)
+
+
+def _number(data: Mapping[str, Any], key: str, kind: type, bounds: tuple[float, float], field: str | None = None) -> Any:
+    """A finite number within ``bounds``, or None when absent; numeric strings are accepted."""
+    field = field or key
     value = data.get(key)
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        raise _invalid(key, f"must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _invalid(key, f"must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise _invalid(key, f"must be a finite number, got {value!r}")
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _invalid(field, f"must be a number, got {_show(value)}")
+    if isinstance(value, str):
+        try:
+            if len(value) > 32:
+                raise ValueError
+            number: float | int = float(value)
+        except ValueError:
+            raise _invalid(field, f"must be a number, got {_show(value)}") from None
+    else:
+        number = value
+    if isinstance(number, float) and not math.isfinite(number):
+        raise _invalid(field, f"must be a finite number, got {_show(value)}")
+    if not low <= number <= high:  # compared before any conversion: 10**5000 and 1e308 are fine here
+        raise _invalid(field, f"must be between {low} and {high}, got {_show(value)}")
     if kind is int:
-        if not number.is_integer():
-            raise _invalid(key, f"must be a whole number, got {value!r}")
+        if isinstance(number, float) and not number.is_integer():
+            raise _invalid(field, f"must be a whole number, got {_show(value)}")
         return int(number)
-    return number
+    return float(number)
 
 
-def _url(data: Mapping[str, Any], key: str) -> SplitResult:
+def parse_outbound_url(value: Any, field: str) -> httpx.URL:
+    """An absolute http(s) URL, parsed by httpx as the gateway will parse it to send.
+
+    Whatever would fail when the gateway contacts the URL (a port out of range, a
+    character httpx refuses, a surrogate that cannot be encoded) fails here, at accept."""
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(field, "must be an absolute http(s) URL")
+    value = value.strip()
+    if len(value) > MAX_URL_LENGTH:
+        raise _invalid(field, f"is longer than {MAX_URL_LENGTH} characters")
+    if bad := _URL_FORBIDDEN.search(value):
+        raise _invalid(field, f"contains {_show(bad.group())} at position {bad.start()}; URLs may not hold spaces, control characters or lone surrogates")
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
+        raise _invalid(field, f"is not a valid URL ({str(exc)[:100]})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise _invalid(field, "must be an absolute http(s) URL")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise _invalid(field, f"port {url.port} is out of range (1-65535)")
+    return url
+
+
+def _callback_url(data: Mapping[str, Any], key: str) -> httpx.URL:
     value = data.get(key)
     if not isinstance(value, str) or not value:
         raise ProtocolError(422, "missing_callback_url", f"{key} is missing: the gateway could not return the result")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _invalid(key, "must be an absolute http(s) URL")
-    return parts
+    return parse_outbound_url(value, key)
+
+
+def _wants_context(raw: Any) -> bool:
+    """``collect_context`` as PHP may send it: true, 1, "Y", "true"."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, (int, float)):
+        return raw == 1
+    return isinstance(raw, str) and raw.strip().lower() in TRUE_WORDS
 
 
 def _context(raw: Any) -> list[Message]:
@@ -93,12 +171,32 @@ def _context(raw: Any) -> list[Message]:
         role, content = item.get("role"), item.get("content")
         if content is None or content == "":
             continue
-        if not isinstance(content, str):
-            raise _invalid(f"context[{i}].content", "must be a string")
-        role = str(role or "user").lower()
+        content = _text(content, f"context[{i}].content")
+        role = _text(role, f"context[{i}].role").lower() if isinstance(role, str) else "user"
         role = "assistant" if role in ASSISTANT_ROLES else role if role in ("system", "user") else "user"
         messages.append(Message(role, content))
     return messages
+
+
+def keepable(value: Any, depth: int = 0) -> bool:
+    """Whether a value the gateway does not read may be kept for plugins and stored:
+    shallow, finite, with storable text. Anything else is dropped, as unknown keys are
+    ignored: it must not make the request fail."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, str):
+        return not _LONE_SURROGATE.search(value)
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth >= MAX_EXTRA_DEPTH:
+        return False
+    if isinstance(value, list):
+        return all(keepable(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(not _LONE_SURROGATE.search(k) and keepable(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def _image_prompt(prompt: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,72 +204,72 @@ def _image_prompt(prompt: Mapping[str, Any]) -> dict[str, Any]:
     text = prompt.get("prompt")
     if not isinstance(text, str) or not text.strip():
         raise _invalid("prompt.prompt", "an image request needs a non-empty description")
-    style = prompt.get("style")
-    if style is not None and not isinstance(style, str):
-        raise _invalid("prompt.style", "must be a string")
+    text = _text(text, "prompt.prompt")
+    style = _optional_text(prompt, "style", "prompt.style")
     fmt = prompt.get("format")
     if fmt not in (None, "", *IMAGE_FORMATS):
-        raise _invalid("prompt.format", f"must be one of {', '.join(IMAGE_FORMATS)}, got {fmt!r}")
-    count = _number(prompt, "images_number", int)
-    if count is not None and count < 1:
-        raise _invalid("prompt.images_number", f"must be at least 1, got {count}")
+        raise _invalid("prompt.format", f"must be one of {', '.join(IMAGE_FORMATS)}, got {_show(fmt)}")
+    count = _number(prompt, "images_number", int, IMAGES_NUMBER_RANGE, "prompt.images_number")
     return {"prompt": text, "style": style or None, "format": fmt or None, "images_number": count}
 
 
-def _audio_prompt(prompt: Mapping[str, Any]) -> dict[str, Any]:
+def _audio_prompt(prompt: Mapping[str, Any]) -> tuple[dict[str, Any], httpx.URL]:
     """``{"file", "fields", "fileExtension"}``, checked: the worker downloads ``file`` later."""
     url = prompt.get("file")
     if not isinstance(url, str) or not url.strip():
         raise _invalid("prompt.file", "an audio request needs the URL of the recording")
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _invalid("prompt.file", "must be an absolute http(s) URL")
+    parsed = parse_outbound_url(url, "prompt.file")
     fields = prompt.get("fields")
     if fields is None or fields == []:  # PHP encodes an empty array as []
         fields = {}
     if not isinstance(fields, Mapping):
         raise _invalid("prompt.fields", "must be an object")
     for key in ("type", "prompt"):
-        if fields.get(key) is not None and not isinstance(fields[key], str):
-            raise _invalid(f"prompt.fields.{key}", "must be a string")
-    extension = prompt.get("fileExtension")
-    if extension is not None and not isinstance(extension, str):
-        raise _invalid("prompt.fileExtension", "must be a string")
-    return {"file": url.strip(), "fields": dict(fields), "fileExtension": extension or None}
+        _optional_text(fields, key, f"prompt.fields.{key}")
+    kept = {k: v for k, v in fields.items() if keepable(v, 1) and not _LONE_SURROGATE.search(k)}
+    extension = _optional_text(prompt, "fileExtension", "prompt.fileExtension")
+    return {"file": url.strip(), "fields": kept, "fileExtension": extension or None}, parsed
 
 
-def parse_completion_request(data: Any, *, engine: str, category: Category, default_ttl: int, job_id: str, now: float) -> CompletionRequest:
+def parse_completion_request(
+    data: Any, *, engine: str, category: Category, default_ttl: int, job_id: str, now: float, context: str = "when_requested",
+) -> CompletionRequest:
+    """The portal's decoded JSON body -> a task and the URLs to contact, or a ProtocolError
+    naming the field. ``context`` is the engine's setting: ``always`` puts the portal's
+    ``context`` into the messages, ``when_requested`` only with ``collect_context: true``,
+    as the portal's own engines do."""
     if not isinstance(data, dict):
         raise ProtocolError(400, "invalid_json", "the request body must be a JSON object")
     sent_category = data.get("category")
     if sent_category not in (None, "") and sent_category != category.value:
-        raise ProtocolError(422, "wrong_category", f"engine {engine!r} serves category {category.value!r}, the request is for {sent_category!r}")
-    callback = _url(data, "callbackUrl")
-    error_callback = _url(data, "errorCallbackUrl")
+        raise ProtocolError(422, "wrong_category", f"engine {engine!r} serves category {category.value!r}, the request is for {_show(sent_category)}")
+    callback = _callback_url(data, "callbackUrl")
+    error_callback = _callback_url(data, "errorCallbackUrl")
+    outbound: list[tuple[str, httpx.URL]] = [("callbackUrl", callback), ("errorCallbackUrl", error_callback)]
 
     prompt = data.get("prompt")
     if category is Category.TEXT:
         if not isinstance(prompt, str) or not prompt.strip():
             raise _invalid("prompt", "a text request needs a non-empty string prompt")
+        prompt = _text(prompt, "prompt")
     elif not isinstance(prompt, Mapping):
-        raise _invalid("prompt", f"a {category.value} request needs a prompt object")
+        article = "a" if category is Category.CALL else "an"
+        raise _invalid("prompt", f"{article} {category.value} request needs a prompt object")
     elif category is Category.IMAGE:
         prompt = _image_prompt(prompt)
     else:
-        prompt = _audio_prompt(prompt)
+        prompt, file_url = _audio_prompt(prompt)
+        outbound.append(("prompt.file", file_url))
 
-    system = data.get("payload_role")
-    if system is not None and not isinstance(system, str):
-        raise _invalid("payload_role", "must be a string")
-    ttl = _number(data, "ttl", int)
+    system = _optional_text(data, "payload_role", "payload_role")
+    ttl = _number(data, "ttl", int, TTL_RANGE)
     ttl = default_ttl if ttl is None else ttl
-    if ttl <= 0:
-        raise _invalid("ttl", f"must be positive, got {ttl}")
-    max_tokens = _number(data, "max_tokens", int)
-    if max_tokens is not None and max_tokens <= 0:
-        raise _invalid("max_tokens", f"must be positive, got {max_tokens}")
+    max_tokens = _number(data, "max_tokens", int, MAX_TOKENS_RANGE)
     markers = data.get("payload_markers")
     language = markers.get("language") if isinstance(markers, Mapping) else None
+    if isinstance(language, str):
+        language = _text(language, "payload_markers.language")
+    use_context = context == "always" or _wants_context(data.get("collect_context"))
 
     task = Task(
         job_id=job_id,
@@ -179,20 +277,21 @@ def parse_completion_request(data: Any, *, engine: str, category: Category, defa
         category=category,
         prompt=prompt,
         system=system or None,
-        context=_context(data.get("context")),
-        temperature=_number(data, "temperature", float),
+        context=_context(data.get("context")) if use_context else [],
+        temperature=_number(data, "temperature", float, TEMPERATURE_RANGE),
         max_tokens=max_tokens,
         language=language if isinstance(language, str) and language else None,
         ttl=ttl,
         accepted_at=now,
         deadline=now + ttl,
-        portal=callback.hostname or "",
-        extra={k: v for k, v in data.items() if k not in CONSUMED_KEYS},
+        portal=callback.host,
+        extra={k: v for k, v in data.items() if k not in CONSUMED_KEYS and keepable(v, 1) and not _LONE_SURROGATE.search(k)},
     )
-    found = _HASH_RE.search(callback.query)
-    portal_hash = found.group(1) if found else callback.geturl()
+    raw_callback = data["callbackUrl"].strip()
+    found = _HASH_RE.search(raw_callback)
+    portal_hash = found.group(1) if found else raw_callback
     key = hashlib.sha256(f"{engine}\n{portal_hash}".encode()).hexdigest()
-    return CompletionRequest(task, data["callbackUrl"], data["errorCallbackUrl"], key, callback, error_callback)
+    return CompletionRequest(task, raw_callback, data["errorCallbackUrl"].strip(), key, tuple(outbound))
 
 
 def success_body(result: Result, category: Category) -> dict[str, Any]:
@@ -262,7 +361,7 @@ def read_callback_answer(status: int, body: bytes) -> PortalAnswer:
         return PortalAnswer("retry", "portal answered with JSON that is not an object")
     if answer.get("status") == "success":
         if answer.get("data") is True:
-            return PortalAnswer("delivered", "portal accepted the result")
+            return PortalAnswer("delivered", "portal answered data:true (it took the callback)")
         return PortalAnswer("gone", "portal answered data:false (job unknown, already consumed or expired)")
     errors = answer.get("errors") or []
     messages = "; ".join(str(e.get("message", e)) if isinstance(e, Mapping) else str(e) for e in errors)[:300]

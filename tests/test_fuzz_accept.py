@@ -1,0 +1,84 @@
+"""Fuzzing the completions endpoint of a real gateway over a socket: random bytes, random
+JSON, mutated portal requests, hostile URLs and numbers. Every answer is below 500, comes
+quickly, and the gateway keeps serving: a normal request afterwards is still delivered.
+
+Bounded here (a few hundred requests); ``bench/fuzz.py`` runs the same strategies longer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from gateway_openai.testing import FakeOpenAI
+from hypothesis import HealthCheck, given, settings
+
+from gateway.bitrix.protocol import encode_like_php
+from gateway.bitrix.simulator import PortalEmulator
+from gateway.loopback import LoopbackServer
+from tests.harness import ENGINE_TOKEN, GatewayProcess, make_config
+from tests.strategies import encode, mutated_bodies, raw_bodies
+
+pytestmark = pytest.mark.e2e
+FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, PortalEmulator, httpx.Client]]:
+    upstream, portal = FakeOpenAI(), PortalEmulator()
+    with LoopbackServer(upstream.app) as up, LoopbackServer(portal.app) as portal_server:
+        portal.url = portal_server.url
+        # Short ttl default and quick delivery retries: accepted oddities end soon.
+        config = make_config(up.url, limits={"max_body_bytes": 65536, "default_ttl": 30})
+        gw = GatewayProcess(config, tmp_path_factory.mktemp("fuzz")).start()
+        try:
+            with httpx.Client(base_url=gw.url, timeout=10) as client:
+                yield gw, portal, client
+        finally:
+            gw.kill()
+
+
+def _post(client: httpx.Client, content: bytes) -> httpx.Response:
+    return client.post(f"/engines/acme_text/{ENGINE_TOKEN}/completions", content=content, headers={"Content-Type": "application/json"})
+
+
+def _check(response: httpx.Response) -> None:
+    assert response.status_code < 500, response.text
+    assert response.status_code in (202, 400, 413, 422), response.text
+    body = response.json()
+    assert body == {"result": "OK"} if response.status_code == 202 else body["error"]["message"]
+
+
+def test_random_bytes_and_json(stack):
+    gw, portal, client = stack
+
+    @FUZZ
+    @given(raw_bodies)
+    def run(raw: bytes) -> None:
+        _check(_post(client, raw))
+
+    run()
+
+
+def test_mutated_portal_requests(stack):
+    gw, portal, client = stack
+    _, valid = portal.new_request(prompt="fuzz", ttl=30)
+
+    @FUZZ
+    @given(mutated_bodies(valid))
+    def run(body: dict) -> None:
+        _check(_post(client, encode(body)))
+
+    run()
+
+
+def test_still_serving_after_the_fuzzing(stack):
+    """Runs after the fuzz tests above (same module): nothing hung, nothing died."""
+    gw, portal, client = stack
+    health = client.get("/-/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    job_hash, body = portal.new_request(prompt="still there?")
+    assert _post(client, encode_like_php(body)).status_code == 202
+    assert portal.wait(job_hash, timeout=20).delivered[0].body == {"result": "echo: still there?"}
+    assert "Traceback" not in gw.logs()
