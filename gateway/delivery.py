@@ -3,15 +3,24 @@
 An attempt POSTs the stored outcome as JSON to ``callbackUrl`` (result) or
 ``errorCallbackUrl`` (failure), without following redirects, through the outbound URL
 policy. The worker turns the answer into the job's next step: done, retry later, or
-a final state.
+a final state. :meth:`Deliverer.attempt` never raises: a URL that cannot be sent to is
+``refused`` (final), an unexpected error is ``error`` (the worker retries it a bounded
+number of times).
+
+Callbacks run in their own pool, one lane per portal host (:class:`PortalLanes`): at most
+``delivery.max_in_flight_per_portal`` POSTs in flight to one host, so a slow or hung
+portal only slows its own jobs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,14 +35,37 @@ from gateway.jobs.model import Attempt, Job
 from gateway.netguard import OutboundPolicy, URLRefused
 from gateway.redaction import redact
 
+log = logging.getLogger("gateway.delivery")
+
 MAX_ANSWER_BYTES = 64 * 1024
+MAX_CONNECTIONS = 512
+WAITING_PER_SLOT = 8
+"""Deliveries that may wait in line for a portal, per callback slot it has; beyond, they go back to the queue."""
+SENT_THEN_LOST = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+"""Failures after the request went out: the portal may have taken the callback."""
 
 
 @dataclass(frozen=True)
 class DeliveryResult:
     outcome: str
-    """delivered, gone, retry, rejected (portal refuses it for good) or refused (URL policy)."""
+    """delivered, gone, retry, rejected (portal refuses it for good), refused (URL policy, or a URL
+    or body that cannot be sent) or error (an unexpected failure in the gateway)."""
     attempt: Attempt
+    maybe_consumed: bool = False
+    """The body was sent and the answer lost (a read timeout, a broken connection): the portal may have taken it."""
+
+
+def portal_host(url: str) -> str:
+    """The host name a callback URL points at (the metric label and the lane); "?" if it has none."""
+    try:
+        return urlsplit(url).hostname or "?"
+    except ValueError:
+        return "?"
+
+
+def delivery_url(job: Job) -> str:
+    """The URL this job's outcome goes to: ``callbackUrl`` for a result, else ``errorCallbackUrl``."""
+    return job.callback_url if job.outcome is None or job.outcome.result is not None else job.error_callback_url
 
 
 def callback_for(job: Job) -> tuple[str, dict[str, Any]]:
@@ -53,7 +85,7 @@ class Deliverer:
 
     async def open(self) -> None:
         self._client = httpx.AsyncClient(
-            transport=http.transport(self.policy, limits=httpx.Limits(max_connections=100, max_keepalive_connections=100)),
+            transport=http.transport(self.policy, limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=100)),
             follow_redirects=False,
             timeout=httpx.Timeout(self.settings.read_timeout, connect=self.settings.connect_timeout),
             headers={"User-Agent": "bitrix24-ai-gateway"},
@@ -68,28 +100,85 @@ class Deliverer:
         return cap * (0.5 + self._rng() / 2)
 
     async def attempt(self, job: Job) -> DeliveryResult:
+        """One callback POST; never raises (but for cancellation)."""
         assert self._client is not None
-        url, body = callback_for(job)
-        host = urlsplit(url).hostname or "?"
+        url = delivery_url(job)
+        host = portal_host(url)
         started = time.time()
 
-        def result(outcome: str, detail: str) -> DeliveryResult:
-            return DeliveryResult(outcome, Attempt("callback", host, started, time.time() - started, outcome, redact(detail)[:500]))
+        def result(outcome: str, detail: str, maybe_consumed: bool = False) -> DeliveryResult:
+            attempt = Attempt("callback", host, started, time.time() - started, outcome, redact(detail)[:500])
+            return DeliveryResult(outcome, attempt, maybe_consumed)
 
         try:
             self.policy.check_url(url)
+            url, body = callback_for(job)
             timeout = max(0.1, min(self.settings.read_timeout, job.deadline - started))
-            async with self._client.stream(
-                "POST", url, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, timeout=timeout
-            ) as response:
+            request = self._client.build_request(
+                "POST", url, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, timeout=timeout,
+            )
+            port = request.url.port
+            if port is not None and not 0 < port < 65536:
+                raise httpx.InvalidURL(f"port {port} is out of range (1-65535)")
+        except URLRefused as exc:
+            return result("refused", f"callback URL refused: {exc}")
+        except Exception as exc:  # deterministic: the same URL and outcome fail the same way every time
+            return result("refused", f"the callback cannot be sent: {_describe(exc)}")
+        try:
+            response = await self._client.send(request, stream=True)
+            try:
                 answer = b""
                 async for chunk in response.aiter_bytes():
                     answer += chunk
                     if len(answer) > MAX_ANSWER_BYTES:
                         break
-        except URLRefused as exc:
+            finally:
+                await response.aclose()
+        except URLRefused as exc:  # at connect time: the name resolved to an address the policy refuses
             return result("refused", f"callback URL refused: {exc}")
+        except SENT_THEN_LOST as exc:
+            return result("retry", f"{_describe(exc)} (after the callback was sent: the portal may have taken it)", maybe_consumed=True)
         except httpx.HTTPError as exc:
-            return result("retry", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return result("retry", _describe(exc))
+        except Exception as exc:
+            log.error("job %s: unexpected error during a callback POST to %s", job.id, host, exc_info=exc)
+            return result("error", f"unexpected error during the callback POST: {_describe(exc)}")
         answer_kind = protocol.read_callback_answer(response.status_code, answer)
         return result(answer_kind.outcome, answer_kind.detail)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class PortalLanes:
+    """One lane per portal host: at most ``per_portal`` callbacks in flight to it, and up to
+    ``WAITING_PER_SLOT`` times as many waiting in line; a delivery beyond that is not admitted
+    (the worker puts it back in the queue for a while), so a hung portal holds a bounded part
+    of the gateway and the other portals' lanes stay free."""
+
+    def __init__(self, per_portal: int) -> None:
+        self.per_portal = per_portal
+        self.max_users = per_portal * (1 + WAITING_PER_SLOT)
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._users: dict[str, int] = {}
+
+    def users(self, host: str) -> int:
+        """Deliveries to this host in flight or waiting for a slot."""
+        return self._users.get(host, 0)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, host: str) -> AsyncIterator[bool]:
+        """Yields True while holding one of the host's slots, or False at once when its line is full."""
+        if self._users.get(host, 0) >= self.max_users:
+            yield False
+            return
+        semaphore = self._semaphores.setdefault(host, asyncio.Semaphore(self.per_portal))
+        self._users[host] = self._users.get(host, 0) + 1
+        try:
+            async with semaphore:
+                yield True
+        finally:
+            self._users[host] -= 1
+            if not self._users[host]:  # idle lanes are dropped: hosts come and go
+                del self._users[host], self._semaphores[host]

@@ -1,5 +1,6 @@
-"""Prometheus metrics. Labels are engine codes, categories, states and provider names only:
-never tokens, hashes or URLs.
+"""Prometheus metrics. Labels are engine codes, categories, states, provider names, loop
+names and portal host names only: never tokens, hashes or URLs (a callback URL carries
+the portal's secret hash, so delivery metrics are labelled with its host name alone).
 
 Final outcomes are counted by :class:`MetricsRecorder`, a default plugin that listens to
 ``task_succeeded`` / ``task_failed`` like any third-party plugin would.
@@ -16,6 +17,7 @@ from gateway.hookspecs import hookimpl
 
 ACCEPT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 END_TO_END_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60)
 
 
 class Metrics:
@@ -33,6 +35,11 @@ class Metrics:
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs not yet in a final state", registry=r)
         self.accept_latency = Histogram("gateway_accept_latency_seconds", "Time to answer a completions POST", ["engine", "category"], buckets=ACCEPT_BUCKETS, registry=r)
         self.end_to_end = Histogram("gateway_end_to_end_latency_seconds", "Acceptance to final state", ["engine", "category"], buckets=END_TO_END_BUCKETS, registry=r)
+        self.delivery_latency = Histogram("gateway_delivery_latency_seconds", "Duration of callback POSTs, by portal host name", ["portal"], buckets=DELIVERY_BUCKETS, registry=r)
+        self.delivery_failures = Counter("gateway_delivery_failures", "Callback POSTs that did not deliver, by portal host name and outcome (retry, gone, rejected, refused, error)", ["portal", "outcome"], registry=r)
+        self.delivery_deferred = Counter("gateway_delivery_deferred", "Deliveries put back in the queue because their portal already had the maximum of callbacks in flight and waiting", ["portal"], registry=r)
+        self.loop_restarts = Counter("gateway_loop_restarts", "Background loops restarted after an unexpected error", ["loop"], registry=r)
+        self.job_errors = Counter("gateway_job_internal_errors", "Unexpected errors while running or delivering a job (each recorded on the job and retried)", ["stage"], registry=r)
 
     def count_usage(self, engine: str, provider: str, model: str, usage: Any) -> None:
         """Add a result's :class:`~gateway.adapters.Usage` (counted when produced: the call was paid for)."""

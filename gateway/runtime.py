@@ -26,6 +26,7 @@ from gateway.plugins import call_hook, get_plugin_manager
 from gateway.recordings import RecordingFetcher
 from gateway.redaction import add_secret
 from gateway.routing import Router
+from gateway.supervision import Supervisor
 
 log = logging.getLogger("gateway")
 SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "auth")
@@ -66,7 +67,7 @@ def build_adapters(config: Config, registry: AdapterRegistry) -> dict[str, Any]:
         try:
             adapters[name] = kind.factory(name, dict(provider.options))
         except AdapterConfigError as exc:
-            raise ConfigError(config.path, f"providers.{name}.{exc.key}", exc.message, "see the plugin's documentation for this option") from None
+            raise ConfigError(config.path, f"providers.{name}.{exc.key}", exc.message, exc.fix or "see the plugin's documentation for this option") from None
     for i, engine in enumerate(config.engines):
         for j, target in enumerate(engine.route):
             kind = registry.get(config.providers[target.provider].type)
@@ -108,7 +109,9 @@ class Runtime:
         self.engines = EngineDirectory(config)
         register_config_secrets(config, self.engines)
         self.policy = OutboundPolicy(config.security.allowed_portals, config.security.allow_private_networks)
-        self.queue: JobQueue = SQLiteJobQueue(config.queue.path)
+        self.loops = Supervisor(self.metrics)
+        """The background loops of this process (queue flusher, worker): ``/-/health`` reports the ones down."""
+        self.queue: JobQueue = SQLiteJobQueue(config.queue.path, supervisor=self.loops)
         self.router = Router(config.routing)
         self.deliverer = Deliverer(self.policy, config.delivery)
         self.files = LocalFileStore(Path(config.data_dir) / "files")
@@ -126,7 +129,7 @@ class Runtime:
                 deliverer=self.deliverer, pm=self.pm, metrics=self.metrics,
                 concurrency=config.concurrency, lease_seconds=config.queue.lease_seconds,
                 poll_interval=config.queue.poll_interval,
-                retention_seconds=config.queue.retention_days * 86400, images=self.images,
+                retention_seconds=config.queue.retention_days * 86400, images=self.images, supervisor=self.loops,
             )
 
     async def start(self, app: Any = None) -> None:

@@ -122,7 +122,7 @@ class GatewayProcess:
 
     def wait_final(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until ``count`` jobs are in a final state; returns all jobs."""
-        final = {"delivered", "failed", "gone", "expired", "dead"}
+        final = {"delivered", "delivered_unconfirmed", "failed", "gone", "expired", "dead"}
         deadline = time.monotonic() + timeout
         while True:
             jobs = self.cli_json("jobs", "list", "--limit", "1000")

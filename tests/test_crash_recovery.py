@@ -53,7 +53,8 @@ def test_kill_at_random_moments(gateway, portal, upstream, seed):
         assert len(job.delivered) == 1, f"{len(job.delivered)} deliveries"
     jobs = gw.wait_final(len(hashes))
     assert len(jobs) == len(hashes)
-    assert {j["state"] for j in jobs} == {"delivered"}
+    # A callback cut off by the kill was taken by the portal; its retry's data:false makes it delivered_unconfirmed.
+    assert {j["state"] for j in jobs} <= {"delivered", "delivered_unconfirmed"}
 
 
 def test_expired_while_down_is_recorded_not_delivered(gateway, portal, upstream):

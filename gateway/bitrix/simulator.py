@@ -83,6 +83,7 @@ class PortalEmulator:
         self.jobs: dict[str, PortalJob] = {}
         self._changed = threading.Condition()
         self._fail_next: deque[int] = deque()
+        self._late_answers: deque[float] = deque()
         self.app = Starlette(routes=[
             Route(CALLBACK_PATH, self._callback, methods=["POST"]),
             Route("/-/requests", self._create_request, methods=["POST"]),
@@ -167,6 +168,11 @@ class PortalEmulator:
     def fail_next(self, *statuses: int) -> None:
         """Answer the next callbacks with these HTTP statuses (as a portal in trouble would)."""
         self._fail_next.extend(statuses)
+
+    def answer_late(self, seconds: float, count: int) -> None:
+        """Take the next ``count`` callbacks at once (recorded, consumed) but answer each only
+        after ``seconds``: a slow portal, whose answer may come after the sender gave up."""
+        self._late_answers.extend([seconds] * count)
 
     # -- the REST API of ai.engine.* (an inbound webhook with scope ai_admin) -------------------
     @property
@@ -292,6 +298,7 @@ class PortalEmulator:
         if self._fail_next:
             status = self._fail_next.popleft()
             return Response("Service Unavailable", status)
+        delay = self._late_answers.popleft() if self._late_answers else 0.0
         action, job_hash = request.query_params.get("action"), request.query_params.get("hash", "")
         if action not in (SUCCESS_ACTION, ERROR_ACTION):
             return _answer("error", None, [{"message": "Action not found", "code": 0}])
@@ -313,6 +320,8 @@ class PortalEmulator:
                 if accepted:
                     job.consumed = True
                 self._changed.notify_all()
+        if delay:
+            await asyncio.sleep(delay)
         return _answer("success", accepted, [])
 
 

@@ -4,9 +4,15 @@ A job moves ``queued -> running -> delivering`` and ends in exactly one final st
 
 - ``delivered`` -- the result reached ``callbackUrl`` (``data:true``);
 - ``failed``    -- no result; the error reached ``errorCallbackUrl``;
+- ``delivered_unconfirmed`` -- an earlier callback POST may have reached the portal (it
+  timed out, the connection broke after the body was sent, or a crash interrupted it),
+  and a later one got ``data:false``: the portal most likely took the earlier one, but
+  never said so. Hooks treat it as ``delivered`` (``task_succeeded`` for a result,
+  ``task_failed`` with the task's own error for a failure);
 - ``gone``      -- the portal answered ``data:false``: job unknown, consumed or expired there;
 - ``expired``   -- the ``ttl`` passed before the outcome could be delivered;
-- ``dead``      -- the outcome can never be delivered (URL refused, portal rejects it).
+- ``dead``      -- the outcome can never be delivered (URL refused, portal rejects it), or
+  running or delivering it failed unexpectedly too often (the reason is in ``detail``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class JobState(str, enum.Enum):
     RUNNING = "running"
     DELIVERING = "delivering"
     DELIVERED = "delivered"
+    DELIVERED_UNCONFIRMED = "delivered_unconfirmed"
     FAILED = "failed"
     GONE = "gone"
     EXPIRED = "expired"
@@ -35,7 +42,7 @@ class JobState(str, enum.Enum):
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({JobState.DELIVERED, JobState.FAILED, JobState.GONE, JobState.EXPIRED, JobState.DEAD})
+FINAL_STATES = frozenset({JobState.DELIVERED, JobState.DELIVERED_UNCONFIRMED, JobState.FAILED, JobState.GONE, JobState.EXPIRED, JobState.DEAD})
 
 
 def new_job_id() -> str:
@@ -79,11 +86,11 @@ class Outcome:
 class Attempt:
     """One provider call or one callback POST, recorded for ``gateway jobs show``."""
 
-    kind: str  # "provider" or "callback"
-    target: str  # provider/model, or the callback host
+    kind: str  # "provider", "download", "callback" or "internal" (an unexpected error in the gateway)
+    target: str  # provider/model, the callback host, or for "internal" the stage (execute, deliver)
     started_at: float
     duration: float
-    outcome: str  # ok, retryable, final, delivered, gone, retry, rejected, refused
+    outcome: str  # ok, retryable, final, delivered, gone, retry, rejected, refused, error
     detail: str = ""
 
 
@@ -106,3 +113,8 @@ class Job:
     attempts: list[Attempt] = field(default_factory=list)
     interrupted_delivery: bool = False
     """Claimed from a worker that died while delivering: a callback may have reached the portal."""
+    maybe_delivered: bool = False
+    """An earlier callback POST timed out or lost its connection after the body was sent:
+    the portal may have taken it, so a later ``data:false`` means ``delivered_unconfirmed``."""
+    internal_errors: int = 0
+    """Unexpected errors so far while running or delivering this job (bounded, then ``dead``)."""

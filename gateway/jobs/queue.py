@@ -25,8 +25,12 @@ class JobQueue(Protocol):
         """
         ...
 
-    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
-        """Lease up to ``limit`` jobs that are due: new, resumed after a crash, or due for delivery."""
+    async def claim(self, owner: str, limit: int, lease_seconds: float, *, delivery_limit: int | None = None) -> list[Job]:
+        """Lease up to ``limit`` jobs that are due: new, resumed after a crash, or due for delivery.
+
+        With ``delivery_limit``, ``limit`` counts the jobs to run and ``delivery_limit`` the jobs
+        whose outcome waits for delivery: the two have separate pools in the worker. A stored
+        job that cannot be read is marked ``dead`` (with the reason) instead of blocking the claim."""
         ...
 
     async def renew(self, owner: str, job_ids: list[str], lease_seconds: float) -> None: ...
@@ -39,8 +43,20 @@ class JobQueue(Protocol):
         """Persist the task's outcome; the job moves to ``delivering``. False if the lease was lost."""
         ...
 
-    async def reschedule(self, job_id: str, owner: str, next_at: float, attempt: Attempt) -> bool:
-        """A delivery attempt failed and may be retried at ``next_at``; the lease is released."""
+    async def reschedule(self, job_id: str, owner: str, next_at: float, attempt: Attempt, *, maybe_delivered: bool = False) -> bool:
+        """A delivery attempt failed and may be retried at ``next_at``; the lease is released.
+
+        ``maybe_delivered``: the portal may have taken this attempt (it timed out after the body
+        was sent); remembered on the job, so a later ``data:false`` is read as delivered."""
+        ...
+
+    async def retry_later(self, job_id: str, owner: str, next_at: float, attempt: Attempt) -> bool:
+        """An unexpected error while running or delivering: record it (``Job.internal_errors``
+        counts them), release the lease, run the job again at ``next_at``."""
+        ...
+
+    async def defer(self, job_id: str, owner: str, next_at: float) -> bool:
+        """Put a delivering job back until ``next_at`` without an attempt (its portal is busy)."""
         ...
 
     async def finish(self, job_id: str, owner: str, state: JobState, detail: str, attempts: list[Attempt]) -> bool:

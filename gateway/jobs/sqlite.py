@@ -10,12 +10,19 @@ which can wait a whole switch interval (5 ms) per statement. Only the calls that
 leave the loop: the fsync of ``COMMIT`` (one thread hand-off per batch), and waiting for
 a write lock that another process holds.
 Several processes may share the file; SQLite's lock and the leases keep them apart.
+
+One bad operation never stops the flusher: an error in one operation (or in one new job's
+row, e.g. a string SQLite cannot encode) fails that operation's caller alone, an error
+in the batch as a whole fails that batch's callers with :class:`QueueStoreError` after a
+rollback, and the flusher goes on with the next batch. It runs under a
+:class:`~gateway.supervision.Supervisor` besides, which restarts it should it still stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,8 +30,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.jobs.model import FINAL_STATES, Attempt, Job, JobState, Outcome
+from gateway.supervision import Supervisor
 from gateway.tasks import Task
 
+log = logging.getLogger("gateway.queue")
 T = TypeVar("T")
 _PENDING_SQL = "state IN ('queued', 'running', 'delivering')"
 MAX_BATCH = 512
@@ -54,7 +63,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     outcome TEXT,
     delivery_attempts INTEGER NOT NULL DEFAULT 0,
     finished_at REAL,
-    detail TEXT NOT NULL DEFAULT ''
+    detail TEXT NOT NULL DEFAULT '',
+    maybe_delivered INTEGER NOT NULL DEFAULT 0,
+    internal_errors INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (next_at) WHERE {_PENDING_SQL};
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
@@ -71,10 +82,16 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id, seq);
 """
+ADDED_COLUMNS = {"maybe_delivered": "INTEGER NOT NULL DEFAULT 0", "internal_errors": "INTEGER NOT NULL DEFAULT 0"}
+"""Columns newer than the first schema: added to a database created before them."""
 
 
 class QueueStoreError(Exception):
     """The queue database cannot be opened or written."""
+
+
+class QueueItemError(QueueStoreError):
+    """This one job cannot be stored (a value SQLite refuses); the queue itself works."""
 
 
 class _Op:
@@ -93,6 +110,25 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the 202 leaves
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Bring a database created by an earlier version up to the current schema."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    for name, declaration in ADDED_COLUMNS.items():
+        if name in present:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it first
+                raise
+
+
+def _clean(text: str, limit: int = 500) -> str:
+    """Text safe to store: a lone surrogate (from an exception message quoting input) is escaped, not fatal."""
+    text = text[:limit]
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _begin_waiting(conn: sqlite3.Connection, timeout: float) -> None:
@@ -127,43 +163,88 @@ def _row_to_job(row: sqlite3.Row, attempts: list[Attempt] | None = None) -> Job:
         finished_at=row["finished_at"],
         detail=row["detail"],
         attempts=attempts or [],
+        maybe_delivered=bool(row["maybe_delivered"]),
+        internal_errors=row["internal_errors"],
     )
 
 
 def _insert_attempts(conn: sqlite3.Connection, job_id: str, attempts: list[Attempt]) -> None:
     conn.executemany(
         "INSERT INTO attempts (job_id, kind, target, started_at, duration, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(job_id, a.kind, a.target, a.started_at, a.duration, a.outcome, a.detail) for a in attempts],
+        [(job_id, _clean(a.kind), _clean(a.target), a.started_at, a.duration, _clean(a.outcome), _clean(a.detail)) for a in attempts],
     )
 
 
-def _insert_many(conn: sqlite3.Connection, ops: list[_Op]) -> list[tuple[_Op, Any, BaseException | None]]:
-    """Insert new jobs in multi-row statements; an op whose idempotency key is known gets
-    the stored job back instead of None."""
-    results: list[tuple[_Op, Any, BaseException | None]] = []
+Result = tuple[_Op, Any, BaseException | None]
+
+
+def _insert_chunk(conn: sqlite3.Connection, chunk: list[_Op]) -> list[Result]:
+    """One multi-row INSERT; an op whose idempotency key is known gets the stored job back instead of None."""
+    rows = [op.insert for op in chunk if op.insert is not None]
+    before = conn.total_changes
+    conn.execute(
+        f"INSERT INTO jobs ({INSERT_COLUMNS}) VALUES {', '.join([INSERT_ROW] * len(rows))} ON CONFLICT (idem_key) DO NOTHING",
+        [value for row in rows for value in row],
+    )
+    if conn.total_changes - before == len(rows):
+        return [(op, None, None) for op in chunk]
+    keys = [row[1] for row in rows]
+    found = conn.execute(f"SELECT * FROM jobs WHERE idem_key IN ({', '.join('?' * len(keys))})", keys).fetchall()
+    stored = {r["idem_key"]: r for r in found}
+    results: list[Result] = []
+    for op, row in zip(chunk, rows, strict=True):
+        existing = stored[row[1]]
+        results.append((op, None if existing["id"] == row[0] else _row_to_job(existing), None))
+    return results
+
+
+def _database_failed(exc: BaseException) -> bool:
+    """True for errors of the database itself (locked, full, I/O, corrupt), as opposed to a value
+    or statement of one operation it refused: those fail the whole batch."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError))
+
+
+def _in_savepoint(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    """Run ``fn``; if it raises, undo what it wrote (and only that) before passing the error on."""
+    conn.execute("SAVEPOINT op")
+    try:
+        value = fn()
+    except BaseException:
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+        raise
+    conn.execute("RELEASE op")
+    return value
+
+
+def _insert_many(conn: sqlite3.Connection, ops: list[_Op]) -> list[Result]:
+    """Insert new jobs in multi-row statements. If a chunk fails for a reason other than the
+    database itself (a value SQLite cannot take), its rows are tried one by one, so only
+    the bad row's caller gets the error (:class:`QueueItemError`)."""
+    results: list[Result] = []
     for start in range(0, len(ops), INSERT_CHUNK):
         chunk = ops[start:start + INSERT_CHUNK]
-        rows = [op.insert for op in chunk if op.insert is not None]
-        before = conn.total_changes
-        conn.execute(
-            f"INSERT INTO jobs ({INSERT_COLUMNS}) VALUES {', '.join([INSERT_ROW] * len(rows))} ON CONFLICT (idem_key) DO NOTHING",
-            [value for row in rows for value in row],
-        )
-        if conn.total_changes - before == len(rows):
-            results.extend((op, None, None) for op in chunk)
+        try:
+            results.extend(_in_savepoint(conn, lambda chunk=chunk: _insert_chunk(conn, chunk)))  # type: ignore[misc]
             continue
-        keys = [row[1] for row in rows]
-        found = conn.execute(f"SELECT * FROM jobs WHERE idem_key IN ({', '.join('?' * len(keys))})", keys).fetchall()
-        stored = {r["idem_key"]: r for r in found}
-        for op, row in zip(chunk, rows, strict=True):
-            existing = stored[row[1]]
-            results.append((op, None if existing["id"] == row[0] else _row_to_job(existing), None))
+        except Exception as exc:
+            if _database_failed(exc):
+                raise  # locked, full, I/O: the whole batch fails
+        for op in chunk:
+            try:
+                results.extend(_in_savepoint(conn, lambda op=op: _insert_chunk(conn, [op])))  # type: ignore[misc]
+            except Exception as exc:
+                if _database_failed(exc):
+                    raise
+                results.append((op, None, QueueItemError(f"this job cannot be stored: {type(exc).__name__}: {_clean(str(exc), 200)}")))
     return results
 
 
 class SQLiteJobQueue:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, supervisor: Supervisor | None = None) -> None:
+        """``supervisor`` restarts the flusher should it stop and reports it to ``/-/health``."""
         self.path = Path(path)
+        self.supervisor = supervisor or Supervisor()
         self._conn: sqlite3.Connection | None = None
         self._pending: list[_Op] = []
         self._wakeup = asyncio.Event()
@@ -175,6 +256,7 @@ class SQLiteJobQueue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
             conn.executescript(SCHEMA)
+            _add_columns(conn)
             conn.execute("PRAGMA busy_timeout=0")  # from now on, waits for the lock happen in _begin
             return conn
 
@@ -184,7 +266,7 @@ class SQLiteJobQueue:
             raise QueueStoreError(f"cannot open queue database {self.path}: {exc}") from exc
         self._wakeup = asyncio.Event()
         self._closing = False
-        self._flusher = asyncio.create_task(self._flush_forever(), name="gateway-sqlite-flusher")
+        self._flusher = self.supervisor.start("queue-flusher", self._flush_forever)
 
     async def close(self) -> None:
         """Finish every queued operation (a batch being committed included), then close."""
@@ -197,20 +279,28 @@ class SQLiteJobQueue:
         self._conn = self._flusher = None
 
     async def _flush_forever(self) -> None:
+        """Run queued operations batch by batch; wait when there are none (pending ones first:
+        after a restart the operations queued meanwhile are waiting)."""
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._run_batch(batch)
+                try:
+                    await self._run_batch(batch)
+                except BaseException as exc:  # cancelled, or a bug in _run_batch: no caller waits forever
+                    _settle([(op, None, QueueStoreError(f"queue database {self.path}: the flusher stopped ({type(exc).__name__})")) for op in batch])
+                    raise
             if self._closing:
                 return
+            await self._wakeup.wait()
+            self._wakeup.clear()
 
     async def _run_batch(self, batch: list[_Op]) -> None:
-        """One transaction and one fsync for the whole batch."""
+        """One transaction and one fsync for the whole batch. An error in one operation fails
+        that operation; any other error rolls the batch back and fails its operations. Never raises
+        (but for cancellation)."""
         conn = self._conn
         assert conn is not None
-        results: list[tuple[_Op, Any, BaseException | None]] = []
+        results: list[Result] = []
         try:
             await self._begin(conn)
             inserts = [op for op in batch if op.insert is not None]
@@ -219,27 +309,32 @@ class SQLiteJobQueue:
             for op in batch:
                 if op.fn is None:
                     continue
-                conn.execute("SAVEPOINT op")
                 try:
-                    results.append((op, op.fn(conn), None))
-                    conn.execute("RELEASE op")
+                    results.append((op, _in_savepoint(conn, lambda op=op: op.fn(conn)), None))  # type: ignore[misc]
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
+                    if _database_failed(exc):
+                        raise  # the database failed, not the operation
                     results.append((op, None, exc))
             await asyncio.to_thread(conn.execute, "COMMIT")  # the fsync, off the event loop
-        except sqlite3.Error as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._rollback(conn)
+            if isinstance(exc, sqlite3.Error):
+                failure = QueueStoreError(f"queue database {self.path}: {exc}")
+            else:
+                log.error("queue batch of %d operation(s) failed unexpectedly; rolled back", len(batch), exc_info=exc)
+                failure = QueueStoreError(f"queue database {self.path}: unexpected {type(exc).__name__}: {_clean(str(exc), 200)}")
+            results = [(op, None, failure) for op in batch]
+        _settle(results)
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        """End a failed batch's transaction so the next batch starts clean."""
+        try:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            failure = QueueStoreError(f"queue database {self.path}: {exc}")
-            results = [(op, None, failure) for op in batch]
-        for op, result, error in results:
-            if op.future.done():
-                continue
-            if error is not None:
-                op.future.set_exception(error)
-            else:
-                op.future.set_result(result)
+        except sqlite3.Error as exc:
+            log.error("queue database %s: rollback failed: %s", self.path, exc)
 
     async def _begin(self, conn: sqlite3.Connection) -> None:
         """Take the write lock: at once when it is free, else wait for it in a thread.
@@ -253,6 +348,7 @@ class SQLiteJobQueue:
             await asyncio.to_thread(_begin_waiting, conn, LOCK_TIMEOUT)
 
     def _submit(self, op: _Op) -> asyncio.Future[Any]:
+        """Queue an operation for the flusher; its future holds the answer or the error."""
         if self._flusher is None or self._closing:
             raise QueueStoreError("the queue is not open")
         self._pending.append(op)
@@ -264,9 +360,13 @@ class SQLiteJobQueue:
 
     async def enqueue(self, job: Job, idempotency_key: str, *, lease_owner: str | None, lease_seconds: float) -> tuple[Job, bool]:
         now = time.time()
+        try:
+            task = json.dumps(job.task.to_json())
+        except (TypeError, ValueError) as exc:
+            raise QueueItemError(f"this job cannot be stored: its task is not JSON: {exc}") from None
         row = (
             job.id, idempotency_key, job.engine, job.category, "running" if lease_owner else "queued",
-            json.dumps(job.task.to_json()), job.callback_url, job.error_callback_url,
+            task, job.callback_url, job.error_callback_url,
             job.accepted_at, job.deadline, now, lease_owner, now + lease_seconds if lease_owner else None,
         )
         existing = await self._submit(_Op(asyncio.get_running_loop().create_future(), insert=row))
@@ -275,22 +375,37 @@ class SQLiteJobQueue:
         job.state = JobState.RUNNING if lease_owner else JobState.QUEUED
         return job, True
 
-    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+    async def claim(self, owner: str, limit: int, lease_seconds: float, *, delivery_limit: int | None = None) -> list[Job]:
+        due = f"{_PENDING_SQL} AND next_at <= ? AND (lease_until IS NULL OR lease_until <= ?)"
+
+        def select(conn: sqlite3.Connection, which: str, now: float, count: int) -> list[sqlite3.Row]:
+            if count <= 0:
+                return []
+            return conn.execute(f"SELECT * FROM jobs WHERE {due}{which} ORDER BY next_at LIMIT ?", (now, now, count)).fetchall()
+
         def op(conn: sqlite3.Connection) -> list[Job]:
             now = time.time()
-            rows = conn.execute(
-                f"SELECT * FROM jobs WHERE {_PENDING_SQL} AND next_at <= ?"
-                " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_at LIMIT ?",
-                (now, now, limit),
-            ).fetchall()
+            if delivery_limit is None:
+                rows = select(conn, "", now, limit)
+            else:
+                rows = select(conn, " AND state != 'delivering'", now, limit) + select(conn, " AND state = 'delivering'", now, delivery_limit)
             jobs = []
             for row in rows:
+                try:
+                    job = _row_to_job(row)
+                except Exception as exc:  # one unreadable row must not block every claim after it
+                    detail = _clean(f"the stored job cannot be read: {type(exc).__name__}: {exc}")
+                    log.error("job %s: %s; marked dead", row["id"], detail)
+                    conn.execute(
+                        "UPDATE jobs SET state = 'dead', detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                        (detail, now, row["id"]),
+                    )
+                    continue
                 state = "running" if row["state"] == "queued" else row["state"]
                 conn.execute(
                     "UPDATE jobs SET state = ?, lease_owner = ?, lease_until = ? WHERE id = ?",
                     (state, owner, now + lease_seconds, row["id"]),
                 )
-                job = _row_to_job(row)
                 job.state = JobState(state)
                 # Reschedule and release clear the owner: one still set means its worker died.
                 job.interrupted_delivery = row["state"] == "delivering" and row["lease_owner"] is not None
@@ -335,16 +450,39 @@ class SQLiteJobQueue:
 
         return await self._run(op)
 
-    async def reschedule(self, job_id: str, owner: str, next_at: float, attempt: Attempt) -> bool:
+    async def reschedule(self, job_id: str, owner: str, next_at: float, attempt: Attempt, *, maybe_delivered: bool = False) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
                 "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL,"
-                " delivery_attempts = delivery_attempts + 1, detail = ?"
+                " delivery_attempts = delivery_attempts + 1, detail = ?, maybe_delivered = max(maybe_delivered, ?)"
                 " WHERE id = ? AND lease_owner = ? AND state = 'delivering'",
-                (next_at, attempt.detail, job_id, owner),
+                (next_at, _clean(attempt.detail), int(maybe_delivered), job_id, owner),
             )
             if cursor.rowcount == 1:
                 _insert_attempts(conn, job_id, [attempt])
+            return cursor.rowcount == 1
+
+        return await self._run(op)
+
+    async def retry_later(self, job_id: str, owner: str, next_at: float, attempt: Attempt) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL, internal_errors = internal_errors + 1, detail = ?"
+                " WHERE id = ? AND lease_owner = ? AND state IN ('running', 'delivering')",
+                (next_at, _clean(attempt.detail), job_id, owner),
+            )
+            if cursor.rowcount == 1:
+                _insert_attempts(conn, job_id, [attempt])
+            return cursor.rowcount == 1
+
+        return await self._run(op)
+
+    async def defer(self, job_id: str, owner: str, next_at: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ? AND state = 'delivering'",
+                (next_at, job_id, owner),
+            )
             return cursor.rowcount == 1
 
         return await self._run(op)
@@ -358,7 +496,7 @@ class SQLiteJobQueue:
             cursor = conn.execute(
                 f"UPDATE jobs SET state = ?, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL,"
                 f" delivery_attempts = delivery_attempts + ? WHERE id = ? AND lease_owner = ? AND {_PENDING_SQL}",
-                (state.value, detail, time.time(), callbacks, job_id, owner),
+                (state.value, _clean(detail, 1000), time.time(), callbacks, job_id, owner),
             )
             if cursor.rowcount == 1:
                 _insert_attempts(conn, job_id, attempts)
@@ -403,3 +541,14 @@ class SQLiteJobQueue:
 
     async def depth(self) -> int:
         return await self._run(lambda conn: conn.execute(f"SELECT count(*) FROM jobs WHERE {_PENDING_SQL}").fetchone()[0])
+
+
+def _settle(results: list[Result]) -> None:
+    """Hand each operation's answer or error to its caller (unless the caller stopped waiting)."""
+    for op, result, error in results:
+        if op.future.done():
+            continue
+        if error is not None:
+            op.future.set_exception(error)
+        else:
+            op.future.set_result(result)
