@@ -147,10 +147,11 @@ async def open_loop(port: int, path: str, payloads: list[bytes], rate: float) ->
     return latencies
 
 
-def start_process(args: list[str], port: int, health: str, workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], float]:
+def start_process(args: list[str], port: int, health: str, workdir: Path, name: str, *, cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], float]:
+    """Start a server (in ``cwd``, default ``workdir``), its output in ``workdir/<name>.log``; wait until it answers."""
     log = open(workdir / f"{name}.log", "wb")
     started = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd or workdir)
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=1).status_code < 500:
@@ -273,7 +274,7 @@ def main() -> None:
         for port, delay in ((fast_port, "0"), (slow_port, "0.05")):
             procs.append(start_process([sys.executable, "-m", "gateway_openai.testing", "--port", str(port), "--delay", delay], port, "/", workdir, f"upstream-{port}")[0])
 
-        proc, _ = start_process([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning", "--no-access-log"], bare_port, "/", ROOT, "bare")
+        proc, _ = start_process([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning", "--no-access-log"], bare_port, "/", workdir, "bare", cwd=ROOT)
         procs.append(proc)
         asyncio.run(closed_loop(bare_port, path, portal.bodies(500), 32))  # warm-up
         bare_rps, _ = asyncio.run(closed_loop(bare_port, path, portal.bodies(args.requests), 32))

@@ -37,25 +37,33 @@ def _mask_token(url: str, token: str) -> str:
 
 # -- serve / worker ---------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway.app import create_app
     from gateway.redaction import configure_logging
     from gateway.runtime import Runtime
+    from gateway.server import ListenError, bind_socket, listen_url, raise_file_limit, serve
 
     config = _config(args)
     configure_logging(args.log_level)
-    app = create_app(config, Runtime(config, with_worker=not args.no_worker))
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
+    file_limit = raise_file_limit()
+    try:  # bind first: a port in use is one clear line, before any model loads
+        sock = bind_socket(host, port, config.path)
+    except ListenError as exc:
+        print(f"gateway serve: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(config, Runtime(config, with_worker=not args.no_worker))
     runtime = app.state.runtime
-    print(f"gateway {__version__}: serving on http://{host}:{port} (public URL {config.public_url}), queue {config.queue.path}", flush=True)
-    for engine in runtime.engines:
-        print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
-    print("  full completions URLs, token included: gateway engines list", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, server_header=False, timeout_graceful_shutdown=15))
-    server.run()
-    return 0 if server.started else 1
+
+    def announce() -> None:
+        """Printed once the app has started and the socket accepts: the URL answers from now on."""
+        print(f"gateway {__version__}: serving on {listen_url(sock)} (public URL {config.public_url}), queue {config.queue.path}", flush=True)
+        for engine in runtime.engines:
+            print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
+        print("  full completions URLs, token included: gateway engines list", flush=True)
+
+    started = serve(app, sock, config.connections, file_limit, registry=runtime.metrics.registry, on_ready=announce)
+    return 0 if started else 1
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -82,7 +90,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 # -- engines / plugins --------------------------------------------------------------------
 def cmd_engines_list(args: argparse.Namespace) -> int:
-    from gateway.engines import EngineDirectory
+    from gateway.engines import EngineDirectory, tokens_path
 
     config = _config(args)
     engines = [
@@ -97,6 +105,8 @@ def cmd_engines_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(engines, indent=2, ensure_ascii=False))
         return 0
+    # Every command on this config reads and writes here (relative paths are taken from the config's folder).
+    print(f"data: {config.data_dir} (tokens in {tokens_path(config)}, queue {config.queue.path})")
     if not engines:
         print(f"no engines in {config.path}")
     for e in engines:
@@ -120,6 +130,10 @@ def _portal_client(args: argparse.Namespace, config: Config) -> Any:
     from gateway.bitrix.rest import PortalClient
 
     webhook = args.portal or config.portal_webhook
+    if not webhook and config.portal_webhook_variable:
+        name = config.portal_webhook_variable
+        raise ConfigError(config.path, "portal.webhook", f"environment variable {name} is not set",
+                          f"export {name}=https://<portal>/rest/<user>/<secret>/ or pass --portal https://<portal>/rest/<user>/<secret>/")
     if not webhook:
         raise ConfigError(config.path, "portal.webhook", "no portal webhook is configured",
                           "pass --portal https://<portal>/rest/<user>/<secret>/ or set portal.webhook (e.g. \"${BITRIX24_WEBHOOK}\")")
@@ -259,6 +273,24 @@ def _job_summary(job: Any) -> dict[str, Any]:
     return summary
 
 
+def _describe_result(result: dict[str, Any]) -> str:
+    """One line for a stored result: its kind, its size and what it consumed (`jobs show`)."""
+    kind = result.get("kind") or "result"
+    if kind == "images":
+        size = f"{len(result.get('urls') or [])} image(s)"
+    else:
+        size = f"{len(result.get('text') or '')} characters"
+        if result.get("language"):
+            size += f", language {result['language']}"
+        if result.get("duration"):
+            size += f", {result['duration']:.1f} s of audio"
+    usage = result.get("usage") or {}
+    spent = [f"{usage[key]} {label} tokens" for key, label in (("prompt_tokens", "prompt"), ("completion_tokens", "completion"), ("total_tokens", "total")) if usage.get(key) is not None]
+    if usage.get("cost_usd") is not None:
+        spent.append(f"${usage['cost_usd']:.6f}")
+    return f"{kind}, {size}" + (f"; {', '.join(spent)}" if spent else "")
+
+
 def _with_queue(config: Config, action: Any) -> Any:
     from gateway.jobs.sqlite import SQLiteJobQueue
 
@@ -306,8 +338,12 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     for key, value in summary.items():
+        if key == "result" and job.outcome is not None and job.outcome.result is not None:
+            value = _describe_result(job.outcome.result)
+        elif key == "error":
+            value = f"{value['message']} (code {value['code']}, {value['reason']})"
         if key != "attempts":
-            print(f"{key:>18}: {value}")
+            print(f"{key:>18}: {'-' if value in (None, '') else value}")
     print(f"{'attempts':>18}:")
     for a in summary["attempts"]:
         print(f"    {a['at']}  {a['kind']:<8} {a['target']:<28} {a['outcome']:<10} {a['ms']:>8} ms  {a['detail']}")
@@ -322,9 +358,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from gateway.loopback import LoopbackServer
 
     config = _config(args)
+    audio: bytes | None = None
+    if args.audio:
+        try:
+            audio = Path(args.audio).read_bytes()
+        except OSError as exc:
+            print(f"--audio {args.audio}: cannot read the recording ({exc.strerror or exc}); pass the path of an audio file", file=sys.stderr)
+            return EXIT_CONFIG
     engine = next((e for e in EngineDirectory(config) if e.code == args.engine), None)
     if engine is None:
         print(f"no engine {args.engine!r} in {config.path}; engines: {', '.join(e.code for e in config.engines) or 'none'}", file=sys.stderr)
+        return EXIT_CONFIG
+    category = engine.config.category.value
+    if category in ("audio", "call") and audio is None:
+        print(f"engine {engine.code} is {'an' if category[0] in 'aeiou' else 'a'} {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)", file=sys.stderr)
         return EXIT_CONFIG
     base = (args.gateway or config.public_url).rstrip("/")
     url = base + completions_path(engine.code, engine.token)
@@ -353,11 +400,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             except PortalError as exc:
                 print(f"ai.engine.register on the emulator failed: {exc}", file=sys.stderr)
                 return 1
-        category = engine.config.category.value
-        if category in ("audio", "call") and not args.audio:
-            print(f"engine {engine.code} is a {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)", file=sys.stderr)
-            return EXIT_CONFIG
-        prompt = portal_prompt(category, emulator, text=args.prompt, audio=Path(args.audio).read_bytes() if args.audio else None)
+        prompt = portal_prompt(category, emulator, text=args.prompt, audio=audio)
         job_hash, body = emulator.new_request(category, prompt, ttl=args.ttl)
         started = time.monotonic()
         response = emulator.send(url, body)

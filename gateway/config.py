@@ -23,6 +23,10 @@ CONFIG_ENV = "GATEWAY_CONFIG"
 ENGINE_CODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _MISSING: Any = object()
+OPTIONAL_VARIABLE_KEYS = frozenset({"portal.webhook"})
+"""Keys only some commands need: an unset ``${VAR}`` there leaves the key unset instead of
+failing every command (``engines list`` needs no portal; ``--portal`` can stand in)."""
+ENGINE_CONTEXT_MODES = ("always", "when_requested")
 
 
 class ConfigError(Exception):
@@ -66,6 +70,9 @@ class DeliverySettings:
     read_timeout: float = 15.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    max_in_flight_per_portal: int = 8
+    """Callback POSTs in flight at once to one portal host: a slow or hung portal holds at most
+    this many, and the others' callbacks go on in their own lanes."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,9 @@ class EngineConfig:
     """Image engines: the size requested for each of the portal's formats."""
     max_images: int = 1
     """Image engines: the most pictures one request may ask for (``images_number`` is capped)."""
+    context: str = "when_requested"
+    """Text engines: when the portal's ``context`` (earlier messages) goes to the model: ``always``, or
+    ``when_requested`` -- only if the request says ``collect_context: true``, as the portal's own engines do."""
 
 
 @dataclass(frozen=True)
@@ -124,12 +134,30 @@ class RecordingSettings:
 
 
 @dataclass(frozen=True)
+class ConnectionSettings:
+    """How the HTTP server treats client connections (keys under ``listen``): a client that holds a
+    connection without finishing its request is cut off, and connections stay below the file limit."""
+
+    header_timeout: float = 10.0
+    """Seconds a connection may take to send a complete request head; then it is closed (408)."""
+    body_timeout: float = 30.0
+    """Seconds, from the end of the head, for the request body to arrive; then 408 and closed."""
+    keep_alive_timeout: float = 5.0
+    """Seconds an idle keep-alive connection stays open between requests."""
+    max_connections: int | None = None
+    """Open client connections at most; beyond it new ones get 503 with ``Retry-After``.
+    None: derived from the open-files limit at start (``gateway.server.connection_cap``)."""
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     public_url: str = "http://127.0.0.1:8080"
     host: str = "127.0.0.1"
     port: int = 8080
+    connections: ConnectionSettings = ConnectionSettings()
     data_dir: Path = Path("var")
+    """Absolute once loaded: a relative ``data_dir`` (or ``queue.path``) is taken from the config file's folder."""
     queue: QueueSettings = QueueSettings()
     concurrency: int = 16
     shutdown_grace: float = 10.0
@@ -145,6 +173,8 @@ class Config:
     engines: tuple[EngineConfig, ...] = ()
     portal_webhook: str | None = None
     """Inbound webhook (scope ai_admin) used by `gateway engines register/remote/unregister`."""
+    portal_webhook_variable: str | None = None
+    """The environment variable ``portal.webhook`` names when it is not set (reported by the commands that need it)."""
     portal_retries: int = 4
     portal_backoff: float = 1.0
 
@@ -224,6 +254,7 @@ def interpolate(value: Any, file: Path, path: str = "", environ: Mapping[str, st
         return [interpolate(v, file, f"{path}[{i}]", env) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
+    unset: list[str] = []
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -231,9 +262,27 @@ def interpolate(value: Any, file: Path, path: str = "", environ: Mapping[str, st
             return env[name]
         if default is not None:
             return default
+        if path in OPTIONAL_VARIABLE_KEYS:
+            unset.append(name)
+            return ""
         raise ConfigError(file, path, f"environment variable {name} is not set", f"export {name}=... or write ${{{name}:-default}}")
 
-    return _VAR_RE.sub(substitute, value)
+    text = _VAR_RE.sub(substitute, value)
+    return UnsetVariable(unset[0]) if unset else text
+
+
+@dataclass(frozen=True)
+class UnsetVariable:
+    """The value of an optional key (``OPTIONAL_VARIABLE_KEYS``) whose ``${VAR}`` is not set."""
+
+    name: str
+
+
+def _resolve_path(base: Path, value: str) -> Path:
+    """A relative path in the config is relative to the config file's folder, not to the current
+    directory: every command run on the same config, from any folder, finds the same data."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(os.path.normpath(base / path))
 
 
 def find_config_path(explicit: str | None) -> Path:
@@ -268,8 +317,15 @@ def parse_config(data: Any, file: Path) -> Config:
     listen = top.section("listen")
     host = listen.text("host", "127.0.0.1")
     port = listen.number("port", 8080, integer=True)
+    connections = ConnectionSettings(
+        header_timeout=listen.number("header_timeout", 10.0, minimum=0.1),
+        body_timeout=listen.number("body_timeout", 30.0, minimum=0.1),
+        keep_alive_timeout=listen.number("keep_alive_timeout", 5.0, minimum=0.1),
+        max_connections=listen.number("max_connections", 0, integer=True) or None,  # 0 or absent: from the file limit
+    )
     listen.done()
-    data_dir = Path(top.text("data_dir", "var"))
+    base = Path(os.path.abspath(file)).parent
+    data_dir = _resolve_path(base, top.text("data_dir", "var"))
 
     q = top.section("queue")
     backend = q.text("backend", "sqlite")
@@ -277,7 +333,7 @@ def parse_config(data: Any, file: Path) -> Config:
         raise ConfigError(file, "queue.backend", f"unknown backend {backend!r}", "use `sqlite` (the embedded queue)")
     queue = QueueSettings(
         backend=backend,
-        path=Path(q.text("path", str(data_dir / "queue.sqlite3"))),
+        path=_resolve_path(base, q.text("path", str(data_dir / "queue.sqlite3"))),
         lease_seconds=q.number("lease_seconds", 30.0, minimum=1),
         poll_interval=q.number("poll_interval", 0.5, minimum=0.01),
         retention_days=q.number("retention_days", 7.0),
@@ -333,11 +389,14 @@ def parse_config(data: Any, file: Path) -> Config:
         read_timeout=d.number("read_timeout", 15.0, minimum=0.1),
         backoff_initial=d.number("backoff_initial", 1.0, minimum=0.01),
         backoff_max=d.number("backoff_max", 60.0, minimum=0.01),
+        max_in_flight_per_portal=d.number("max_in_flight_per_portal", 8, integer=True, minimum=1),
     )
     d.done()
 
     portal = top.section("portal")
-    portal_webhook = portal.text("webhook", None) or None
+    webhook = portal.raw("webhook", None)
+    portal_webhook_variable = webhook.name if isinstance(webhook, UnsetVariable) else None
+    portal_webhook = None if portal_webhook_variable else (portal.text("webhook", None) or None)
     portal_retries = portal.number("retries", 4, integer=True)
     portal_backoff = portal.number("backoff", 1.0)
     portal.done()
@@ -345,10 +404,10 @@ def parse_config(data: Any, file: Path) -> Config:
     engines = _parse_engines(file, top.raw("engines", []), providers)
     top.done()
     return Config(
-        path=file, public_url=public_url, host=host, port=port, data_dir=data_dir, queue=queue,
+        path=file, public_url=public_url, host=host, port=port, connections=connections, data_dir=data_dir, queue=queue,
         concurrency=concurrency, shutdown_grace=shutdown_grace, max_body_bytes=max_body_bytes, default_ttl=default_ttl,
         security=security, files=files, audio=audio, routing=routing, delivery=delivery, providers=providers, engines=engines,
-        portal_webhook=portal_webhook, portal_retries=portal_retries, portal_backoff=portal_backoff,
+        portal_webhook=portal_webhook, portal_webhook_variable=portal_webhook_variable, portal_retries=portal_retries, portal_backoff=portal_backoff,
     )
 
 
@@ -410,6 +469,11 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
         sizes_section.done()
         max_images = image.number("max_images", 1, minimum=1, integer=True)
         image.done()
-        engines.append(EngineConfig(code, e.text("name", code), cat, token, tuple(route), dict(settings), sizes, max_images))
+        context = e.text("context", "when_requested")
+        if context not in ENGINE_CONTEXT_MODES:
+            raise ConfigError(file, e.key("context"), f"unknown value {context!r}",
+                              "use `when_requested` (earlier messages reach the model only when the request says collect_context: true, "
+                              "as with the portal's own engines) or `always`")
+        engines.append(EngineConfig(code, e.text("name", code), cat, token, tuple(route), dict(settings), sizes, max_images, context=context))
         e.done()
     return tuple(engines)
