@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -237,12 +238,13 @@ class AdapterError(Exception):
 
 
 class AdapterConfigError(Exception):
-    """A provider's options are wrong; ``key`` names the option (e.g. ``base_url``)."""
+    """A provider's options are wrong; ``key`` names the option (e.g. ``base_url``), ``fix`` how to put it right (if known)."""
 
-    def __init__(self, key: str, message: str) -> None:
+    def __init__(self, key: str, message: str, fix: str = "") -> None:
         super().__init__(message)
         self.key = key
         self.message = message
+        self.fix = fix
 
 
 @runtime_checkable
@@ -264,10 +266,14 @@ IMAGE_FORMATS = ("square", "portrait", "landscape")
 
 
 def check_known_options(options: Mapping[str, Any], known: Iterable[str], hint: str = "") -> None:
-    """Refuse an option the adapter does not know: a typo would otherwise fall back to a default."""
-    unknown = sorted(set(options) - set(known))
+    """Refuse an option the adapter does not know: a typo would otherwise fall back to a default.
+    The error suggests the closest known option, as unknown keys elsewhere in the config do."""
+    names = sorted(known)
+    unknown = sorted(str(key) for key in options if key not in names)  # YAML keys may be numbers
     if unknown:
-        raise AdapterConfigError(unknown[0], f"unknown option; known options: {', '.join(sorted(known))}{hint}")
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        fix = f"did you mean `{close[0]}`?" if close else "remove it, or use one of the known options"
+        raise AdapterConfigError(unknown[0], f"unknown option; known options: {', '.join(names)}{hint}", fix)
 
 
 def number_option(options: Mapping[str, Any], key: str, default: float) -> float:

@@ -10,15 +10,21 @@ these (llama.cpp, CTranslate2) pass the priority on, as Linux threads inherit it
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import resource_tracker
 from typing import Generic, TypeVar
 
 Loaded = TypeVar("Loaded")
+_pools: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
+"""Pools from :func:`background_processes` not stopped yet: the last one stopped stops the resource tracker."""
+_pools_lock = threading.Lock()
 
 
 def lower_priority(nice: int) -> None:
@@ -38,9 +44,64 @@ def background_processes(count: int, nice: int) -> ProcessPoolExecutor:
     """``count`` child processes (spawned, not forked: the parent runs threads) at ``nice``,
     for work that holds the GIL too long to share a process with the event loop.
 
-    The children exit when the gateway process is gone, even after a SIGKILL."""
-    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"),
+    The children exit when the gateway process is gone, even after a SIGKILL; on a clean stop
+    :func:`stop_processes` ends them first."""
+    pool = ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_child_started, initargs=(nice, os.getpid()))
+    with _pools_lock:
+        _pools.add(pool)
+    return pool
+
+
+def stop_processes(pool: ProcessPoolExecutor, timeout: float = 5.0) -> None:
+    """Stop a pool from :func:`background_processes` and wait until it is gone: its children
+    are reaped (none is left ``<defunct>``) and its queues closed, which unlinks their named
+    semaphores. Waiting matters: ``serve`` ends by re-raising SIGTERM, which kills the process
+    without running ``atexit``, so whatever is not released here is reported by
+    multiprocessing's resource tracker as "leaked semaphore objects". A child still busy after
+    ``timeout`` seconds is killed. When the last pool is stopped, the resource tracker is
+    stopped too (see :func:`_stop_resource_tracker`). Blocks: call it from a thread, not the event loop."""
+    children = list((pool._processes or {}).values())  # the executor offers no public way to reach them
+    stopper = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, name="stop-processes", daemon=True)
+    stopper.start()
+    stopper.join(timeout)
+    if stopper.is_alive():  # a child busy with a long or hung job: the pool sees it die and winds down
+        for child in children:
+            with contextlib.suppress(OSError, ValueError):
+                child.kill()
+        stopper.join(timeout)
+    with _pools_lock:
+        _pools.discard(pool)
+        last = not _pools
+    if last and not stopper.is_alive():
+        _stop_resource_tracker(timeout)
+
+
+def _stop_resource_tracker(timeout: float) -> None:
+    """Stop multiprocessing's resource tracker, a child process started beside the first pool,
+    and reap it. Left alone it outlives the gateway and stays ``<defunct>`` under a parent that
+    does not reap orphans (Python 3.11 never waits for it; 3.12 only in a ``__del__`` that a
+    re-raised SIGTERM skips). With every pool stopped it tracks nothing: once its pipe is
+    closed it exits. multiprocessing starts a new one if a pool is created later."""
+    tracker = resource_tracker._resource_tracker
+    lock = getattr(tracker, "_lock", None)
+    if lock is None or not hasattr(tracker, "_fd") or not hasattr(tracker, "_pid"):
+        return  # a Python whose tracker is built differently: leave it to exit with us
+    gc.collect()  # semaphores of the stopped pools held in reference cycles are unlinked now, not reported as leaked
+    with lock:
+        fd, pid = tracker._fd, tracker._pid
+        if fd is None or pid is None:
+            return
+        tracker._fd = tracker._pid = None
+        os.close(fd)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.02)
 
 
 def _child_started(nice: int, parent: int) -> None:

