@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make run   -- set up and run the gateway on the embedded default (SQLite, local models, no API keys)
-#   make test  -- set up and run the whole test suite
+#   make test  -- set up, install the system packages the tests need, and run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +15,7 @@ WHEELHOUSE ?= $(HOME)/.cache/bitrix24-ai-gateway/wheels
 LLAMA_CPP_WHEEL := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_CPP_VERSION).built
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup run demo test bench bench-audio bench-litellm bench-local clean
+.PHONY: setup system-packages run demo test bench bench-audio bench-litellm bench-local clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,19 +43,31 @@ $(VENV)/.installed: $(BIN)/python $(LLAMA_CPP_WHEEL) pyproject.toml plugins/open
 
 setup: $(VENV)/.installed
 
+# System packages for the tests and bench-audio: espeak-ng speaks the sentences the transcription
+# tests send. Installed with apt-get (sudo when not root) only when missing.
+system-packages:
+	@if ! command -v espeak-ng >/dev/null; then \
+		if ! command -v apt-get >/dev/null; then \
+			echo "espeak-ng is missing and there is no apt-get here: install espeak-ng with this system's package manager" >&2; exit 1; \
+		fi; \
+		SUDO=""; if [ "$$(id -u)" -ne 0 ]; then SUDO="sudo"; fi; \
+		echo "Installing espeak-ng (the transcription tests speak their sentences with it): $${SUDO:+sudo }apt-get install espeak-ng"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null; \
+	fi
+
 run: setup
 	$(BIN)/gateway serve --config $(CONFIG)
 
 demo: setup
 	$(BIN)/gateway demo --config $(CONFIG)
 
-test: setup
+test: setup system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/accept_bench.py
 
-bench-audio: setup
+bench-audio: setup system-packages
 	$(BIN)/python bench/transcribe_bench.py
 
 bench-litellm: setup
@@ -65,4 +77,4 @@ bench-local: setup
 	$(BIN)/python bench/local_bench.py
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) var examples/var

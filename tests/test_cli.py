@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from tests.harness import ENGINE_TOKEN, make_config
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_CONFIG", "GATEWAY_LOAD_PLUGINS", "BITRIX24_WEBHOOK")}
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60)
 
 
 def write_config(tmp_path: Path, config: dict) -> Path:
@@ -70,3 +72,85 @@ def test_simulate_reports_a_gateway_that_is_down(tmp_path):
     path = write_config(tmp_path, make_config("http://127.0.0.1:1"))
     result = run("simulate", "--engine", "acme_text", "--gateway", "http://127.0.0.1:9", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 1 and "Is `gateway serve` running?" in result.stderr
+
+
+def test_engines_list_from_another_folder_uses_the_same_data(tmp_path):
+    folder, elsewhere = tmp_path / "deploy", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    config = make_config("http://127.0.0.1:1", data_dir="./var")
+    del config["engines"][0]["token"]  # generated and kept in data_dir
+    (folder / "gateway.yaml").write_text(yaml.safe_dump(config))
+    here = run("engines", "list", "--json", "--config", "gateway.yaml", cwd=folder)
+    there = run("engines", "list", "--json", "--config", str(folder / "gateway.yaml"), cwd=elsewhere)
+    assert here.returncode == 0 and there.returncode == 0, here.stderr + there.stderr
+    assert json.loads(there.stdout) == json.loads(here.stdout)  # the same generated token, so the same URL
+    assert (folder / "var" / "engine-tokens.json").exists() and not (elsewhere / "var").exists()
+    text = run("engines", "list", "--config", str(folder / "gateway.yaml"), cwd=elsewhere).stdout
+    data = folder / "var"
+    assert text.splitlines()[0] == f"data: {data} (tokens in {data / 'engine-tokens.json'}, queue {data / 'queue.sqlite3'})"
+    assert json.loads(here.stdout)[0]["completions_url"] in text
+
+
+@pytest.mark.e2e
+def test_portal_flag_stands_in_for_an_unset_webhook_variable(tmp_path, portal):
+    config = make_config("http://127.0.0.1:1", portal={"webhook": "${BITRIX24_WEBHOOK}", "retries": 0})
+    path = write_config(tmp_path, config)
+    listed = run("engines", "list", "--json", "--config", str(path), cwd=tmp_path)  # needs no portal
+    assert listed.returncode == 0 and [e["code"] for e in json.loads(listed.stdout)] == ["acme_text"], listed.stderr
+    missing = run("engines", "remote", "--config", str(path), cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        f"configuration error: {path}: portal.webhook: environment variable BITRIX24_WEBHOOK is not set. "
+        "Fix: export BITRIX24_WEBHOOK=https://<portal>/rest/<user>/<secret>/ or pass --portal https://<portal>/rest/<user>/<secret>/")
+    remote = run("engines", "remote", "--json", "--portal", portal.webhook, "--config", str(path), cwd=tmp_path)
+    assert remote.returncode == 0, remote.stderr
+    assert [(s["code"], s["status"]) for s in json.loads(remote.stdout)] == [("acme_text", "missing")]
+    assert [m for m, _ in portal.rest_calls] == ["ai.engine.list"]
+
+
+def test_simulate_with_a_recording_that_is_not_there(tmp_path):
+    config = make_config("http://127.0.0.1:1")
+    config["engines"].append({"code": "acme_audio", "category": "audio", "token": ENGINE_TOKEN.replace("0", "7"), "route": [{"provider": "up", "model": "whisper-1"}]})
+    path = write_config(tmp_path, config)
+    missing = run("simulate", "--engine", "acme_audio", "--audio", "missing.wav", "--gateway", "http://127.0.0.1:9", "--config", str(path), cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip() == "--audio missing.wav: cannot read the recording (No such file or directory); pass the path of an audio file"
+    none = run("simulate", "--engine", "acme_audio", "--gateway", "http://127.0.0.1:9", "--config", str(path), cwd=tmp_path)
+    assert none.returncode == 2 and none.stderr.strip() == (
+        "engine acme_audio is an audio engine: pass --audio FILE (a recording the emulator serves to the gateway)")
+
+
+@pytest.mark.e2e
+def test_jobs_show_prints_readable_text(gateway, portal, upstream):
+    upstream.script("500", "500", "500")  # the first job fails after its retries, the second succeeds
+    gw = gateway()
+    for number, prompt in enumerate(("doomed", "fine"), start=1):
+        job_hash, body = portal.new_request(prompt=prompt)
+        assert portal.send(gw.completions_url(), body).status_code == 202
+        portal.wait(job_hash, timeout=20)
+        gw.wait_final(number)
+    delivered, failed = gw.cli_json("jobs", "list")  # newest first
+    assert (delivered["state"], failed["state"]) == ("delivered", "failed")
+
+    shown = gw.cli_json("jobs", "show", delivered["id"])  # --json keeps the structure
+    usage = shown["result"]["usage"]
+    lines = gw.cli("jobs", "show", delivered["id"]).stdout.splitlines()
+    assert f"{'result':>18}: text, 10 characters; {usage['prompt_tokens']} prompt tokens, {usage['completion_tokens']} completion tokens, {usage['total_tokens']} total tokens" in lines
+
+    error = gw.cli_json("jobs", "show", failed["id"])["error"]
+    lines = gw.cli("jobs", "show", failed["id"]).stdout.splitlines()
+    assert f"{'error':>18}: {error['message']} (code {error['code']}, provider_error)" in lines
+    header = lines[: lines.index(f"{'attempts':>18}:")]
+    assert not [line for line in header if "{" in line or "None" in line]  # no Python dicts or None
+
+
+@pytest.mark.parametrize("result, line", [
+    ({"kind": "images", "urls": ["http://gw/files/a.png", "http://gw/files/b.png"], "usage": None}, "images, 2 image(s)"),
+    ({"kind": "transcript", "text": "Hello there", "language": "en", "duration": 6.04, "segments": [], "usage": {"cost_usd": 0.0012}},
+     "transcript, 11 characters, language en, 6.0 s of audio; $0.001200"),
+    ({"kind": "text", "text": "hi", "usage": {"total_tokens": 5}}, "text, 2 characters; 5 total tokens"),
+])
+def test_jobs_show_describes_each_kind_of_result(result, line):
+    from gateway.cli import _describe_result
+
+    assert _describe_result(result) == line

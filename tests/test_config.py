@@ -77,3 +77,59 @@ def test_missing_file_and_broken_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="is not valid YAML at line 2"):
         load_config(write(tmp_path, "a: 1\n  b: 2\n"))
+
+
+def test_relative_paths_are_taken_from_the_config_files_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    write(folder, MINIMAL + "data_dir: ./data\nqueue: {path: jobs/queue.sqlite3}\n")
+    monkeypatch.chdir(tmp_path)  # the CLI is run from another folder, the config named relatively
+    config = load_config(Path("deploy/gateway.yaml"), environ={"KEY": "k"})
+    assert config.data_dir == folder / "data"
+    assert config.queue.path == folder / "jobs" / "queue.sqlite3"
+    assert config.path == Path("deploy/gateway.yaml")  # errors still name the file as the user gave it
+
+
+def test_default_paths_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    config = load_config(write(tmp_path / "conf", MINIMAL), environ={"KEY": "k"})
+    assert config.data_dir == tmp_path / "conf" / "var" and config.queue.path == tmp_path / "conf" / "var" / "queue.sqlite3"
+    config = load_config(write(tmp_path / "conf", MINIMAL + f"data_dir: {tmp_path}/state\n"), environ={"KEY": "k"})
+    assert config.data_dir == tmp_path / "state" and config.queue.path == tmp_path / "state" / "queue.sqlite3"
+
+
+def test_the_embedded_default_keeps_its_data_beside_it(monkeypatch, tmp_path):
+    """`make run` serves examples/gateway.yaml: its ./var is examples/var, whichever folder the CLI runs in."""
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    config = load_config(root / "examples" / "gateway.yaml", environ={})
+    assert config.data_dir == root / "examples" / "var"
+    assert config.portal_webhook_variable == "BITRIX24_WEBHOOK"  # unset: only the portal commands need it
+
+
+def test_unset_webhook_variable_leaves_the_portal_unset(tmp_path):
+    text = MINIMAL + 'portal: {webhook: "${BITRIX24_WEBHOOK}", retries: 2}\n'
+    config = load_config(write(tmp_path, text), environ={"KEY": "k"})
+    assert config.portal_webhook is None and config.portal_webhook_variable == "BITRIX24_WEBHOOK" and config.portal_retries == 2
+    webhook = "https://acme.bitrix24.com/rest/1/secret/"
+    config = load_config(write(tmp_path, text), environ={"KEY": "k", "BITRIX24_WEBHOOK": webhook})
+    assert config.portal_webhook == webhook and config.portal_webhook_variable is None
+    with pytest.raises(ConfigError) as err:  # only portal.webhook is optional: other keys still need their variable
+        load_config(write(tmp_path, text), environ={})
+    assert err.value.key == "providers.up.api_key"
+
+
+@pytest.mark.parametrize("snippet, expected", [("", "when_requested"), ("context: always", "always"), ("context: when_requested", "when_requested")])
+def test_engine_context_setting(tmp_path, snippet, expected):
+    text = f"providers:\n  up: {{type: openai}}\nengines:\n  - code: a\n    category: text\n    route: [{{provider: up, model: m}}]\n    {snippet}\n"
+    engine = load_config(write(tmp_path, text), environ={}).engine("a")
+    assert engine is not None and engine.context == expected
+
+
+def test_engine_context_refuses_other_values(tmp_path):
+    text = "providers:\n  up: {type: openai}\nengines:\n  - {code: a, category: text, context: sometimes, route: [{provider: up, model: m}]}\n"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), environ={})
+    assert err.value.key == "engines[0].context" and err.value.problem == "unknown value 'sometimes'"
+    assert "when_requested" in err.value.fix and "always" in err.value.fix and "collect_context" in err.value.fix
