@@ -15,7 +15,7 @@ WHEELHOUSE ?= $(HOME)/.cache/bitrix24-ai-gateway/wheels
 LLAMA_CPP_WHEEL := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_CPP_VERSION).built
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup system-packages run demo test bench bench-audio bench-litellm bench-local clean
+.PHONY: setup system-packages run demo test bench bench-audio bench-litellm bench-local fuzz bench-server bench-flood clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,15 @@ bench-litellm: setup
 
 bench-local: setup
 	$(BIN)/python bench/local_bench.py
+
+fuzz: setup
+	$(BIN)/python bench/fuzz.py
+
+bench-server: setup
+	$(BIN)/python bench/server_bench.py
+
+bench-flood: setup
+	$(BIN)/python bench/conn_flood.py
 
 clean:
 	rm -rf $(VENV) var examples/var
