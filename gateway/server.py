@@ -10,8 +10,11 @@ with a few hooks, adds what is missing (why this and not another server: docs/de
   otherwise the client gets 408 and the connection is closed;
 - a head larger than :data:`MAX_HEAD_BYTES` gets 431 and is closed;
 - at most ``listen.max_connections`` connections are open: the next ones are answered 503 with
-  ``Retry-After: 1`` at once and closed, so the process stays below its file limit;
-- idle keep-alive connections close after ``listen.keep_alive_timeout`` (uvicorn's own timer).
+  ``Retry-After: 1`` at once and closed, so the process stays below its file limit; by default the
+  cap keeps back what the outbound pools can open (:func:`outbound_pools`, :func:`file_reserve`);
+- idle keep-alive connections close after ``listen.keep_alive_timeout`` (uvicorn's own timer);
+- uvicorn's "Invalid HTTP request received." line is logged at most once per :data:`LOG_EVERY`
+  seconds, with a count of the lines left out (:class:`InvalidRequestLogThrottle`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,13 +35,21 @@ import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.config import ConnectionSettings
+from gateway.config import Config, ConnectionSettings
+from gateway.delivery import MAX_CONNECTIONS as DELIVERY_POOL
 
 log = logging.getLogger("gateway.server")
 
-FILE_RESERVE = 256
-"""Open files kept for everything but client connections: the queue database, outbound
-connections (providers, callbacks, downloads), model files, pipes to child processes."""
+BASE_RESERVE = 64
+"""Open files kept for what is not a network connection: stdio, the listening socket, the event
+loop's own descriptors, the queue database (with its WAL and shared-memory files), model files,
+pipes to child processes. Outbound connections come on top (:func:`file_reserve`)."""
+HTTPX_POOL = 100
+"""httpx's default ``max_connections``: the pool size of the download clients and of a provider
+that does not set ``max_connections``."""
+MIN_CAP = 32
+"""The connection cap never goes below this, even when the file limit cannot hold the reserve
+(a warning says so at start)."""
 CAP_CEILING = 8192
 """The derived connection cap never exceeds this: each connection costs memory, and a portal needs a few."""
 MAX_HEAD_BYTES = 64 * 1024
@@ -82,13 +93,33 @@ def raise_file_limit() -> FileLimit:
     return FileLimit(soft, soft, hard)
 
 
-def connection_cap(settings: ConnectionSettings, file_limit: int) -> int:
-    """``listen.max_connections`` if set, else the file limit minus :data:`FILE_RESERVE` (at most
-    half the limit kept back), capped at :data:`CAP_CEILING`."""
+def outbound_pools(config: Config) -> dict[str, int]:
+    """The most connections each outbound pool of a ``gateway serve`` process can hold open.
+
+    Callbacks are bounded by the deliverer's pool alone (many portals, each with its own lane).
+    Provider calls and downloads run inside model-work slots, one request at a time per slot, and
+    an httpx pool never holds more connections than it once had requests in flight: each of those
+    pools counts its size, or ``workers.concurrency`` if smaller. A provider type that opens no
+    connection (a local model) is counted all the same: the figure is an upper bound."""
+    slots = config.concurrency
+    pools = {"callbacks": DELIVERY_POOL, "image downloads": min(slots, HTTPX_POOL), "recording downloads": min(slots, HTTPX_POOL)}
+    for name, provider in config.providers.items():
+        size = provider.options.get("max_connections")
+        pools[f"provider {name}"] = min(slots, size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else HTTPX_POOL)
+    return pools
+
+
+def file_reserve(pools: Mapping[str, int]) -> int:
+    """Open files kept back from client connections: :data:`BASE_RESERVE` plus every outbound pool."""
+    return BASE_RESERVE + sum(pools.values())
+
+
+def connection_cap(settings: ConnectionSettings, file_limit: int, reserve: int) -> int:
+    """``listen.max_connections`` if set, else the file limit minus ``reserve``, within
+    :data:`MIN_CAP` .. :data:`CAP_CEILING`."""
     if settings.max_connections:
         return settings.max_connections
-    reserve = min(FILE_RESERVE, file_limit // 2)
-    return max(1, min(CAP_CEILING, file_limit - reserve))
+    return max(MIN_CAP, min(CAP_CEILING, file_limit - reserve))
 
 
 def _where(host: str, port: int) -> str:
@@ -298,9 +329,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._cut_off("body_timeout", 408, "request_timeout", f"the request body did not arrive within {self.guard.body_timeout:g} s")
 
     def _cut_off(self, reason: str, status: int | None, code: str, message: str) -> None:
-        """Answer ``status`` unless a response is under way, and close."""
+        """Answer ``status`` unless this request was already answered or a response is under way, and close."""
         self.guard.note(reason)
         cycle = self.cycle
+        if cycle is not None and cycle.response_complete and self._phase == _BODY:
+            status = None  # answered early (413 from the head): the client has its one answer
         if cycle is not None and not cycle.response_complete:
             if cycle.response_started or self._phase != _BODY:  # never write into another response
                 status = None
@@ -312,8 +345,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class InvalidRequestLogThrottle(logging.Filter):
+    """Lets uvicorn's "Invalid HTTP request received." through at most once per :data:`LOG_EVERY`
+    seconds, the next one saying how many were left out: uvicorn logs it once per bad request, and
+    a flood of garbage must not become a flood of log lines. Other records pass untouched."""
+
+    MESSAGE = "Invalid HTTP request received."
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._next = 0.0
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE:
+            return True
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return False
+        self._next = now + LOG_EVERY
+        if self._suppressed:
+            record.msg = f"{self.MESSAGE} ({self._suppressed} more since the last report, not logged; next report in {LOG_EVERY:.0f} s at the earliest)"
+            self._suppressed = 0
+        return True
+
+
+_invalid_request_throttle = InvalidRequestLogThrottle()
+
+
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedHttpToolsProtocol]:
-    """A protocol class bound to one server's guard, for ``uvicorn.Config(http=...)``."""
+    """A protocol class bound to one server's guard, for ``uvicorn.Config(http=...)``; installs
+    :class:`InvalidRequestLogThrottle` on uvicorn's logger (once per process)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if _invalid_request_throttle not in uvicorn_log.filters:
+        uvicorn_log.addFilter(_invalid_request_throttle)
     return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"guard": guard})
 
 
@@ -337,17 +404,21 @@ def server_config(app: Any, settings: ConnectionSettings, max_connections: int, 
     return uvicorn.Config(app, http=guarded_protocol(guard), timeout_keep_alive=settings.keep_alive_timeout, **{**defaults, **options})  # type: ignore[arg-type]
 
 
-def serve(app: Any, sock: socket.socket, settings: ConnectionSettings, file_limit: FileLimit, *,
+def serve(app: Any, sock: socket.socket, settings: ConnectionSettings, file_limit: FileLimit, pools: Mapping[str, int], *,
           registry: CollectorRegistry | None = None, on_ready: Callable[[], None] | None = None) -> bool:
-    """Serve ``app`` on the bound ``sock`` until SIGINT or SIGTERM; False if it never started."""
-    cap = connection_cap(settings, file_limit.soft)
+    """Serve ``app`` on the bound ``sock`` until SIGINT or SIGTERM; False if it never started.
+    ``pools``: the most connections each outbound pool can open (:func:`outbound_pools`)."""
+    reserve = file_reserve(pools)
+    cap = connection_cap(settings, file_limit.soft, reserve)
     raised = f" (raised from {file_limit.before})" if file_limit.soft != file_limit.before else ""
-    source = "listen.max_connections" if settings.max_connections else f"open-files limit - {min(FILE_RESERVE, file_limit.soft // 2)} reserved, at most {CAP_CEILING}"
+    source = "listen.max_connections" if settings.max_connections else f"open-files limit - {reserve} reserved, at least {MIN_CAP}, at most {CAP_CEILING}"
     log.info("open-files limit %d%s; client connections at most %d (%s); request head within %g s, body within %g s, idle keep-alive %g s",
              file_limit.soft, raised, cap, source, settings.header_timeout, settings.body_timeout, settings.keep_alive_timeout)
-    if cap > file_limit.soft - 64:
-        log.warning("listen.max_connections %d leaves fewer than 64 of the %d open files for the queue, outbound connections and models; "
-                    "lower it or raise the hard limit (ulimit -Hn, LimitNOFILE= in systemd)", cap, file_limit.soft)
+    if cap + reserve > file_limit.soft:
+        detail = ", ".join(f"{name} {size}" for name, size in pools.items())
+        log.warning("%d client connections and %d files kept for outbound connections (%s) and the rest (%d) exceed the open-files limit %d: "
+                    "under load, connections may fail with 'too many open files'; raise the hard limit (ulimit -Hn, LimitNOFILE= in systemd)%s",
+                    cap, reserve, detail, BASE_RESERVE, file_limit.soft, " or lower listen.max_connections" if settings.max_connections else "")
     server = GatewayServer(server_config(app, settings, cap, registry, timeout_graceful_shutdown=15), on_ready)
     server.run(sockets=[sock])
     return server.started

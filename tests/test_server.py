@@ -8,12 +8,14 @@ subprocess with half-sent request heads (a bounded number, loopback only).
 from __future__ import annotations
 
 import json
+import logging
 import select
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,12 +23,24 @@ import pytest
 import yaml
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from gateway.config import ConfigError, ConnectionSettings, load_config
+from gateway.delivery import MAX_CONNECTIONS as DELIVERY_POOL
 from gateway.loopback import LoopbackServer
-from gateway.server import MAX_HEAD_BYTES, ConnectionGuard, ListenError, bind_socket, connection_cap, guarded_protocol
+from gateway.server import (
+    BASE_RESERVE,
+    MAX_HEAD_BYTES,
+    ConnectionGuard,
+    InvalidRequestLogThrottle,
+    ListenError,
+    bind_socket,
+    connection_cap,
+    file_reserve,
+    guarded_protocol,
+    outbound_pools,
+)
 from tests.harness import make_config
 
 HALF_HEAD = b"POST /x HTTP/1.1\r\nHost: a\r\n"  # the request line and one header, never the blank line
@@ -68,11 +82,12 @@ def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 class Probe:
-    """A tiny app: GET /ok, POST /body (reads the body, notes a client that went away)."""
+    """A tiny app: GET /ok, POST /body (reads the body, notes a client that went away), POST /small
+    (answers 413 from the head alone when Content-Length exceeds 10, as gateway/app.py does)."""
 
     def __init__(self) -> None:
         self.disconnects = 0
-        self.app = Starlette(routes=[Route("/ok", self.ok), Route("/body", self.body, methods=["POST"])])
+        self.app = Starlette(routes=[Route("/ok", self.ok), Route("/body", self.body, methods=["POST"]), Route("/small", self.small, methods=["POST"])])
 
     async def ok(self, request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
@@ -85,23 +100,48 @@ class Probe:
             return PlainTextResponse("gone")
         return PlainTextResponse(str(len(data)))
 
+    async def small(self, request: Request) -> JSONResponse:
+        if int(request.headers.get("content-length", "0")) > 10:
+            return JSONResponse({"error": {"code": "body_too_large", "message": "the request body exceeds 10 bytes"}}, 413)
+        return JSONResponse({"length": len(await request.body())})
 
-@pytest.fixture
-def guarded() -> Iterator[tuple[Probe, int]]:
-    """The probe app under uvicorn with the guard: head 0.5 s, body 0.5 s, keep-alive 0.5 s, at most 4 connections."""
+
+@contextmanager
+def guarded_server(header_timeout: float = 0.5) -> Iterator[tuple[Probe, int]]:
+    """The probe app under uvicorn with the guard: head ``header_timeout``, body 0.5 s, keep-alive 0.5 s, at most 4 connections."""
     probe = Probe()
-    settings = ConnectionSettings(header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.5, max_connections=4)
+    settings = ConnectionSettings(header_timeout=header_timeout, body_timeout=0.5, keep_alive_timeout=0.5, max_connections=4)
     guard = ConnectionGuard(settings, settings.max_connections or 0)
     with LoopbackServer(probe.app, http=guarded_protocol(guard), timeout_keep_alive=settings.keep_alive_timeout, ws="none") as server:
         yield probe, server.port
 
 
+@pytest.fixture
+def guarded() -> Iterator[tuple[Probe, int]]:
+    with guarded_server() as server:
+        yield server
+
+
 # -- unit -------------------------------------------------------------------------------------
-def test_connection_cap_stays_below_the_file_limit():
-    assert connection_cap(ConnectionSettings(), 1024) == 768  # the common soft limit: 256 kept for the queue, outbound calls, models
-    assert connection_cap(ConnectionSettings(), 256) == 128  # at most half kept back
-    assert connection_cap(ConnectionSettings(), 1_048_576) == 8192  # the ceiling
-    assert connection_cap(ConnectionSettings(max_connections=50), 1024) == 50  # listen.max_connections wins
+def test_connection_cap_keeps_back_what_the_outbound_pools_can_open(tmp_path):
+    """The deliverer alone may open DELIVERY_POOL connections: the reserve must cover it, the
+    providers' and the downloads' pools (each at most one connection per work slot) and the rest."""
+    config = load_config(_write_config(tmp_path))  # one provider, 16 work slots
+    pools = outbound_pools(config)
+    assert pools == {"callbacks": DELIVERY_POOL, "image downloads": 16, "recording downloads": 16, "provider up": 16}
+    reserve = file_reserve(pools)
+    assert reserve == BASE_RESERVE + DELIVERY_POOL + 3 * 16 == 624
+    assert connection_cap(ConnectionSettings(), 1024, reserve) == 400  # the common soft limit
+    assert connection_cap(ConnectionSettings(), 1_048_576, reserve) == 8192  # the ceiling
+    assert connection_cap(ConnectionSettings(), 256, reserve) == 32  # a limit below the reserve: a floor (and a warning at start)
+    assert connection_cap(ConnectionSettings(max_connections=50), 1024, reserve) == 50  # listen.max_connections wins
+
+
+def test_provider_pool_sizes_count_up_to_the_work_slots(tmp_path):
+    config = load_config(_write_config(tmp_path, workers={"concurrency": 200},
+                                       providers={"up": {"type": "openai", "base_url": "http://127.0.0.1:1/v1", "max_connections": 150},
+                                                  "b": {"type": "openai", "base_url": "http://127.0.0.1:2/v1"}}))
+    assert outbound_pools(config) == {"callbacks": DELIVERY_POOL, "image downloads": 100, "recording downloads": 100, "provider up": 150, "provider b": 100}
 
 
 def test_listen_settings_in_the_config(tmp_path):
@@ -203,8 +243,52 @@ def test_keep_alive_and_pipelining_still_work_and_idle_keep_alive_closes(guarded
     assert received.count(b"HTTP/1.1 200 OK") == 3 and received.endswith(b"\r\n\r\n3")
 
 
-def test_beyond_the_cap_new_connections_get_503_with_retry_after(guarded):
+def test_an_early_413_is_the_only_answer_on_its_connection(guarded):
+    """The app answers 413 from the head and the client stops sending: when the body timeout
+    fires the connection is closed without a second, unsolicited 408."""
     _, port = guarded
+    sock = connect(port, b"POST /small HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\nabc")
+    received = read_until_closed(sock, within=10)
+    assert received.count(b"HTTP/1.1 ") == 1, received
+    status, _, body = parse(received)
+    assert (status, json.loads(body)["error"]["code"]) == (413, "body_too_large")
+
+
+def test_invalid_requests_are_answered_400_and_logged_at_most_once_per_period(guarded, caplog):
+    _, port = guarded
+    caplog.set_level(logging.WARNING, logger="uvicorn.error")
+    for _ in range(20):
+        status, _, _ = parse(read_until_closed(connect(port, b"\x16\x03\x01garbage\r\n\r\n"), within=10))
+        assert status == 400
+    lines = [r for r in caplog.records if r.name == "uvicorn.error" and r.getMessage().startswith("Invalid HTTP request received.")]
+    assert len(lines) <= 1, [r.getMessage() for r in lines]
+
+
+def test_the_invalid_request_throttle_summarises_what_it_suppressed():
+    now = [100.0]
+    throttle = InvalidRequestLogThrottle(clock=lambda: now[0])
+
+    def record(message: str = "Invalid HTTP request received.") -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, message, None, None)
+
+    first = record()
+    assert throttle.filter(first) and first.getMessage() == "Invalid HTTP request received."
+    assert [throttle.filter(record()) for _ in range(5)] == [False] * 5
+    assert throttle.filter(record("Exception in ASGI application"))  # other lines pass untouched
+    now[0] += 10
+    summary = record()
+    assert throttle.filter(summary)
+    assert summary.getMessage() == "Invalid HTTP request received. (5 more since the last report, not logged; next report in 10 s at the earliest)"
+
+
+def test_beyond_the_cap_new_connections_get_503_with_retry_after():
+    """A header timeout of a few seconds: the idle connections must outlast two refusals, one
+    through httpx, on a loaded machine."""
+    with guarded_server(header_timeout=3) as (_, port):
+        _beyond_the_cap(port)
+
+
+def _beyond_the_cap(port: int) -> None:
     idle = [connect(port, HALF_HEAD) for _ in range(4)]
     status, headers, body = parse(read_until_closed(connect(port, b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n"), within=10))
     assert (status, headers["retry-after"], headers["content-type"]) == (503, "1", "application/json")
