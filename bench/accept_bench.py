@@ -31,7 +31,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.bitrix.protocol import encode_like_php  # noqa: E402
-from tests.harness import free_port  # noqa: E402
+from gateway.testing import free_port  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,7 +272,7 @@ def main() -> None:
         procs.append(start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0])
         portal = Portal(portal_port)
         for port, delay in ((fast_port, "0"), (slow_port, "0.05")):
-            procs.append(start_process([sys.executable, "-m", "gateway_openai.testing", "--port", str(port), "--delay", delay], port, "/", workdir, f"upstream-{port}")[0])
+            procs.append(start_process([sys.executable, "-m", "gateway.testing", "--port", str(port), "--delay", delay], port, "/", workdir, f"upstream-{port}")[0])
 
         proc, _ = start_process([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning", "--no-access-log"], bare_port, "/", workdir, "bare", cwd=ROOT)
         procs.append(proc)

@@ -29,7 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.accept_bench import TOKEN, Portal, print_table, start_process, stop  # noqa: E402
-from tests.harness import free_port  # noqa: E402
+from gateway.testing import free_port  # noqa: E402
 
 PATH = f"/engines/bench/{TOKEN}/completions"
 

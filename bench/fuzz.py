@@ -18,14 +18,14 @@ from pathlib import Path
 
 import httpx
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.bitrix.protocol import encode_like_php  # noqa: E402
 from gateway.bitrix.simulator import PortalEmulator  # noqa: E402
 from gateway.loopback import LoopbackServer  # noqa: E402
-from gateway_openai.testing import FakeOpenAI  # noqa: E402
-from tests.harness import ENGINE_TOKEN, GatewayProcess, make_config  # noqa: E402
+from gateway.testing import ENGINE_TOKEN, FakeOpenAI, GatewayProcess, make_config  # noqa: E402
 from tests.strategies import encode, mutated_bodies, raw_bodies  # noqa: E402
 
 
@@ -60,8 +60,11 @@ def main() -> int:
 
                 fuzz = settings(max_examples=args.examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
                 given(raw_bodies)(fuzz(send))()
-                _, valid = portal.new_request(prompt="fuzz", ttl=30)
-                given(mutated_bodies(valid))(fuzz(lambda body: send(encode(body))))()
+                def send_mutated(data: st.DataObject) -> None:  # a new portal job each time: accepted ones run and deliver
+                    _, valid = portal.new_request(prompt="fuzz", ttl=30)
+                    send(encode(data.draw(mutated_bodies(valid))))
+
+                given(st.data())(fuzz(send_mutated))()
                 elapsed = time.monotonic() - started
                 healthy = client.get("/-/health").status_code == 200
                 job_hash, body = portal.new_request(prompt="still there?")

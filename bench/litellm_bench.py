@@ -28,7 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.accept_bench import TOKEN, Portal, cpu_seconds, end_to_end, percentile, print_table, rss_mb, start_gateway, start_process, stop  # noqa: E402
-from tests.harness import free_port  # noqa: E402
+from gateway.testing import free_port  # noqa: E402
 
 LITELLM_TOKEN = "bench-litellm-0123456789abcdef"
 DELAY = 0.05
@@ -46,7 +46,7 @@ def main() -> None:
     try:
         portal_port, upstream_port = free_port(), free_port()
         procs.append(start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0])
-        procs.append(start_process([sys.executable, "-m", "gateway_openai.testing", "--port", str(upstream_port), "--delay", str(DELAY)], upstream_port, "/", workdir, "upstream")[0])
+        procs.append(start_process([sys.executable, "-m", "gateway.testing", "--port", str(upstream_port), "--delay", str(DELAY)], upstream_port, "/", workdir, "upstream")[0])
         portal = Portal(portal_port)
         base = f"http://127.0.0.1:{upstream_port}/v1"
         config = {

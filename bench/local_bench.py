@@ -24,7 +24,7 @@ from gateway_local import LlamaCppAdapter, find_gguf  # noqa: E402
 
 from bench.accept_bench import print_table, rss_mb, stop  # noqa: E402
 from gateway.adapters import Message, TextRequest  # noqa: E402
-from tests.harness import free_port  # noqa: E402
+from gateway.testing import free_port  # noqa: E402
 
 PROMPTS = [
     "Write a short greeting for our clients.",

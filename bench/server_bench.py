@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.accept_bench import TOKEN, Portal, closed_loop, cpu_seconds, gateway_config, print_table, start_process, stop  # noqa: E402
-from tests.harness import free_port  # noqa: E402
+from gateway.testing import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = f"/engines/bench/{TOKEN}/completions"

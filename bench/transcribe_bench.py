@@ -30,8 +30,7 @@ from gateway_whisper import WhisperAdapter  # noqa: E402
 from bench.accept_bench import Portal, open_loop, percentile, print_table, start_gateway, start_process, stop  # noqa: E402
 from gateway.adapters import AudioRequest  # noqa: E402
 from gateway.bitrix.protocol import encode_like_php  # noqa: E402
-from tests.harness import free_port  # noqa: E402
-from tests.speech import speak  # noqa: E402
+from gateway.testing import free_port, speak  # noqa: E402
 
 SPEECH = (
     "Good morning everyone. The quarterly sales meeting moved to Thursday afternoon. "
@@ -97,7 +96,7 @@ def main() -> None:
     try:
         portal_port, upstream_port = free_port(), free_port()
         procs.append(start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0])
-        procs.append(start_process([sys.executable, "-m", "gateway_openai.testing", "--port", str(upstream_port)], upstream_port, "/", workdir, "upstream")[0])
+        procs.append(start_process([sys.executable, "-m", "gateway.testing", "--port", str(upstream_port)], upstream_port, "/", workdir, "upstream")[0])
         portal = Portal(portal_port)
         config = {
             "public_url": "http://127.0.0.1:0", "data_dir": str(workdir / "var"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from gateway.languages import language_code
-from gateway.tasks import Category, Message, Task
+from gateway.tasks import AudioPrompt, CallPrompt, Category, ImagePrompt, Message, Task, TextPrompt
 
 
 @dataclass(frozen=True)
@@ -262,9 +262,6 @@ class AudioAdapter(Protocol):
     async def transcribe(self, request: AudioRequest) -> Transcript: ...
 
 
-IMAGE_FORMATS = ("square", "portrait", "landscape")
-
-
 def check_known_options(options: Mapping[str, Any], known: Iterable[str], hint: str = "") -> None:
     """Refuse an option the adapter does not know: a typo would otherwise fall back to a default.
     The error suggests the closest known option, as unknown keys elsewhere in the config do."""
@@ -353,8 +350,9 @@ class Recording:
 async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any], timeout: float, *,
                  image_sizes: Mapping[str, str] | None = None, max_images: int = 1,
                  recording: Recording | None = None) -> TextResult | ImageResult | Transcript:
-    """Build the category's typed request from the task and call the adapter."""
-    if task.category is Category.TEXT:
+    """Build the typed request for the task's prompt and call the adapter."""
+    prompt = task.prompt
+    if isinstance(prompt, TextPrompt):
         request = TextRequest(
             model=model,
             messages=task.messages(),
@@ -363,24 +361,23 @@ async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any]
             params={k: v for k, v in params.items() if k not in ("temperature", "max_tokens")},
             timeout=timeout,
         )
-        return await adapter.complete(request)
-    if task.category is Category.IMAGE:
-        prompt = task.prompt
-        style = prompt.get("style")
-        text = f"{style}, {prompt['prompt']}" if isinstance(style, str) and style.strip() else prompt["prompt"]
+        text: TextResult = await adapter.complete(request)
+        return text
+    if isinstance(prompt, ImagePrompt):
+        description = f"{prompt.style}, {prompt.text}" if prompt.style and prompt.style.strip() else prompt.text
         sizes = image_sizes or {}
-        wanted = prompt.get("images_number") or 1
-        return await adapter.generate_image(ImageRequest(
-            model=model, prompt=text, size=sizes[prompt.get("format") or "square"],
-            n=max(1, min(int(wanted), max_images)), params=dict(params), timeout=timeout,
+        images: ImageResult = await adapter.generate_image(ImageRequest(
+            model=model, prompt=description, size=sizes[prompt.format or "square"],
+            n=max(1, min(prompt.images_number or 1, max_images)), params=dict(params), timeout=timeout,
         ))
-    if task.category in (Category.AUDIO, Category.CALL):
+        return images
+    if isinstance(prompt, AudioPrompt):
         if recording is None:
             raise AdapterError("the recording was not downloaded", retryable=False)
-        hint = (task.prompt.get("fields") or {}).get("prompt")
-        return await adapter.transcribe(AudioRequest(
+        transcript: Transcript = await adapter.transcribe(AudioRequest(
             model=model, file=recording.path, filename=recording.filename, content_type=recording.content_type,
-            language=language_code(task.language), prompt=hint if isinstance(hint, str) and hint.strip() else None,
-            timestamps=task.category is Category.CALL, params=dict(params), timeout=timeout,
+            language=language_code(task.language), prompt=prompt.hint,
+            timestamps=isinstance(prompt, CallPrompt), params=dict(params), timeout=timeout,
         ))
+        return transcript
     raise AdapterError(f"category {task.category.value!r} is not supported by this gateway version", retryable=False)

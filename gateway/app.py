@@ -23,38 +23,34 @@ from starlette.routing import BaseRoute, Route
 from gateway.bitrix.protocol import ProtocolError, parse_completion_request
 from gateway.config import Config
 from gateway.files import CONTENT_TYPES
-from gateway.jobs.model import Job, JobState, new_job_id
-from gateway.jobs.sqlite import QueueItemError, QueueStoreError
+from gateway.jobs.model import Job, new_job_id
+from gateway.jobs.queue import QueueItemError, QueueStoreError
 from gateway.netguard import URLRefused
-from gateway.plugins import list_plugins
+from gateway.plugins import call_registration_hook, list_plugins
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway.accept")
 ACCEPTED = {"result": "OK"}
 
 
-class RequestRejected(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
 async def read_limited_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestRejected(413, "body_too_large", f"the request body exceeds {limit} bytes")
+        raise ProtocolError(413, "body_too_large", f"the request body exceeds {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise RequestRejected(413, "body_too_large", f"the request body exceeds {limit} bytes")
+            raise ProtocolError(413, "body_too_large", f"the request body exceeds {limit} bytes")
     return bytes(body)
 
 
 def _engine_path(request: Request) -> str:
     """The request path with the token masked: the log must not learn a valid token."""
-    code = request.path_params.get("code", "?")
+    code = str(request.path_params.get("code", "?"))
+    if not code.isprintable() or len(code) > 64:  # percent-decoded from the URL: no forged log lines
+        code = repr(code[:64])
     return f"/engines/{code}/…/completions"
 
 
@@ -75,7 +71,7 @@ class CompletionsEndpoint:
         started = time.perf_counter()
         try:
             return await self.accept(request, started)
-        except RequestRejected as exc:
+        except ProtocolError as exc:
             self.runtime.metrics.rejected.labels(exc.code).inc()
             log.info("rejected %s %s: %s %s", request.method, _engine_path(request), exc.status, exc.message)
             return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status)
@@ -93,73 +89,54 @@ class CompletionsEndpoint:
         code, token = request.path_params["code"], request.path_params["token"]
         engine = rt.engines.authenticate(code, token)
         if engine is None:  # one answer for an unknown code and a wrong token: no probing for codes
-            raise RequestRejected(404, "unknown_engine", "no engine at this URL (unknown engine code or wrong token); copy the completions URL from `gateway engines list`")
-        if request.method == "GET":  # the portal's registration check: exactly 200
+            raise ProtocolError(404, "unknown_engine", "no engine at this URL (unknown engine code or wrong token); copy the completions URL from `gateway engines list`")
+        if request.method in ("GET", "HEAD"):  # the portal's registration check: exactly 200
             return JSONResponse({"result": "OK", "engine": code})
 
         content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
-            raise RequestRejected(415, "unsupported_media_type", f"expected Content-Type application/json, got {content_type or 'none'}")
+            raise ProtocolError(415, "unsupported_media_type", f"expected Content-Type application/json, got {content_type or 'none'}")
         body = await read_limited_body(request, rt.config.max_body_bytes)
         try:
             data = json.loads(body)
         except json.JSONDecodeError as exc:
-            raise RequestRejected(400, "invalid_json", f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+            raise ProtocolError(400, "invalid_json", f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from None
         except UnicodeDecodeError:
-            raise RequestRejected(400, "invalid_json", "the body is not valid UTF-8 text") from None
+            raise ProtocolError(400, "invalid_json", "the body is not valid UTF-8 text") from None
         except RecursionError:
-            raise RequestRejected(400, "invalid_json", "the body's JSON is nested too deeply") from None
+            raise ProtocolError(400, "invalid_json", "the body's JSON is nested too deeply") from None
         except ValueError as exc:  # e.g. an integer of more than 4,300 digits
-            raise RequestRejected(400, "invalid_json", f"the body's JSON cannot be read: {str(exc)[:120]}") from None
+            raise ProtocolError(400, "invalid_json", f"the body's JSON cannot be read: {str(exc)[:120]}") from None
         now = time.time()
-        try:
-            parsed = parse_completion_request(
-                data, engine=code, category=engine.config.category, default_ttl=rt.config.default_ttl, job_id=new_job_id(), now=now,
-                context=engine.config.context,
-            )
-        except ProtocolError as exc:
-            raise RequestRejected(exc.status, exc.code, exc.message) from None
+        parsed = parse_completion_request(
+            data, engine=code, category=engine.config.category, default_ttl=rt.config.default_ttl, job_id=new_job_id(), now=now,
+            context=engine.config.context,
+        )
         for name, url in parsed.outbound_urls:
             try:
                 rt.policy.check_url(str(url))
             except URLRefused as exc:
                 code_name = "file_not_allowed" if name == "prompt.file" else "callback_not_allowed"
-                raise RequestRejected(422, code_name, f"{name}: {exc}") from None
+                raise ProtocolError(422, code_name, f"{name}: {exc}") from None
 
         task = parsed.task
-        job = Job(
-            id=task.job_id, engine=code, category=task.category.value, state=JobState.QUEUED, task=task,
-            callback_url=parsed.callback_url, error_callback_url=parsed.error_callback_url,
-            accepted_at=now, deadline=task.deadline,
-        )
+        job = Job(task, parsed.callback_url, parsed.error_callback_url)
         accepted_counter, latency_histogram = self._engine_metrics(code, task.category.value)
-        worker = rt.worker
-        reserved = worker is not None and worker.reserve()
         try:
-            stored, created = await rt.queue.enqueue(
-                job, parsed.idempotency_key, lease_owner=worker.owner if reserved and worker else None,
-                lease_seconds=rt.config.queue.lease_seconds,
-            )
+            if rt.worker is not None:  # stored leased to this process's worker when it has a free slot
+                stored, created = await rt.worker.admit(job, parsed.idempotency_key)
+            else:
+                stored, created = await rt.queue.enqueue(job, parsed.idempotency_key, lease_owner=None, lease_seconds=rt.config.queue.lease_seconds)
         except QueueItemError as exc:  # this request's values, not the queue: retrying will not help
-            if reserved and worker:
-                worker.unreserve()
             log.warning("could not store a request for engine %s: %s", code, exc)
-            raise RequestRejected(422, "invalid_field", f"the request cannot be stored: {exc}") from None
+            raise ProtocolError(422, "invalid_field", f"the request cannot be stored: {exc}") from None
         except QueueStoreError as exc:
-            if reserved and worker:
-                worker.unreserve()
             log.error("could not persist a request for engine %s: %s", code, exc)
-            raise RequestRejected(503, "queue_unavailable", "the gateway cannot store the request right now") from None
+            raise ProtocolError(503, "queue_unavailable", "the gateway cannot store the request right now") from None
         if created:
-            if reserved and worker:
-                worker.submit(stored)
-            elif worker:
-                worker.wake()
             accepted_counter.inc()
             log.info("accepted job %s engine=%s category=%s ttl=%s", stored.id, code, task.category.value, task.ttl)
         else:
-            if reserved and worker:
-                worker.unreserve()
             rt.metrics.duplicates.labels(code).inc()
             log.info("repeated request for job %s engine=%s: answered 202, no new job", stored.id, code)
         latency_histogram.observe(time.perf_counter() - started)
@@ -211,7 +188,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
         Route("/-/plugins.json", plugins),
         Route("/files/{name}", hosted_file),
     ]
-    rt.pm.hook.register_routes(routes=routes)
+    call_registration_hook(
+        rt.pm.hook.register_routes, lambda plugin: {"routes": routes}, lambda: len(routes),
+        "append Starlette routes (starlette.routing.Route) to the `routes` list the hook is given (an async hook is awaited)",
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.redaction import configure_logging
     from gateway.runtime import Runtime
-    from gateway.server import ListenError, bind_socket, listen_url, raise_file_limit, serve
+    from gateway.server import ListenError, bind_socket, listen_url, outbound_pools, raise_file_limit, serve
 
     config = _config(args)
     configure_logging(args.log_level)
@@ -62,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
         print("  full completions URLs, token included: gateway engines list", flush=True)
 
-    started = serve(app, sock, config.connections, file_limit, registry=runtime.metrics.registry, on_ready=announce)
+    started = serve(app, sock, config.connections, file_limit, outbound_pools(config), registry=runtime.metrics.registry, on_ready=announce)
     return 0 if started else 1
 
 
@@ -242,10 +241,10 @@ def cmd_engines_unregister(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from gateway.metrics import Metrics, MetricsRecorder
-    from gateway.plugins import get_plugin_manager, list_plugins
+    from gateway.metrics import Metrics
+    from gateway.plugins import default_plugins, get_plugin_manager, list_plugins
 
-    listing = list_plugins(get_plugin_manager([(MetricsRecorder(Metrics()), "gateway.metrics")]))
+    listing = list_plugins(get_plugin_manager(default_plugins(Metrics())))
     if args.json:
         print(json.dumps(listing, indent=2))
     else:
@@ -292,13 +291,14 @@ def _describe_result(result: dict[str, Any]) -> str:
 
 
 def _with_queue(config: Config, action: Any) -> Any:
-    from gateway.jobs.sqlite import SQLiteJobQueue
+    """``await action(queue)`` on the configured queue; None when no job was ever stored."""
+    from gateway.jobs.backends import job_queue
 
     if not Path(config.queue.path).exists():
         return None
 
     async def run() -> Any:
-        queue = SQLiteJobQueue(config.queue.path)
+        queue = job_queue(config.queue)
         await queue.open()
         try:
             return await action(queue)
@@ -353,7 +353,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 # -- simulate ---------------------------------------------------------------------------
 def cmd_simulate(args: argparse.Namespace) -> int:
     from gateway.bitrix.simulator import PortalEmulator
-    from gateway.demo import portal_prompt
+    from gateway.demo import CALLBACK_REFUSED_HINT, exchange, portal_prompt
     from gateway.engines import EngineDirectory, completions_path
     from gateway.loopback import LoopbackServer
 
@@ -401,22 +401,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 print(f"ai.engine.register on the emulator failed: {exc}", file=sys.stderr)
                 return 1
         prompt = portal_prompt(category, emulator, text=args.prompt, audio=audio)
-        job_hash, body = emulator.new_request(category, prompt, ttl=args.ttl)
-        started = time.monotonic()
-        response = emulator.send(url, body)
-        print(f"completions POST: HTTP {response.status_code} {response.text} in {(time.monotonic() - started) * 1000:.1f} ms")
-        if response.status_code != 202:
-            if response.status_code == 422 and "callback_not_allowed" in response.text:
-                print("the gateway refused the emulator's callback host: for local testing add 127.0.0.1 to "
-                      "security.allowed_portals and set security.allow_private_networks: true", file=sys.stderr)
+        sent = exchange(emulator, url, category, prompt, timeout=args.timeout, ttl=args.ttl)
+        print(f"completions POST: HTTP {sent.response.status_code} {sent.response.text} in {sent.accepted * 1000:.1f} ms")
+        if sent.response.status_code != 202:
+            if sent.callback_refused:
+                print(f"the gateway refused the emulator's callback host; {CALLBACK_REFUSED_HINT}", file=sys.stderr)
             return 1
-        job = emulator.wait(job_hash, timeout=args.timeout)
-        elapsed = time.monotonic() - started
-        if not job.delivered:
+        callback = sent.callback
+        if callback is None:
             print(f"no callback within {args.timeout:.0f} s", file=sys.stderr)
             return 1
-        callback = job.delivered[0]
-        print(f"{callback.kind} callback after {elapsed:.2f} s:")
+        print(f"{callback.kind} callback after {sent.elapsed:.2f} s:")
         print(json.dumps(callback.body, indent=2, ensure_ascii=False))
         return 0 if callback.kind == "success" else 1
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.tasks import Category
+from gateway.tasks import IMAGE_FORMATS, Category
 
 CONFIG_ENV = "GATEWAY_CONFIG"
 ENGINE_CODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -93,7 +93,8 @@ class RouteTarget:
         return f"{self.provider}/{self.model}"
 
 
-DEFAULT_IMAGE_SIZES = {"square": "1024x1024", "portrait": "1024x1792", "landscape": "1792x1024"}
+DEFAULT_IMAGE_SIZES = dict(zip(IMAGE_FORMATS, ("1024x1024", "1024x1792", "1792x1024"), strict=True))
+"""The size requested for each of the portal's image formats, unless an engine's ``image.sizes`` says otherwise."""
 _SIZE_RE = re.compile(r"^\d{2,5}x\d{2,5}$")
 
 

@@ -9,6 +9,7 @@ these (llama.cpp, CTranslate2) pass the priority on, as Linux threads inherit it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import multiprocessing
@@ -17,11 +18,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import resource_tracker
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
+
+from gateway.adapters import AdapterConfigError
 
 Loaded = TypeVar("Loaded")
+Answer = TypeVar("Answer")
 _pools: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
 """Pools from :func:`background_processes` not stopped yet: the last one stopped stops the resource tracker."""
 _pools_lock = threading.Lock()
@@ -132,3 +136,50 @@ class SharedModels(Generic[Loaded]):
             if key not in self._loaded:
                 self._loaded[key] = load()
             return self._loaded[key]
+
+
+class RunsInThreads(Protocol):
+    """A model in memory with the threads that run it (e.g. from :func:`background_threads`)."""
+
+    @property
+    def threads(self) -> Executor: ...
+
+
+Model = TypeVar("Model", bound=RunsInThreads)
+
+
+class InProcessModel(Generic[Model]):
+    """One adapter's model, run in this process: loaded once and shared with every provider that
+    names the same model and settings (``key`` in ``shared``), when the worker starts
+    (:meth:`load`, from the adapter's ``load``) or else at first use; each call runs in the
+    model's own threads, off the event loop, and is told to stop when nobody waits any more.
+
+    ``create`` builds the model; an exception of a type in ``load_errors`` while it does is a
+    configuration error on the provider option ``option`` ("cannot load ``what``: ...")."""
+
+    def __init__(self, shared: SharedModels[Model], key: Hashable, create: Callable[[], Model], *, option: str, what: str,
+                 load_errors: tuple[type[Exception], ...] = (Exception,)) -> None:
+        self.shared, self.key, self.option, self.what = shared, key, option, what
+        self._create, self._load_errors = create, load_errors
+        self.loaded: Model | None = None
+        """The model once loaded (shared: every provider on the same key holds the same object)."""
+
+    def load(self) -> Model:
+        """Load the model, or take the copy another provider loaded. Blocks: call it from a thread."""
+        if self.loaded is None:
+            try:
+                self.loaded = self.shared.get(self.key, self._create)
+            except self._load_errors as exc:
+                raise AdapterConfigError(self.option, f"cannot load {self.what}: {exc}") from None
+        return self.loaded
+
+    async def run(self, work: Callable[[Model, threading.Event], Answer]) -> Answer:
+        """``work(model, stop)`` in the model's threads. ``stop`` is set when the caller stops
+        waiting (a timeout, a shutdown): ``work`` checks it at each step (token, segment) and
+        ends early, so an abandoned call does not hold a thread to the end."""
+        model = self.loaded if self.loaded is not None else await asyncio.to_thread(self.load)
+        stop = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(model.threads, work, model, stop)
+        finally:
+            stop.set()

@@ -22,18 +22,19 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol
 
 import httpx
 
 from gateway import http
 from gateway.adapters import result_from_json
+from gateway.backoff import Backoff
 from gateway.bitrix import protocol
 from gateway.config import DeliverySettings
-from gateway.jobs.model import Attempt, Job
+from gateway.outcomes import Attempt, AttemptKind, DeliveryOutcome, Outcome
 from gateway.netguard import OutboundPolicy, URLRefused
 from gateway.redaction import redact
+from gateway.tasks import Task
 
 log = logging.getLogger("gateway.delivery")
 
@@ -45,30 +46,46 @@ SENT_THEN_LOST = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
 """Failures after the request went out: the portal may have taken the callback."""
 
 
+class Deliverable(Protocol):
+    """What delivery needs of a job whose outcome is stored (the queue's ``Job`` is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def task(self) -> Task: ...
+    @property
+    def callback_url(self) -> str: ...
+    @property
+    def error_callback_url(self) -> str: ...
+    @property
+    def outcome(self) -> Outcome | None: ...
+    @property
+    def deadline(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class DeliveryResult:
-    outcome: str
-    """delivered, gone, retry, rejected (portal refuses it for good), refused (URL policy, or a URL
-    or body that cannot be sent) or error (an unexpected failure in the gateway)."""
+    outcome: DeliveryOutcome
     attempt: Attempt
     maybe_consumed: bool = False
     """The body was sent and the answer lost (a read timeout, a broken connection): the portal may have taken it."""
 
 
 def portal_host(url: str) -> str:
-    """The host name a callback URL points at (the metric label and the lane); "?" if it has none."""
+    """The host name a callback URL points at (the metric label and the lane), as accept parsed
+    it; "?" if it cannot be parsed."""
     try:
-        return urlsplit(url).hostname or "?"
-    except ValueError:
+        return protocol.parse_outbound_url(url, "callback URL").host
+    except protocol.ProtocolError:
         return "?"
 
 
-def delivery_url(job: Job) -> str:
+def delivery_url(job: Deliverable) -> str:
     """The URL this job's outcome goes to: ``callbackUrl`` for a result, else ``errorCallbackUrl``."""
     return job.callback_url if job.outcome is None or job.outcome.result is not None else job.error_callback_url
 
 
-def callback_for(job: Job) -> tuple[str, dict[str, Any]]:
+def callback_for(job: Deliverable) -> tuple[str, dict[str, Any]]:
     """The URL and JSON body that carry this job's stored outcome to the portal."""
     assert job.outcome is not None, "delivery starts only after the outcome is stored"
     if job.outcome.result is not None:
@@ -80,7 +97,12 @@ def callback_for(job: Job) -> tuple[str, dict[str, Any]]:
 
 class Deliverer:
     def __init__(self, policy: OutboundPolicy, settings: DeliverySettings, *, rng: Callable[[], float] = random.random) -> None:
-        self.policy, self.settings, self._rng = policy, settings, rng
+        self.policy, self.settings = policy, settings
+        self.backoff = Backoff(settings.backoff_initial, settings.backoff_max, rng)
+        """The pause before the next callback attempt (and, in the worker, after an unexpected error)."""
+        self.deferral = Backoff(settings.read_timeout, settings.read_timeout, rng)
+        """How long a delivery that found its portal's lane full waits before trying again: up to one
+        callback's read timeout, jittered so that the jobs put back together do not return together."""
         self._client: httpx.AsyncClient | None = None
 
     async def open(self) -> None:
@@ -95,35 +117,32 @@ class Deliverer:
         if self._client is not None:
             await self._client.aclose()
 
-    def backoff(self, attempts_so_far: int) -> float:
-        cap = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** min(attempts_so_far, 30))
-        return cap * (0.5 + self._rng() / 2)
-
-    async def attempt(self, job: Job) -> DeliveryResult:
+    async def attempt(self, job: Deliverable) -> DeliveryResult:
         """One callback POST; never raises (but for cancellation)."""
         assert self._client is not None
         url = delivery_url(job)
         host = portal_host(url)
         started = time.time()
 
-        def result(outcome: str, detail: str, maybe_consumed: bool = False) -> DeliveryResult:
-            attempt = Attempt("callback", host, started, time.time() - started, outcome, redact(detail)[:500])
+        def result(outcome: DeliveryOutcome, detail: str, maybe_consumed: bool = False) -> DeliveryResult:
+            attempt = Attempt(AttemptKind.CALLBACK, host, started, time.time() - started, outcome, redact(detail)[:500])
             return DeliveryResult(outcome, attempt, maybe_consumed)
 
         try:
-            self.policy.check_url(url)
-            url, body = callback_for(job)
+            # Parsed and checked by the same code as at accept: a URL accepted then is sent as checked.
+            target = protocol.parse_outbound_url(url, "callback URL")
+            self.policy.check_url(str(target))
+            _, body = callback_for(job)
             timeout = max(0.1, min(self.settings.read_timeout, job.deadline - started))
             request = self._client.build_request(
-                "POST", url, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, timeout=timeout,
+                "POST", target, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, timeout=timeout,
             )
-            port = request.url.port
-            if port is not None and not 0 < port < 65536:
-                raise httpx.InvalidURL(f"port {port} is out of range (1-65535)")
+        except protocol.ProtocolError as exc:
+            return result(DeliveryOutcome.REFUSED, f"the callback cannot be sent: {exc.message}")
         except URLRefused as exc:
-            return result("refused", f"callback URL refused: {exc}")
+            return result(DeliveryOutcome.REFUSED, f"callback URL refused: {exc}")
         except Exception as exc:  # deterministic: the same URL and outcome fail the same way every time
-            return result("refused", f"the callback cannot be sent: {_describe(exc)}")
+            return result(DeliveryOutcome.REFUSED, f"the callback cannot be sent: {_describe(exc)}")
         try:
             response = await self._client.send(request, stream=True)
             try:
@@ -135,14 +154,14 @@ class Deliverer:
             finally:
                 await response.aclose()
         except URLRefused as exc:  # at connect time: the name resolved to an address the policy refuses
-            return result("refused", f"callback URL refused: {exc}")
+            return result(DeliveryOutcome.REFUSED, f"callback URL refused: {exc}")
         except SENT_THEN_LOST as exc:
-            return result("retry", f"{_describe(exc)} (after the callback was sent: the portal may have taken it)", maybe_consumed=True)
+            return result(DeliveryOutcome.RETRY, f"{_describe(exc)} (after the callback was sent: the portal may have taken it)", maybe_consumed=True)
         except httpx.HTTPError as exc:
-            return result("retry", _describe(exc))
+            return result(DeliveryOutcome.RETRY, _describe(exc))
         except Exception as exc:
             log.error("job %s: unexpected error during a callback POST to %s", job.id, host, exc_info=exc)
-            return result("error", f"unexpected error during the callback POST: {_describe(exc)}")
+            return result(DeliveryOutcome.ERROR, f"unexpected error during the callback POST: {_describe(exc)}")
         answer_kind = protocol.read_callback_answer(response.status_code, answer)
         return result(answer_kind.outcome, answer_kind.detail)
 

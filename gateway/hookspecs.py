@@ -1,7 +1,10 @@
-"""The plugin API. Every hook may return an awaitable; the gateway awaits it.
+"""The plugin API. Every hook may be implemented by a plain function or an ``async def``; the gateway awaits it.
 
 Plugins implement hooks with ``@gateway.hookimpl`` and are found through the ``gateway``
-entry point group (``GATEWAY_LOAD_PLUGINS=a,b`` restricts which ones load).
+entry point group (``GATEWAY_LOAD_PLUGINS=a,b`` restricts which ones load). The
+``register_*`` hooks run once while the gateway is built, before it serves; an
+implementation that registers nothing stops start-up with an error naming its plugin.
+The README's hook table lists these hooks and is checked against this module by a test.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ def register_adapters(register: Any) -> None:
     """Register adapter types: ``register(name, factory, categories=["text", ...])``.
 
     ``factory(provider_name, options)`` is called once per provider in the config whose
-    ``type`` is ``name``, and returns an adapter (see ``gateway.adapters``).
+    ``type`` is ``name``, and returns an adapter (see ``gateway.adapters``). An async
+    implementation runs on a short-lived event loop of its own: open clients in ``startup``.
     """
 
 
@@ -60,4 +64,4 @@ def task_failed(task: Any, error: Any) -> Any:
 
 @hookspec
 def register_routes(routes: Any) -> None:
-    """Append Starlette routes to ``routes`` to serve extra HTTP endpoints."""
+    """Append Starlette routes to ``routes`` to serve extra HTTP endpoints (runs once, when the app is built)."""

@@ -108,6 +108,8 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectTimeout(f"connecting to {host}:{port} took longer than {timeout} s") from None
         except socket.gaierror as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc.strerror}") from exc
+        except UnicodeError:  # the resolver's IDNA encoding: an empty label, or one over 63 characters
+            raise httpcore.ConnectError(f"cannot resolve {host}: not a valid host name") from None
 
     @staticmethod
     async def _connect_first(infos: list[Any], local_address: str | None, options: Iterable[SocketOption]) -> AsyncioStream:

@@ -9,6 +9,7 @@ Final outcomes are counted by :class:`MetricsRecorder`, a default plugin that li
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -18,6 +19,43 @@ from gateway.hookspecs import hookimpl
 ACCEPT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 END_TO_END_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60)
+
+
+MAX_PORTAL_LABELS = 200
+OTHER_PORTALS = "other"
+
+
+class PortalLabels:
+    """Portal host names as metric labels, at most :data:`MAX_PORTAL_LABELS` of them.
+
+    The hosts come from the request body: within ``*.bitrix24.com`` anyone holding an engine
+    URL could otherwise create a new time series per request. Hosts beyond the cap share
+    the label ``other``."""
+
+    def __init__(self, limit: int = MAX_PORTAL_LABELS) -> None:
+        self.limit = limit
+        self._known: set[str] = set()
+
+    def label(self, host: str) -> str:
+        if host in self._known:
+            return host
+        if len(self._known) >= self.limit:
+            return OTHER_PORTALS
+        self._known.add(host)
+        return host
+
+    def wrap(self, metric: Any) -> _PortalLabelled:
+        return _PortalLabelled(metric, self)
+
+
+class _PortalLabelled:
+    """A metric whose first label is a portal host, passed through :class:`PortalLabels`."""
+
+    def __init__(self, metric: Any, portals: PortalLabels) -> None:
+        self.metric, self.portals = metric, portals
+
+    def labels(self, portal: str, *rest: str) -> Any:
+        return self.metric.labels(self.portals.label(portal), *rest)
 
 
 class Metrics:
@@ -35,9 +73,10 @@ class Metrics:
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs not yet in a final state", registry=r)
         self.accept_latency = Histogram("gateway_accept_latency_seconds", "Time to answer a completions POST", ["engine", "category"], buckets=ACCEPT_BUCKETS, registry=r)
         self.end_to_end = Histogram("gateway_end_to_end_latency_seconds", "Acceptance to final state", ["engine", "category"], buckets=END_TO_END_BUCKETS, registry=r)
-        self.delivery_latency = Histogram("gateway_delivery_latency_seconds", "Duration of callback POSTs, by portal host name", ["portal"], buckets=DELIVERY_BUCKETS, registry=r)
-        self.delivery_failures = Counter("gateway_delivery_failures", "Callback POSTs that did not deliver, by portal host name and outcome (retry, gone, rejected, refused, error)", ["portal", "outcome"], registry=r)
-        self.delivery_deferred = Counter("gateway_delivery_deferred", "Deliveries put back in the queue because their portal already had the maximum of callbacks in flight and waiting", ["portal"], registry=r)
+        portals = PortalLabels()  # shared, so the three metrics agree on which hosts are "other"
+        self.delivery_latency = portals.wrap(Histogram("gateway_delivery_latency_seconds", "Duration of callback POSTs, by portal host name", ["portal"], buckets=DELIVERY_BUCKETS, registry=r))
+        self.delivery_failures = portals.wrap(Counter("gateway_delivery_failures", "Callback POSTs that did not deliver, by portal host name and outcome (retry, gone, rejected, refused, error)", ["portal", "outcome"], registry=r))
+        self.delivery_deferred = portals.wrap(Counter("gateway_delivery_deferred", "Deliveries put back in the queue because their portal already had the maximum of callbacks in flight and waiting", ["portal"], registry=r))
         self.loop_restarts = Counter("gateway_loop_restarts", "Background loops restarted after an unexpected error", ["loop"], registry=r)
         self.job_errors = Counter("gateway_job_internal_errors", "Unexpected errors while running or delivering a job (each recorded on the job and retried)", ["stage"], registry=r)
 
@@ -56,6 +95,13 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+FINAL_STATE: ContextVar[str | None] = ContextVar("gateway_final_state", default=None)
+"""The final state of the job whose outcome hooks are being called (set by the worker around them).
+
+The hooks do not carry the state, and ``delivered_unconfirmed`` looks like ``delivered``
+(or like the task's own failure) to them: this is how :class:`MetricsRecorder` tells it apart."""
+
+
 class MetricsRecorder:
     """Counts final outcomes through the same hooks a third-party plugin would use."""
 
@@ -63,6 +109,8 @@ class MetricsRecorder:
         self.metrics = metrics
 
     def _finish(self, task: Any, state: str) -> None:
+        if FINAL_STATE.get() == "delivered_unconfirmed":
+            state = "delivered_unconfirmed"
         self.metrics.finished.labels(task.engine, task.category.value, state).inc()
         self.metrics.end_to_end.labels(task.engine, task.category.value).observe(max(0.0, time.time() - task.accepted_at))
 

@@ -1,7 +1,7 @@
 """Routes: an engine's ordered targets, tried with retries, fallback and cooldown, within a deadline.
 
-For each target in order: call it; on a retryable error wait (exponential backoff with
-full jitter) and call again, up to ``retries`` more times; on a final error, or when the
+For each target in order: call it; on a retryable error wait (:class:`gateway.backoff.Backoff`:
+exponential, equal jitter) and call again, up to ``retries`` more times; on a final error, or when the
 retries are spent, fall back to the next target. A target that fails
 ``cooldown_failures`` times in a row (across jobs) is skipped for ``cooldown_seconds``.
 Nothing starts after the route deadline, which keeps a margin before the job's ttl so
@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.adapters import AdapterError
+from gateway.backoff import Backoff
 from gateway.config import RouteTarget, RoutingSettings
-from gateway.jobs.model import Attempt, JobError
+from gateway.outcomes import Attempt, AttemptKind, AttemptOutcome, JobError
 
 Call = Callable[[RouteTarget, float], Awaitable[Any]]
 
@@ -58,14 +59,12 @@ class Router:
     def __init__(self, settings: RoutingSettings, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.breaker = CircuitBreaker(settings.cooldown_failures, settings.cooldown_seconds)
-        self._sleep, self._rng = sleep, rng
+        self.backoff = Backoff(settings.backoff_initial, settings.backoff_max, rng)
+        """The pause between retries of one target (the worker's recording downloads use it too)."""
+        self._sleep = sleep
 
     def route_deadline(self, job_deadline: float, ttl: float) -> float:
         return job_deadline - min(self.settings.deadline_margin, ttl / 4)
-
-    def backoff(self, attempt: int) -> float:
-        cap = min(self.settings.backoff_max, self.settings.backoff_initial * 2**attempt)
-        return cap * (0.5 + self._rng() / 2)
 
     async def run(self, targets: Sequence[RouteTarget], call: Call, deadline: float) -> RouteResult:
         """Try the targets until one answers; ``deadline`` is a Unix time."""
@@ -79,7 +78,7 @@ class Router:
         for target in targets:
             key = target.label
             if key in cooling:
-                outcome.attempts.append(Attempt("provider", key, time.time(), 0.0, "skipped", "cooling down after repeated failures"))
+                outcome.attempts.append(Attempt(AttemptKind.PROVIDER, key, time.time(), 0.0, AttemptOutcome.SKIPPED, "cooling down after repeated failures"))
                 continue
             for attempt in range(self.settings.retries + 1):
                 remaining = deadline - time.time()
@@ -90,19 +89,17 @@ class Router:
                     outcome.value = await call(target, remaining)
                 except AdapterError as exc:
                     last = exc
-                    kind = "retryable" if exc.retryable else "final"
-                    outcome.attempts.append(Attempt("provider", key, started, time.time() - started, kind, exc.message[:500]))
+                    kind = AttemptOutcome.RETRYABLE if exc.retryable else AttemptOutcome.FINAL
+                    outcome.attempts.append(Attempt(AttemptKind.PROVIDER, key, started, time.time() - started, kind, exc.message[:500]))
                     if not exc.retryable:
                         break
                     self.breaker.failure(key)
                     if attempt == self.settings.retries:
                         break
-                    pause = self.backoff(attempt)
-                    if time.time() + pause >= deadline:
+                    if not await self.backoff.sleep(attempt, deadline, sleep=self._sleep):
                         return self._give_up(outcome, last, deadline_passed=True)
-                    await self._sleep(pause)
                     continue
-                outcome.attempts.append(Attempt("provider", key, started, time.time() - started, "ok"))
+                outcome.attempts.append(Attempt(AttemptKind.PROVIDER, key, started, time.time() - started, AttemptOutcome.OK))
                 outcome.target = target
                 self.breaker.success(key)
                 return outcome

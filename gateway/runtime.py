@@ -5,6 +5,7 @@ Used by the HTTP app (``gateway serve``) and by a worker-only process (``gateway
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -16,19 +17,22 @@ from gateway.adapters import AdapterConfigError, AdapterRegistry
 from gateway.config import Config, ConfigError
 from gateway.delivery import Deliverer
 from gateway.engines import EngineDirectory
+from gateway.execution import TaskExecutor
 from gateway.files import ImageHost, LocalFileStore
+from gateway.jobs.backends import job_queue
 from gateway.jobs.queue import JobQueue
-from gateway.jobs.sqlite import SQLiteJobQueue
-from gateway.jobs.worker import TaskExecutor, Worker
-from gateway.metrics import Metrics, MetricsRecorder
+from gateway.jobs.worker import Worker
+from gateway.metrics import Metrics
 from gateway.netguard import OutboundPolicy
-from gateway.plugins import call_hook, get_plugin_manager
+from gateway.plugins import call_hook, call_registration_hook, default_plugins, get_plugin_manager
 from gateway.recordings import RecordingFetcher
 from gateway.redaction import add_secret
 from gateway.routing import Router
 from gateway.supervision import Supervisor
 
 log = logging.getLogger("gateway")
+FILE_RETENTION_INTERVAL = 300.0
+"""Seconds between passes over the hosted files (their retention is ``files.retention_days``)."""
 SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "auth")
 
 
@@ -45,12 +49,19 @@ def register_config_secrets(config: Config, engines: EngineDirectory) -> None:
 
 
 def load_adapter_registry(pm: pluggy.PluginManager) -> AdapterRegistry:
+    """Adapter types from every ``register_adapters`` implementation, sync or async (see ``call_registration_hook``)."""
     registry = AdapterRegistry()
-    for impl in pm.hook.register_adapters.get_hookimpls():
-        def register(name: str, factory: Any, categories: Any = ("text",), _plugin: str = impl.plugin_name) -> None:
-            registry.register(name, factory, categories, plugin=_plugin)
 
-        impl.function(register=register)
+    def arguments(plugin: str) -> dict[str, Any]:
+        def register(name: str, factory: Any, categories: Any = ("text",)) -> None:
+            registry.register(name, factory, categories, plugin=plugin)
+
+        return {"register": register}
+
+    call_registration_hook(
+        pm.hook.register_adapters, arguments, lambda: len(registry.names()),
+        'call register("name", factory, categories=["text"]) inside the hook for each adapter type (an async hook is awaited)',
+    )
     return registry
 
 
@@ -103,7 +114,7 @@ class Runtime:
     def __init__(self, config: Config, *, with_worker: bool = True) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.pm = get_plugin_manager([(MetricsRecorder(self.metrics), "gateway.metrics")])
+        self.pm = get_plugin_manager(default_plugins(self.metrics))
         self.registry = load_adapter_registry(self.pm)
         self.adapters = build_adapters(config, self.registry)
         self.engines = EngineDirectory(config)
@@ -111,7 +122,7 @@ class Runtime:
         self.policy = OutboundPolicy(config.security.allowed_portals, config.security.allow_private_networks)
         self.loops = Supervisor(self.metrics)
         """The background loops of this process (queue flusher, worker): ``/-/health`` reports the ones down."""
-        self.queue: JobQueue = SQLiteJobQueue(config.queue.path, supervisor=self.loops)
+        self.queue: JobQueue = job_queue(config.queue, supervisor=self.loops)
         self.router = Router(config.routing)
         self.deliverer = Deliverer(self.policy, config.delivery)
         self.files = LocalFileStore(Path(config.data_dir) / "files")
@@ -129,7 +140,7 @@ class Runtime:
                 deliverer=self.deliverer, pm=self.pm, metrics=self.metrics,
                 concurrency=config.concurrency, lease_seconds=config.queue.lease_seconds,
                 poll_interval=config.queue.poll_interval,
-                retention_seconds=config.queue.retention_days * 86400, images=self.images, supervisor=self.loops,
+                retention_seconds=config.queue.retention_days * 86400, supervisor=self.loops,
             )
 
     async def start(self, app: Any = None) -> None:
@@ -140,9 +151,11 @@ class Runtime:
             if removed := self.recordings.sweep():
                 log.info("removed %d recording(s) left by a process that stopped uncleanly", removed)
             await self.worker.start()
+            self.loops.start("file-retention", self._delete_expired_files)
 
     async def stop(self, app: Any = None) -> None:
         if self.worker is not None:
+            await self.loops.stop("file-retention")
             await self.worker.stop(self.config.shutdown_grace)
         await self.deliverer.close()
         await self.images.aclose()
@@ -155,3 +168,14 @@ class Runtime:
             await call_hook(self.pm.hook.shutdown, app=app)
         finally:
             await self.queue.close()
+
+    async def _delete_expired_files(self) -> None:
+        """Delete hosted images past their retention: housekeeping of files, beside the worker's of jobs."""
+        await asyncio.sleep(self.config.queue.lease_seconds / 3)
+        while True:
+            try:
+                if files := await self.images.delete_expired():
+                    log.info("deleted %d hosted file(s) past their retention", files)
+            except Exception:
+                log.exception("hosted file retention failed; trying again later")
+            await asyncio.sleep(min(FILE_RETENTION_INTERVAL, self.config.queue.retention_days * 86400))

@@ -35,7 +35,8 @@ json_values = st.recursive(
 )
 ports = st.one_of(st.integers(-1, 70_000), st.sampled_from(["", "abc", "65536", "0", "99999999999999999999", " 80"]))
 hosts = st.one_of(
-    st.sampled_from(["127.0.0.1", "[::1]", "[::1", "::1]", "localhost", "acme.bitrix24.com", "xn--j1ay.xn--p1ai", "портал.рф", "", "user:pw@127.0.0.1"]),
+    st.sampled_from(["127.0.0.1", "[::1]", "[::1", "::1]", "localhost", "acme.bitrix24.com", "xn--j1ay.xn--p1ai", "портал.рф", "", "user:pw@127.0.0.1",
+                     "a..bitrix24.com", ".acme.bitrix24.com", "x" * 64 + ".bitrix24.com", "xn--.com"]),
     hostile_text,
 )
 

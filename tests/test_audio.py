@@ -90,9 +90,8 @@ def test_server_without_verbose_json_gets_plain_json(gateway, portal, upstream):
 
 
 def test_failing_transcription_server_falls_back_to_the_next_target(gateway, portal, upstream, tmp_path):
-    from gateway_openai.testing import FakeOpenAI
-
     from gateway.loopback import LoopbackServer
+    from gateway.testing import FakeOpenAI
 
     second = FakeOpenAI()
     with LoopbackServer(second.app) as server:

@@ -8,11 +8,11 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_openai.testing import FakeOpenAI
 
 from gateway.bitrix.protocol import encode_like_php
 from gateway.bitrix.simulator import PortalEmulator
 from gateway.loopback import LoopbackServer
+from gateway.testing import FakeOpenAI
 from tests.harness import ENGINE_TOKEN, GatewayProcess, make_config
 
 pytestmark = pytest.mark.e2e
@@ -90,6 +90,29 @@ CASES: dict[str, tuple[dict[str, Any], int, str]] = {
 }
 
 
+# The exact wording for the cases the hardening issue found (the message names the field and the rule).
+MESSAGES = {
+    "JSON nested 4,000 deep": "the body's JSON is nested too deeply",
+    "integer of 4,301 digits": "the body's JSON cannot be read: Exceeds the limit (4300 digits) for integer string conversion",
+    "ttl 1e400": "ttl: must be a finite number, got inf",
+    "ttl Infinity": "ttl: must be a finite number, got inf",
+    "ttl 1e300": "ttl: must be between 1 and 86400, got 1e+300",
+    "temperature 1e400": "temperature: must be a finite number, got inf",
+    "max_tokens 1e400": "max_tokens: must be a finite number, got inf",
+    "max_tokens NaN": "max_tokens: must be a finite number, got nan",
+    "surrogate in callbackUrl": "callbackUrl: contains '\\ud800' at position 24; URLs may not hold spaces, control characters or lone surrogates",
+    "surrogate in the prompt": "prompt: contains a lone UTF-16 surrogate",
+    "unclosed IPv6 callback host": "callbackUrl: is not a valid URL (Invalid port: ':1')",
+    "callback port abc": "callbackUrl: is not a valid URL (Invalid port: 'abc')",
+    "callback port 70000": "callbackUrl: port 70000 is out of range (1-65535)",
+    "tab in callbackUrl": "callbackUrl: contains '\\t' at position 18",
+    "NUL in errorCallbackUrl": "errorCallbackUrl: contains '\\x00' at position 18",
+    "newline in callbackUrl": "callbackUrl: contains '\\n' at position 18",
+    "bad token": "no engine at this URL (unknown engine code or wrong token)",
+    "unknown engine": "no engine at this URL (unknown engine code or wrong token)",
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_request_is_refused_clearly(stack, case):
     gw, portal, upstream = stack
@@ -111,6 +134,8 @@ def test_bad_request_is_refused_clearly(stack, case):
     error = response.json()["error"]
     assert error["code"] == code
     assert error["message"]
+    if case in MESSAGES:
+        assert error["message"].startswith(MESSAGES[case]), error["message"]
 
 
 def test_nothing_was_accepted_or_contacted(stack):
@@ -147,6 +172,18 @@ def test_unknown_engine_and_wrong_token_get_the_same_answer(stack):
             response = httpx.request(method, gw.url + path, content=body, headers={"Content-Type": "application/json"})
             answers.append((response.status_code, response.content))
     assert len(set(answers)) == 1 and answers[0][0] == 404, answers
+
+
+def test_head_is_answered_like_get(stack):
+    gw, _, _ = stack
+    assert httpx.head(f"{gw.url}/engines/acme_text/{ENGINE_TOKEN}/completions").status_code == 200
+
+
+def test_control_characters_in_the_engine_code_cannot_forge_log_lines(stack):
+    gw, _, _ = stack
+    httpx.post(f"{gw.url}/engines/x%0aFORGED%20ERROR%20line/{ENGINE_TOKEN}/completions", content=b"{}", headers={"Content-Type": "application/json"})
+    assert not any(line.startswith("FORGED") for line in gw.logs().splitlines())
+    assert "'x\\nFORGED ERROR line'" in gw.logs()
 
 
 def test_private_callback_refused_unless_allowed(gateway, portal, upstream):

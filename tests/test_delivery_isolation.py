@@ -14,7 +14,7 @@ from gateway.bitrix.simulator import PortalEmulator
 from gateway.jobs.model import Job, JobState, new_job_id
 from gateway.jobs.sqlite import SQLiteJobQueue
 from gateway.loopback import LoopbackServer
-from gateway.tasks import Category, Task
+from gateway.tasks import Category, Task, TextPrompt
 from tests.harness import make_config
 
 pytestmark = pytest.mark.e2e
@@ -89,9 +89,9 @@ def test_a_slow_portal_only_slows_its_own_callbacks(gateway, portal, slow_portal
 
 
 @pytest.mark.parametrize(("callback_url", "reason"), [
-    ("http://127.0.0.1:abc/cb?hash=x", "InvalidURL: Invalid port: 'abc'"),
-    ("http://127.0.0.1/c\tb?hash=x", "InvalidURL: Invalid non-printable ASCII character in URL"),
-    ("http://127.0.0.1:70000/cb?hash=x", "InvalidURL: port 70000 is out of range (1-65535)"),
+    ("http://127.0.0.1:abc/cb?hash=x", "callback URL: is not a valid URL (Invalid port: 'abc')"),
+    ("http://127.0.0.1/c\tb?hash=x", "callback URL: contains '\\t' at position 18"),
+    ("http://127.0.0.1:70000/cb?hash=x", "callback URL: port 70000 is out of range (1-65535)"),
 ])
 def test_a_job_whose_callback_cannot_be_sent_ends_dead_with_the_reason(gateway, upstream, callback_url, reason):
     """Stored directly in the queue, as if accept had let the URL through: delivery refuses it
@@ -99,8 +99,8 @@ def test_a_job_whose_callback_cannot_be_sent_ends_dead_with_the_reason(gateway, 
     gw = gateway()
     now = time.time()
     job_id = new_job_id()
-    task = Task(job_id=job_id, engine="acme_text", category=Category.TEXT, prompt="hello", ttl=3600, accepted_at=now, deadline=now + 3600)
-    job = Job(job_id, "acme_text", "text", JobState.QUEUED, task, callback_url, callback_url, now, now + 3600)
+    task = Task(job_id=job_id, engine="acme_text", category=Category.TEXT, prompt=TextPrompt("hello"), ttl=3600, accepted_at=now, deadline=now + 3600)
+    job = Job(task, callback_url, callback_url)
 
     async def store() -> None:
         queue = SQLiteJobQueue(Path(gw.config["data_dir"]) / "queue.sqlite3")

@@ -11,12 +11,13 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from gateway_openai.testing import FakeOpenAI
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.bitrix.protocol import encode_like_php
 from gateway.bitrix.simulator import PortalEmulator
 from gateway.loopback import LoopbackServer
+from gateway.testing import FakeOpenAI
 from tests.harness import ENGINE_TOKEN, GatewayProcess, make_config
 from tests.strategies import encode, mutated_bodies, raw_bodies
 
@@ -62,13 +63,14 @@ def test_random_bytes_and_json(stack):
 
 
 def test_mutated_portal_requests(stack):
+    """Each example is a new portal job (its own hash), so accepted ones are stored, run and delivered."""
     gw, portal, client = stack
-    _, valid = portal.new_request(prompt="fuzz", ttl=30)
 
     @FUZZ
-    @given(mutated_bodies(valid))
-    def run(body: dict) -> None:
-        _check(_post(client, encode(body)))
+    @given(st.data())
+    def run(data: st.DataObject) -> None:
+        _, valid = portal.new_request(prompt="fuzz", ttl=30)
+        _check(_post(client, encode(data.draw(mutated_bodies(valid)))))
 
     run()
 

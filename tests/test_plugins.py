@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
+import re
 import time
 from pathlib import Path
 
+import pluggy
 import pytest
 import yaml
 
-from gateway import TaskRefused, hookimpl
+from gateway import TaskRefused, hookimpl, hookspecs
 from gateway.app import create_app
 from gateway.config import ConfigError, load_config
 from gateway.loopback import LoopbackServer
-from gateway.plugins import PluginError, get_plugin_manager, list_plugins
-from gateway.runtime import Runtime
+from gateway.plugins import PluginError, call_hook, default_plugins, get_plugin_manager, list_plugins, notify
+from gateway.runtime import Runtime, load_adapter_registry
 from tests.harness import make_config
 
 
@@ -32,7 +36,7 @@ class Recorder:
     @hookimpl
     async def prepare_task(self, task):
         await asyncio.sleep(0)
-        if "refuse" in task.prompt:
+        if "refuse" in task.prompt.text:
             raise TaskRefused("contains a forbidden word", code=451)
         task.system = (task.system or "") + " Answer in one line."
 
@@ -180,3 +184,262 @@ def test_provider_flag_option(value, expected):
         assert err.value.key == "f"
     else:
         assert flag_option({"f": value}, "f", True) is expected
+
+
+# -- one way to call hooks: every hook may be sync or async --------------------------------
+def isolated_manager(monkeypatch, *plugins: object) -> pluggy.PluginManager:
+    """A manager holding only ``plugins`` (no installed entry points), named after their classes."""
+    monkeypatch.setenv("GATEWAY_LOAD_PLUGINS", "")
+    return get_plugin_manager([(plugin, type(plugin).__name__) for plugin in plugins])
+
+
+class SyncAdapters:
+    @hookimpl
+    def register_adapters(self, register):
+        register("sync_kind", lambda name, options: object(), categories=["text"])
+
+
+class AsyncAdapters:
+    @hookimpl
+    async def register_adapters(self, register):
+        await asyncio.sleep(0)
+        register("async_kind", lambda name, options: object(), categories=["image"])
+
+
+def test_sync_and_async_register_adapters_both_register(monkeypatch):
+    registry = load_adapter_registry(isolated_manager(monkeypatch, SyncAdapters(), AsyncAdapters()))
+    assert registry.names() == ["async_kind", "sync_kind"]
+    kind = registry.get("async_kind")
+    assert kind is not None and kind.plugin == "AsyncAdapters" and {c.value for c in kind.categories} == {"image"}
+
+
+def test_async_registration_works_inside_a_running_event_loop(monkeypatch):
+    pm = isolated_manager(monkeypatch, AsyncAdapters())
+
+    async def build_in_a_loop():  # as a program embedding the gateway in async code would
+        return load_adapter_registry(pm)
+
+    assert asyncio.run(build_in_a_loop()).names() == ["async_kind"]
+
+
+class AsyncRoutes:
+    @hookimpl
+    async def register_routes(self, routes):
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        async def hello(request):
+            return PlainTextResponse("from an async plugin")
+
+        await asyncio.sleep(0)
+        routes.append(Route("/-/async-hello", hello))
+
+
+class AsyncStartupSyncShutdown:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    async def startup(self, app, config):
+        await asyncio.sleep(0)
+        self.calls.append("async startup")
+
+    @hookimpl
+    def shutdown(self, app):
+        self.calls.append("sync shutdown")
+
+
+class SyncStartupAsyncShutdown:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def startup(self, config):  # a plugin may leave out arguments it does not need
+        self.calls.append(f"sync startup {config.engines[0].code}")
+
+    @hookimpl
+    async def shutdown(self, app):
+        await asyncio.sleep(0)
+        self.calls.append("async shutdown")
+
+
+def test_sync_and_async_routes_startup_and_shutdown(tmp_path, upstream):
+    import httpx
+
+    config = load_config(config_file(tmp_path, make_config(upstream.url)))
+    runtime = Runtime(config, with_worker=False)
+    first, second = AsyncStartupSyncShutdown(), SyncStartupAsyncShutdown()
+    for plugin in (Lifecycle(), AsyncRoutes(), first, second):
+        runtime.pm.register(plugin)
+    app = create_app(config, runtime)
+    with LoopbackServer(app) as server:
+        assert httpx.get(server.url + "/-/hello").text == "from a plugin"
+        assert httpx.get(server.url + "/-/async-hello").text == "from an async plugin"
+        assert first.calls == ["async startup"] and second.calls == ["sync startup acme_text"]
+    assert first.calls[-1] == "sync shutdown" and second.calls[-1] == "async shutdown"
+
+
+class SyncGuard:
+    @hookimpl
+    def prepare_task(self, task):
+        task.notes.append("sync")
+
+
+class AsyncGuard:
+    @hookimpl
+    async def prepare_task(self, task):
+        await asyncio.sleep(0)
+        if task.refuse:
+            raise TaskRefused("refused by the async guard", code=451)
+        task.notes.append("async")
+
+
+def test_sync_and_async_prepare_task(monkeypatch):
+    from types import SimpleNamespace
+
+    pm = isolated_manager(monkeypatch, SyncGuard(), AsyncGuard())
+    task = SimpleNamespace(notes=[], refuse=False)
+    asyncio.run(call_hook(pm.hook.prepare_task, task=task))
+    assert sorted(task.notes) == ["async", "sync"]
+    with pytest.raises(TaskRefused, match="async guard"):
+        asyncio.run(call_hook(pm.hook.prepare_task, task=SimpleNamespace(notes=[], refuse=True)))
+
+
+class SyncObserver:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+
+    @hookimpl
+    def task_succeeded(self, task, result):
+        self.seen.append(("succeeded", result))
+
+    @hookimpl
+    def task_failed(self, task, error):
+        self.seen.append(("failed", error))
+
+
+class AsyncObserver(SyncObserver):
+    @hookimpl
+    async def task_succeeded(self, task, result):
+        await asyncio.sleep(0)
+        self.seen.append(("succeeded", result))
+
+    @hookimpl
+    async def task_failed(self, task, error):
+        await asyncio.sleep(0)
+        self.seen.append(("failed", error))
+
+
+class AsyncBroken:
+    @hookimpl
+    async def task_failed(self, task, error):
+        raise RuntimeError("observer bug")
+
+
+def test_sync_and_async_observers_each_see_every_outcome(monkeypatch):
+    sync, async_ = SyncObserver(), AsyncObserver()
+    pm = isolated_manager(monkeypatch, sync, AsyncBroken(), async_, Broken())
+    asyncio.run(notify(pm, "task_succeeded", task="t1", result="r1"))
+    asyncio.run(notify(pm, "task_failed", task="t2", error="e2"))
+    assert sync.seen == async_.seen == [("succeeded", "r1"), ("failed", "e2")]
+
+
+# -- registration hooks must register ------------------------------------------------------
+class ForgetsToRegister:
+    @hookimpl
+    async def register_adapters(self, register):
+        return [("silent", object)]  # returns instead of calling register()
+
+
+class RegistersNoRoute:
+    @hookimpl
+    def register_routes(self, routes):
+        pass
+
+
+class RaisesWhileRegistering:
+    @hookimpl
+    def register_adapters(self, register):
+        raise ImportError("no module named 'vendor_sdk'")
+
+
+def test_registration_that_registers_nothing_stops_start_naming_the_plugin(monkeypatch, tmp_path, upstream):
+    with pytest.raises(PluginError) as err:
+        load_adapter_registry(isolated_manager(monkeypatch, SyncAdapters(), ForgetsToRegister()))
+    message = str(err.value)
+    assert "'ForgetsToRegister'" in message and "register_adapters" in message
+    assert "returned a list" in message and 'register("name", factory' in message
+
+    with pytest.raises(PluginError, match=r"'RaisesWhileRegistering' failed in register_adapters: ImportError"):
+        load_adapter_registry(isolated_manager(monkeypatch, RaisesWhileRegistering()))
+
+    monkeypatch.delenv("GATEWAY_LOAD_PLUGINS")
+    runtime = Runtime(load_config(config_file(tmp_path, make_config(upstream.url))), with_worker=False)
+    runtime.pm.register(RegistersNoRoute(), name="no-route")
+    with pytest.raises(PluginError, match=r"plugin 'no-route' implements register_routes but registered nothing: append Starlette routes"):
+        create_app(runtime.config, runtime)
+
+
+def test_a_plugin_registering_an_adapter_type_twice_is_named(monkeypatch):
+    class SameKind(SyncAdapters):
+        pass
+
+    with pytest.raises(PluginError, match=r"plugin 'SyncAdapters' failed in register_adapters: .*'sync_kind' is registered twice \(by SameKind"):
+        load_adapter_registry(isolated_manager(monkeypatch, SyncAdapters(), SameKind()))
+
+
+def test_hook_wrappers_are_refused_at_start(monkeypatch):
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def prepare_task(self, task):
+            return (yield)
+
+    with pytest.raises(PluginError, match=r"'Wrapper' implements prepare_task as a wrapper"):
+        isolated_manager(monkeypatch, Wrapper())
+
+
+def test_builtin_plugins_are_listed_once_for_the_runtime_and_the_cli(tmp_path, upstream, monkeypatch, capsys):
+    from gateway.cli import main
+    from gateway.metrics import Metrics
+
+    builtins = sorted(name for _, name in default_plugins(Metrics()))
+    runtime = Runtime(load_config(config_file(tmp_path, make_config(upstream.url))), with_worker=False)
+    assert set(builtins) <= {p["name"] for p in list_plugins(runtime.pm)}
+    monkeypatch.setenv("GATEWAY_LOAD_PLUGINS", "")
+    assert main(["plugins", "--json"]) == 0
+    assert sorted(p["name"] for p in json.loads(capsys.readouterr().out)) == builtins
+
+
+# -- the documented hooks are the specified hooks ------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN_GUIDES = [ROOT / "README.md", *sorted(ROOT.glob("examples/plugin-template/README*")), *sorted(ROOT.glob("docs/plugin*.md"))]
+
+
+def specified_hooks() -> dict[str, tuple[str, ...]]:
+    return {
+        name: tuple(inspect.signature(function).parameters)
+        for name, function in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(function, "gateway_spec")
+    }
+
+
+def documented_hooks(path: Path) -> dict[str, tuple[str, ...]]:
+    """The hooks in a guide's hook table: the `name(arg, ...)` calls in the first cell of its rows.
+
+    In README.md only the "## Plugins" section is read."""
+    text = path.read_text()
+    if path.name == "README.md" and path.parent == ROOT:
+        text = text.split("\n## Plugins\n", 1)[1].split("\n## ", 1)[0]
+    hooks: dict[str, tuple[str, ...]] = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            for name, args in re.findall(r"`(\w+)\(([^)]*)\)`", line.split("|")[1]):
+                hooks[name] = tuple(arg.strip() for arg in args.split(",") if arg.strip())
+    return hooks
+
+
+@pytest.mark.parametrize("guide", PLUGIN_GUIDES, ids=lambda path: str(path.relative_to(ROOT)))
+def test_hook_tables_match_hookspecs(guide):
+    documented = documented_hooks(guide)
+    if guide != ROOT / "README.md" and not documented:
+        pytest.skip(f"{guide.relative_to(ROOT)} has no hook table")
+    assert documented == specified_hooks(), f"update the hook table in {guide.relative_to(ROOT)} to match gateway/hookspecs.py"

@@ -13,7 +13,7 @@ from gateway.bitrix.protocol import (
     success_body,
 )
 from gateway.languages import language_code
-from gateway.tasks import Category, Message
+from gateway.tasks import AudioPrompt, CallPrompt, Category, ImagePrompt, Message, Task, TextPrompt
 
 CALLBACK = "https://acme.bitrix24.com/bitrix/services/main/ajax.php?action=ai.controller.integration.thirdparty.callbackSuccess&hash=Ab3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY"
 ERROR_CALLBACK = CALLBACK.replace("callbackSuccess", "callbackError")
@@ -97,6 +97,8 @@ def test_numbers_may_arrive_as_strings_and_nulls_default():
     ({"callbackUrl": "https://acme.bitrix24.com/a b"}, 422, "callbackUrl: contains ' '"),
     ({"callbackUrl": "https://acme.bitrix24.com/" + "x" * 5000}, 422, "callbackUrl: is longer than 4096 characters"),
     ({"callbackUrl": "http:///x"}, 422, "callbackUrl: must be an absolute http(s) URL"),
+    ({"callbackUrl": "https://a..bitrix24.com/x"}, 422, "callbackUrl: the host name has an empty label or one longer than 63"),
+    ({"errorCallbackUrl": "https://" + "x" * 64 + ".bitrix24.com/x"}, 422, "errorCallbackUrl: the host name has an empty label"),
     ({"context": [1], "collect_context": True}, 422, "context[0]"),
     ({"payload_role": ["x"]}, 422, "payload_role"),
 ])
@@ -148,7 +150,7 @@ def test_images_number_is_bounded():
     with pytest.raises(ProtocolError, match="prompt.images_number: must be between 1 and 100"):
         parse(body, Category.IMAGE)
     body = portal_body(category="image", prompt={"prompt": "a cat", "images_number": 4})
-    assert parse(body, Category.IMAGE).task.prompt["images_number"] == 4
+    assert parse(body, Category.IMAGE).task.prompt == ImagePrompt(text="a cat", images_number=4)
 
 
 def test_non_object_body():
@@ -179,10 +181,40 @@ def test_portal_answers(status, body, outcome):
 def test_audio_prompt_is_checked_and_php_empty_arrays_tolerated():
     prompt = {"file": "https://acme.bitrix24.com/disk/showFile/42/", "fields": [], "fileExtension": ""}
     task = parse(portal_body(prompt=prompt, category="audio", payload_provider="audio"), Category.AUDIO).task
-    assert task.prompt == {"file": "https://acme.bitrix24.com/disk/showFile/42/", "fields": {}, "fileExtension": None}
+    assert task.prompt == AudioPrompt(file_url="https://acme.bitrix24.com/disk/showFile/42/", fields={}, extension=None)
     prompt = {"file": "https://acme.bitrix24.com/rec", "fields": {"type": "audio/mpeg", "prompt": "ACME", "detectEmotions": True}}
     task = parse(portal_body(prompt=prompt, category="call"), Category.CALL).task
-    assert task.prompt["fields"] == {"type": "audio/mpeg", "prompt": "ACME", "detectEmotions": True}
+    assert task.prompt == CallPrompt(
+        file_url="https://acme.bitrix24.com/rec", mime="audio/mpeg", hint="ACME", fields={"type": "audio/mpeg", "prompt": "ACME", "detectEmotions": True},
+    )
+    assert type(task.prompt) is CallPrompt
+
+
+IMAGE_BODY = {"prompt": "a lighthouse", "style": "watercolour", "format": "portrait", "images_number": 2}
+AUDIO_BODY = {"file": "https://acme.bitrix24.com/rec", "fields": {"type": "audio/mpeg", "prompt": "ACME", "detectEmotions": True}, "fileExtension": "mp3"}
+
+
+@pytest.mark.parametrize("category, prompt", [
+    (Category.TEXT, "Write a greeting"), (Category.IMAGE, IMAGE_BODY), (Category.AUDIO, AUDIO_BODY), (Category.CALL, AUDIO_BODY),
+])
+def test_a_stored_task_reads_back_with_its_typed_prompt(category, prompt):
+    task = parse(portal_body(prompt=prompt, category=category.value), category).task
+    stored = json.loads(json.dumps(task.to_json()))
+    assert stored["prompt"]["kind"] == category.value
+    assert Task.from_json(stored) == task and type(Task.from_json(stored).prompt) is type(task.prompt)
+
+
+@pytest.mark.parametrize("category, old_prompt, typed", [
+    (Category.TEXT, "Write a greeting", TextPrompt("Write a greeting")),
+    (Category.IMAGE, {"prompt": "a cat", "style": None, "format": None, "images_number": None}, ImagePrompt("a cat")),
+    (Category.AUDIO, {"file": "https://a/x", "fields": {}, "fileExtension": None}, AudioPrompt("https://a/x")),
+    (Category.CALL, {"file": "https://a/x", "fields": {"type": "audio/wav", "prompt": "  "}, "fileExtension": "wav"},
+     CallPrompt("https://a/x", mime="audio/wav", hint=None, extension="wav", fields={"type": "audio/wav", "prompt": "  "})),
+])
+def test_tasks_stored_by_the_previous_version_still_load(category, old_prompt, typed):
+    """Queues written before prompts were typed hold the portal's own prompt shape."""
+    stored = {**parse(portal_body()).task.to_json(), "category": category.value, "prompt": old_prompt}
+    assert Task.from_json(stored).prompt == typed and type(Task.from_json(stored).prompt) is type(typed)
 
 
 @pytest.mark.parametrize("prompt, field", [

@@ -87,7 +87,7 @@ def test_any_json_value_parses_or_fails_cleanly(value):
 
 @PROPERTY_SETTINGS
 @given(urls())
-def test_an_accepted_url_is_one_httpx_can_send_to(text):
+def test_an_accepted_url_is_one_httpx_and_the_resolver_accept(text):
     try:
         url = parse_outbound_url(text, "callbackUrl")
     except ProtocolError as exc:
@@ -95,3 +95,6 @@ def test_an_accepted_url_is_one_httpx_can_send_to(text):
         return
     request = httpx.Request("POST", text.strip())  # what delivery builds: must not raise
     assert request.url == url and 1 <= (url.port or 80) <= 65535
+    host = url.raw_host.decode("ascii")
+    if not host.startswith("["):
+        host.encode("idna")  # what the resolver does with the name: must not raise either

@@ -5,7 +5,7 @@ import pytest
 
 from gateway.jobs.model import Attempt, Job, JobError, JobState, Outcome, new_job_id
 from gateway.jobs.sqlite import QueueStoreError, SQLiteJobQueue
-from gateway.tasks import Category, Task
+from gateway.tasks import Category, Task, TextPrompt
 
 pytestmark = pytest.mark.anyio
 
@@ -13,8 +13,8 @@ pytestmark = pytest.mark.anyio
 def make_job(ttl: float = 100.0) -> Job:
     now = time.time()
     job_id = new_job_id()
-    task = Task(job_id=job_id, engine="e", category=Category.TEXT, prompt="p", accepted_at=now, deadline=now + ttl)
-    return Job(job_id, "e", "text", JobState.QUEUED, task, "http://p/cb?hash=a", "http://p/err?hash=a", now, now + ttl)
+    task = Task(job_id=job_id, engine="e", category=Category.TEXT, prompt=TextPrompt("p"), accepted_at=now, deadline=now + ttl)
+    return Job(task, "http://p/cb?hash=a", "http://p/err?hash=a")
 
 
 @pytest.fixture
@@ -280,3 +280,62 @@ async def test_a_database_from_before_the_new_columns_is_upgraded(tmp_path):
     [claimed] = await q.claim("w", 10, 5)
     assert claimed.id == job.id and claimed.internal_errors == 0 and not claimed.maybe_delivered
     await q.close()
+
+
+async def test_release_defer_and_retry_later_keep_a_maybe_delivered_mark(queue):
+    """Releasing a lease clears its owner, which is how a claim tells a crash: the mark must go to the row instead."""
+    ids = []
+    for key in ("cut-off", "waiting", "deferred", "retried"):
+        job, _ = await queue.enqueue(make_job(), key, lease_owner="w1", lease_seconds=5)
+        await queue.store_outcome(job.id, "w1", Outcome(result={"kind": "text", "text": "x"}), [])
+        ids.append(job.id)
+    cut_off, waiting, deferred, retried = ids
+    await queue.release("w1", [cut_off, waiting], maybe_delivered={cut_off})
+    assert await queue.defer(deferred, "w1", time.time(), maybe_delivered=True)
+    assert await queue.retry_later(retried, "w1", time.time(), Attempt("internal", "deliver", time.time(), 0.0, "error", "QueueStoreError"), maybe_delivered=True)
+    claimed = {job.id: (job.maybe_delivered, job.interrupted_delivery) for job in await queue.claim("w2", 0, 5, delivery_limit=10)}
+    assert claimed == {cut_off: (True, False), waiting: (False, False), deferred: (True, False), retried: (True, False)}
+
+
+class FailingBegin:
+    """Stands in for the queue's connection: ``BEGIN IMMEDIATE`` raises ``error`` once, all else goes to the real one."""
+
+    def __init__(self, conn: object, error: Exception) -> None:
+        self.conn, self.error = conn, error
+
+    def execute(self, sql: str, *args: object) -> object:
+        if sql == "BEGIN IMMEDIATE" and self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+
+@pytest.mark.parametrize(("message", "waits"), [("disk I/O error", False), ("database is locked", True)])
+async def test_only_a_held_lock_is_waited_for(queue, monkeypatch, message, waits):
+    import sqlite3
+
+    import gateway.jobs.sqlite as sqlite_queue
+
+    waited = []
+    real_wait = sqlite_queue._begin_waiting
+
+    def begin_waiting(conn: sqlite3.Connection, timeout: float) -> None:
+        waited.append(timeout)
+        real_wait(conn, timeout)
+
+    monkeypatch.setattr(sqlite_queue, "_begin_waiting", begin_waiting)
+    real = queue._conn
+    queue._conn = FailingBegin(real, sqlite3.OperationalError(message))
+    try:
+        if waits:
+            assert await asyncio.wait_for(queue.depth(), 5) == 0
+        else:
+            with pytest.raises(QueueStoreError, match=f"q.sqlite3: {message}$"):
+                await asyncio.wait_for(queue.depth(), 5)
+    finally:
+        queue._conn = real
+    assert len(waited) == (1 if waits else 0)
+    assert await queue.depth() == 0  # the queue goes on

@@ -1,4 +1,7 @@
-"""The Bitrix24 wire protocol: portal request -> task, outcome -> callback body, portal answer.
+"""The Bitrix24 wire protocol: portal request -> typed task, outcome -> callback body, portal answer.
+
+The only module that reads the portal's keys: past it, a request is a :class:`~gateway.tasks.Task`
+with a typed prompt (:class:`~gateway.tasks.TextPrompt`, ``ImagePrompt``, ``AudioPrompt``, ``CallPrompt``).
 
 See ``bitrix24-protocol.md``: unknown keys are accepted and ignored, nulls are
 tolerated, and nothing the portal sends is trusted beyond its shape.
@@ -12,12 +15,13 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
-from gateway.adapters import IMAGE_FORMATS, HostedImages, Result, Segment, TextResult, Transcript
-from gateway.tasks import Category, Message, Task
+from gateway.adapters import HostedImages, Result, Segment, TextResult, Transcript
+from gateway.outcomes import DeliveryOutcome
+from gateway.tasks import IMAGE_FORMATS, AudioPrompt, CallPrompt, Category, ImagePrompt, Message, Prompt, Task, TextPrompt, audio_hint
 
 CONSUMED_KEYS = frozenset({
     "prompt", "payload_role", "context", "temperature", "max_tokens", "category", "ttl",
@@ -43,7 +47,9 @@ TRUE_WORDS = frozenset({"true", "1", "y", "yes"})
 
 
 class ProtocolError(Exception):
-    """The portal's request cannot be accepted; ``status`` is the HTTP status to answer."""
+    """A completions request the gateway refuses, for whatever reason (a malformed body, an
+    unknown engine, a callback the policy refuses, a queue that cannot store it): the accept
+    handler answers ``status`` with ``{"error": {"code": code, "message": message}}``."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -138,6 +144,12 @@ def parse_outbound_url(value: Any, field: str) -> httpx.URL:
         raise _invalid(field, "must be an absolute http(s) URL")
     if url.port is not None and not 1 <= url.port <= 65535:
         raise _invalid(field, f"port {url.port} is out of range (1-65535)")
+    host = url.raw_host.decode("ascii")
+    if not host.startswith("["):  # a name, not an IPv6 literal: encoded as the resolver will encode it
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            raise _invalid(field, "the host name has an empty label or one longer than 63 characters") from None
     return url
 
 
@@ -195,12 +207,21 @@ def keepable(value: Any, depth: int = 0) -> bool:
     if isinstance(value, list):
         return all(keepable(item, depth + 1) for item in value)
     if isinstance(value, dict):
-        return all(not _LONE_SURROGATE.search(k) and keepable(v, depth + 1) for k, v in value.items())
+        return all(_keepable_key(k) and keepable(v, depth + 1) for k, v in value.items())
     return False
 
 
-def _image_prompt(prompt: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"prompt", "style", "format", "images_number"}``, checked and with nulls dropped."""
+def _keepable_key(key: str) -> bool:
+    return not _LONE_SURROGATE.search(key)
+
+
+def _kept(items: Mapping[str, Any], skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The entries of an object the gateway does not read, minus those that cannot be stored."""
+    return {k: v for k, v in items.items() if k not in skip and _keepable_key(k) and keepable(v, 1)}
+
+
+def _image_prompt(prompt: Mapping[str, Any]) -> ImagePrompt:
+    """``{"prompt", "style", "format", "images_number"}``, checked, with nulls and blanks as None."""
     text = prompt.get("prompt")
     if not isinstance(text, str) or not text.strip():
         raise _invalid("prompt.prompt", "an image request needs a non-empty description")
@@ -210,10 +231,10 @@ def _image_prompt(prompt: Mapping[str, Any]) -> dict[str, Any]:
     if fmt not in (None, "", *IMAGE_FORMATS):
         raise _invalid("prompt.format", f"must be one of {', '.join(IMAGE_FORMATS)}, got {_show(fmt)}")
     count = _number(prompt, "images_number", int, IMAGES_NUMBER_RANGE, "prompt.images_number")
-    return {"prompt": text, "style": style or None, "format": fmt or None, "images_number": count}
+    return ImagePrompt(text=text, style=style or None, format=fmt or None, images_number=count)
 
 
-def _audio_prompt(prompt: Mapping[str, Any]) -> tuple[dict[str, Any], httpx.URL]:
+def _audio_prompt(prompt: Mapping[str, Any], category: Category) -> tuple[AudioPrompt, httpx.URL]:
     """``{"file", "fields", "fileExtension"}``, checked: the worker downloads ``file`` later."""
     url = prompt.get("file")
     if not isinstance(url, str) or not url.strip():
@@ -224,11 +245,11 @@ def _audio_prompt(prompt: Mapping[str, Any]) -> tuple[dict[str, Any], httpx.URL]
         fields = {}
     if not isinstance(fields, Mapping):
         raise _invalid("prompt.fields", "must be an object")
-    for key in ("type", "prompt"):
-        _optional_text(fields, key, f"prompt.fields.{key}")
-    kept = {k: v for k, v in fields.items() if keepable(v, 1) and not _LONE_SURROGATE.search(k)}
+    mime = _optional_text(fields, "type", "prompt.fields.type")
+    hint = _optional_text(fields, "prompt", "prompt.fields.prompt")
     extension = _optional_text(prompt, "fileExtension", "prompt.fileExtension")
-    return {"file": url.strip(), "fields": kept, "fileExtension": extension or None}, parsed
+    audio_type = CallPrompt if category is Category.CALL else AudioPrompt
+    return audio_type(file_url=url.strip(), mime=mime, hint=audio_hint(hint), extension=extension or None, fields=_kept(fields)), parsed
 
 
 def parse_completion_request(
@@ -247,18 +268,19 @@ def parse_completion_request(
     error_callback = _callback_url(data, "errorCallbackUrl")
     outbound: list[tuple[str, httpx.URL]] = [("callbackUrl", callback), ("errorCallbackUrl", error_callback)]
 
-    prompt = data.get("prompt")
+    raw_prompt = data.get("prompt")
+    prompt: Prompt
     if category is Category.TEXT:
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(raw_prompt, str) or not raw_prompt.strip():
             raise _invalid("prompt", "a text request needs a non-empty string prompt")
-        prompt = _text(prompt, "prompt")
-    elif not isinstance(prompt, Mapping):
+        prompt = TextPrompt(_text(raw_prompt, "prompt"))
+    elif not isinstance(raw_prompt, Mapping):
         article = "a" if category is Category.CALL else "an"
         raise _invalid("prompt", f"{article} {category.value} request needs a prompt object")
     elif category is Category.IMAGE:
-        prompt = _image_prompt(prompt)
+        prompt = _image_prompt(raw_prompt)
     else:
-        prompt, file_url = _audio_prompt(prompt)
+        prompt, file_url = _audio_prompt(raw_prompt, category)
         outbound.append(("prompt.file", file_url))
 
     system = _optional_text(data, "payload_role", "payload_role")
@@ -285,7 +307,7 @@ def parse_completion_request(
         accepted_at=now,
         deadline=now + ttl,
         portal=callback.host,
-        extra={k: v for k, v in data.items() if k not in CONSUMED_KEYS and keepable(v, 1) and not _LONE_SURROGATE.search(k)},
+        extra=_kept(data, CONSUMED_KEYS),
     )
     raw_callback = data["callbackUrl"].strip()
     found = _HASH_RE.search(raw_callback)
@@ -341,28 +363,28 @@ def encode_like_php(data: Any) -> bytes:
 
 @dataclass(frozen=True)
 class PortalAnswer:
-    outcome: Literal["delivered", "gone", "retry", "rejected"]
+    outcome: DeliveryOutcome
     detail: str
 
 
 def read_callback_answer(status: int, body: bytes) -> PortalAnswer:
     """Classify the portal's answer to a callback POST."""
     if status in (408, 425, 429) or status >= 500:
-        return PortalAnswer("retry", f"portal answered HTTP {status}")
+        return PortalAnswer(DeliveryOutcome.RETRY, f"portal answered HTTP {status}")
     if 300 <= status < 400:
-        return PortalAnswer("rejected", f"portal answered with a redirect (HTTP {status}); redirects are not followed")
+        return PortalAnswer(DeliveryOutcome.REJECTED, f"portal answered with a redirect (HTTP {status}); redirects are not followed")
     if status >= 400:
-        return PortalAnswer("rejected", f"portal refused the callback with HTTP {status}")
+        return PortalAnswer(DeliveryOutcome.REJECTED, f"portal refused the callback with HTTP {status}")
     try:
         answer = json.loads(body)
     except ValueError:
-        return PortalAnswer("retry", f"portal answered HTTP {status} with a body that is not JSON")
+        return PortalAnswer(DeliveryOutcome.RETRY, f"portal answered HTTP {status} with a body that is not JSON")
     if not isinstance(answer, Mapping):
-        return PortalAnswer("retry", "portal answered with JSON that is not an object")
+        return PortalAnswer(DeliveryOutcome.RETRY, "portal answered with JSON that is not an object")
     if answer.get("status") == "success":
         if answer.get("data") is True:
-            return PortalAnswer("delivered", "portal answered data:true (it took the callback)")
-        return PortalAnswer("gone", "portal answered data:false (job unknown, already consumed or expired)")
+            return PortalAnswer(DeliveryOutcome.DELIVERED, "portal answered data:true (it took the callback)")
+        return PortalAnswer(DeliveryOutcome.GONE, "portal answered data:false (job unknown, already consumed or expired)")
     errors = answer.get("errors") or []
     messages = "; ".join(str(e.get("message", e)) if isinstance(e, Mapping) else str(e) for e in errors)[:300]
-    return PortalAnswer("rejected", f"portal answered status {answer.get('status')!r}: {messages or 'no detail'}")
+    return PortalAnswer(DeliveryOutcome.REJECTED, f"portal answered status {answer.get('status')!r}: {messages or 'no detail'}")

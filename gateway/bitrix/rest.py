@@ -8,7 +8,6 @@ error message or a log line: errors name the portal's host only.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway import http
+from gateway.backoff import Backoff
 from gateway.redaction import add_secret
 
 RATE_LIMIT_ERRORS = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT"}
@@ -33,10 +33,6 @@ class PortalUnreachable(PortalError):
     """The portal could not be reached, or kept answering "try later", within the retries."""
 
 
-def webhook_host(webhook: str) -> str:
-    return urlsplit(webhook).hostname or "?"
-
-
 class PortalClient:
     def __init__(
         self, webhook: str, *, timeout: float = 30.0, retries: int = 4, backoff: float = 1.0,
@@ -49,7 +45,7 @@ class PortalClient:
         for segment in parts.path.split("/rest/", 1)[1].split("/"):
             add_secret(segment)  # the user id is short and skipped; the secret is masked everywhere
         self.host = parts.hostname
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff = retries, Backoff(backoff)
         self._client = httpx.AsyncClient(transport=transport or http.transport(), timeout=timeout, follow_redirects=False)
 
     async def aclose(self) -> None:
@@ -66,7 +62,7 @@ class PortalClient:
         last: PortalError | None = None
         for attempt in range(self.retries + 1):
             if attempt:
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random() / 2))
+                await asyncio.sleep(self.backoff.delay(attempt - 1))
             try:
                 response = await self._client.post(self.webhook + method, json=dict(params or {}))
             except httpx.HTTPError as exc:

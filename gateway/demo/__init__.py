@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from gateway.bitrix.registration import registration_params
-from gateway.bitrix.simulator import PortalEmulator
+from gateway.bitrix.simulator import Callback, PortalEmulator
 from gateway.config import Config
 from gateway.engines import Engine, EngineDirectory, completions_path
 from gateway.loopback import LoopbackServer
@@ -36,6 +37,42 @@ def portal_prompt(category: str, emulator: PortalEmulator, *, text: str = TEXT_P
     if category == Category.IMAGE.value:
         return {"prompt": text, "style": None, "format": "square"}
     return text
+
+
+CALLBACK_REFUSED_HINT = ("the portal emulator runs on 127.0.0.1: for local testing add 127.0.0.1 to security.allowed_portals "
+                         "and set security.allow_private_networks: true")
+"""What to do when the gateway refuses the emulator's callback URL (``callback_not_allowed``)."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One request sent from the portal emulator to a gateway, and the callback it brought back."""
+
+    response: httpx.Response
+    """The gateway's answer to the completions POST (202 when it took the request)."""
+    accepted: float
+    """Seconds until that answer."""
+    callback: Callback | None
+    """The first callback the gateway delivered; None when it did not take the request or no callback came in time."""
+    elapsed: float
+    """Seconds from the POST to the callback (or to giving up waiting)."""
+
+    @property
+    def callback_refused(self) -> bool:
+        return "callback_not_allowed" in self.response.text
+
+
+def exchange(emulator: PortalEmulator, completions_url: str, category: str, prompt: Any, *, timeout: float, ttl: int = 14400) -> Exchange:
+    """Send one request as the portal does and wait up to ``timeout`` seconds for its callback
+    (`gateway simulate` and `gateway demo` both go through here)."""
+    job_hash, body = emulator.new_request(category, prompt, ttl=ttl)
+    started = time.monotonic()
+    response = emulator.send(completions_url, body)
+    accepted = time.monotonic() - started
+    if response.status_code != 202:
+        return Exchange(response, accepted, None, accepted)
+    job = emulator.wait(job_hash, timeout=timeout)
+    return Exchange(response, accepted, job.delivered[0] if job.delivered else None, time.monotonic() - started)
 
 
 def healthy(url: str) -> bool:
@@ -109,22 +146,17 @@ class Demo:
 
     def _one(self, emulator: PortalEmulator, engine: Engine) -> bool:
         category = engine.config.category.value
-        job_hash, body = emulator.new_request(category, portal_prompt(category, emulator))
-        started = time.monotonic()
-        response = emulator.send(self.url + completions_path(engine.code, engine.token), body)
-        accepted = time.monotonic() - started
-        if response.status_code != 202:
-            self.out(f"[{category}] {engine.code}: HTTP {response.status_code} {response.text}")
-            if "callback_not_allowed" in response.text:
-                self.out("  the demo's portal emulator runs on 127.0.0.1: add it to security.allowed_portals and set allow_private_networks: true")
+        sent = exchange(emulator, self.url + completions_path(engine.code, engine.token), category, portal_prompt(category, emulator), timeout=self.timeout)
+        if sent.response.status_code != 202:
+            self.out(f"[{category}] {engine.code}: HTTP {sent.response.status_code} {sent.response.text}")
+            if sent.callback_refused:
+                self.out(f"  {CALLBACK_REFUSED_HINT}")
             return False
-        job = emulator.wait(job_hash, timeout=self.timeout)
-        elapsed = time.monotonic() - started
-        if not job.delivered:
-            self.out(f"[{category}] {engine.code}: accepted in {accepted * 1000:.0f} ms, no callback within {self.timeout:.0f} s")
+        callback = sent.callback
+        if callback is None:
+            self.out(f"[{category}] {engine.code}: accepted in {sent.accepted * 1000:.0f} ms, no callback within {self.timeout:.0f} s")
             return False
-        callback = job.delivered[0]
         shown = json.dumps(callback.body, ensure_ascii=False)
-        self.out(f"[{category}] {engine.code}: accepted in {accepted * 1000:.0f} ms, {callback.kind} callback after {elapsed:.2f} s")
+        self.out(f"[{category}] {engine.code}: accepted in {sent.accepted * 1000:.0f} ms, {callback.kind} callback after {sent.elapsed:.2f} s")
         self.out(f"    {shown[:400]}{'...' if len(shown) > 400 else ''}")
         return callback.kind == "success"

@@ -1,48 +1,20 @@
-"""The job record and its states.
+"""The job record: one accepted task, where its outcome goes, and how far it got.
 
-A job moves ``queued -> running -> delivering`` and ends in exactly one final state:
-
-- ``delivered`` -- the result reached ``callbackUrl`` (``data:true``);
-- ``failed``    -- no result; the error reached ``errorCallbackUrl``;
-- ``delivered_unconfirmed`` -- an earlier callback POST may have reached the portal (it
-  timed out, the connection broke after the body was sent, or a crash interrupted it),
-  and a later one got ``data:false``: the portal most likely took the earlier one, but
-  never said so. Hooks treat it as ``delivered`` (``task_succeeded`` for a result,
-  ``task_failed`` with the task's own error for a failure);
-- ``gone``      -- the portal answered ``data:false``: job unknown, consumed or expired there;
-- ``expired``   -- the ``ttl`` passed before the outcome could be delivered;
-- ``dead``      -- the outcome can never be delivered (URL refused, portal rejects it), or
-  running or delivering it failed unexpectedly too often (the reason is in ``detail``).
+The task is stored once; the columns the queue's SQL needs (engine, category, accepted_at,
+deadline) are read from it here (:class:`Job`'s properties), in one place. States, attempts
+and outcomes are named in :mod:`gateway.outcomes` (a job's states are described there).
 """
 
 from __future__ import annotations
 
-import enum
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
+from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, JobError, JobState, Outcome
 from gateway.tasks import Task
 
-
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DELIVERING = "delivering"
-    DELIVERED = "delivered"
-    DELIVERED_UNCONFIRMED = "delivered_unconfirmed"
-    FAILED = "failed"
-    GONE = "gone"
-    EXPIRED = "expired"
-    DEAD = "dead"
-
-    @property
-    def final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = frozenset({JobState.DELIVERED, JobState.DELIVERED_UNCONFIRMED, JobState.FAILED, JobState.GONE, JobState.EXPIRED, JobState.DEAD})
+__all__ = ["FINAL_STATES", "PENDING_STATES", "Attempt", "Job", "JobError", "JobState", "Outcome", "new_job_id"]
 
 
 def new_job_id() -> str:
@@ -50,61 +22,12 @@ def new_job_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
 
 
-@dataclass(frozen=True)
-class JobError:
-    """Why a task produced no result, as sent to the portal and to ``task_failed`` hooks."""
-
-    message: str
-    code: int | str
-    reason: str = "provider_error"
-    """provider_error, refused, internal, or for delivery failures: gone, expired, dead."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"message": self.message, "code": self.code, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What running the task produced: stored before delivery starts, never recomputed."""
-
-    result: dict[str, Any] | None = None
-    """The adapter's typed result as JSON, when the task succeeded."""
-    error: JobError | None = None
-    provider: str | None = None
-    """The route target that produced the result, ``provider/model``."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"result": self.result, "error": self.error.to_json() if self.error else None, "provider": self.provider}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Outcome:
-        error = data.get("error")
-        return cls(result=data.get("result"), error=JobError(**error) if error else None, provider=data.get("provider"))
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One provider call or one callback POST, recorded for ``gateway jobs show``."""
-
-    kind: str  # "provider", "download", "callback" or "internal" (an unexpected error in the gateway)
-    target: str  # provider/model, the callback host, or for "internal" the stage (execute, deliver)
-    started_at: float
-    duration: float
-    outcome: str  # ok, retryable, final, delivered, gone, retry, rejected, refused, error
-    detail: str = ""
-
-
 @dataclass
 class Job:
-    id: str
-    engine: str
-    category: str
-    state: JobState
     task: Task
     callback_url: str
     error_callback_url: str
-    accepted_at: float
-    deadline: float
+    state: JobState = JobState.QUEUED
     outcome: Outcome | None = None
     delivery_attempts: int = 0
     next_at: float = 0.0
@@ -118,3 +41,24 @@ class Job:
     the portal may have taken it, so a later ``data:false`` means ``delivered_unconfirmed``."""
     internal_errors: int = 0
     """Unexpected errors so far while running or delivering this job (bounded, then ``dead``)."""
+
+    @property
+    def id(self) -> str:
+        return self.task.job_id
+
+    @property
+    def engine(self) -> str:
+        return self.task.engine
+
+    @property
+    def category(self) -> str:
+        return self.task.category.value
+
+    @property
+    def accepted_at(self) -> float:
+        return self.task.accepted_at
+
+    @property
+    def deadline(self) -> float:
+        """Unix time after which the portal no longer accepts a callback (the task's ttl from accept)."""
+        return self.task.deadline

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gateway.jobs.model import Attempt, Job, JobState, Outcome
+from gateway.jobs.model import Job
+from gateway.outcomes import Attempt, JobState, Outcome
+
+
+class QueueStoreError(Exception):
+    """The queue database cannot be opened or written."""
+
+
+class QueueItemError(QueueStoreError):
+    """This one job cannot be stored (a value the database refuses); the queue itself works."""
 
 
 class JobQueue(Protocol):
@@ -35,8 +44,11 @@ class JobQueue(Protocol):
 
     async def renew(self, owner: str, job_ids: list[str], lease_seconds: float) -> None: ...
 
-    async def release(self, owner: str, job_ids: list[str]) -> None:
-        """Give leases back at once (graceful shutdown), so the jobs resume without waiting."""
+    async def release(self, owner: str, job_ids: list[str], *, maybe_delivered: frozenset[str] | set[str] = frozenset()) -> None:
+        """Give leases back at once (graceful shutdown), so the jobs resume without waiting.
+
+        ``maybe_delivered``: the jobs among them whose callback POST was cut off (it may have
+        reached the portal): remembered, as by :meth:`reschedule`."""
         ...
 
     async def store_outcome(self, job_id: str, owner: str, outcome: Outcome, attempts: list[Attempt]) -> bool:
@@ -50,13 +62,15 @@ class JobQueue(Protocol):
         was sent); remembered on the job, so a later ``data:false`` is read as delivered."""
         ...
 
-    async def retry_later(self, job_id: str, owner: str, next_at: float, attempt: Attempt) -> bool:
+    async def retry_later(self, job_id: str, owner: str, next_at: float, attempt: Attempt, *, maybe_delivered: bool = False) -> bool:
         """An unexpected error while running or delivering: record it (``Job.internal_errors``
-        counts them), release the lease, run the job again at ``next_at``."""
+        counts them), release the lease, run the job again at ``next_at``. ``maybe_delivered``
+        as for :meth:`reschedule` (the error came after a POST the portal may have taken)."""
         ...
 
-    async def defer(self, job_id: str, owner: str, next_at: float) -> bool:
-        """Put a delivering job back until ``next_at`` without an attempt (its portal is busy)."""
+    async def defer(self, job_id: str, owner: str, next_at: float, *, maybe_delivered: bool = False) -> bool:
+        """Put a delivering job back until ``next_at`` without an attempt (its portal is busy).
+        ``maybe_delivered`` keeps a crash-interrupted job's mark, which releasing the lease would lose."""
         ...
 
     async def finish(self, job_id: str, owner: str, state: JobState, detail: str, attempts: list[Attempt]) -> bool:

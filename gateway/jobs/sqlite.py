@@ -11,11 +11,13 @@ leave the loop: the fsync of ``COMMIT`` (one thread hand-off per batch), and wai
 a write lock that another process holds.
 Several processes may share the file; SQLite's lock and the leases keep them apart.
 
-One bad operation never stops the flusher: an error in one operation (or in one new job's
-row, e.g. a string SQLite cannot encode) fails that operation's caller alone, an error
-in the batch as a whole fails that batch's callers with :class:`QueueStoreError` after a
-rollback, and the flusher goes on with the next batch. It runs under a
-:class:`~gateway.supervision.Supervisor` besides, which restarts it should it still stop.
+One bad operation never stops the flusher. What one operation brings (a value SQLite
+refuses, a constraint it breaks, a string it cannot encode in a new job's row) fails that
+operation's caller alone; the others in the batch are committed. An error of the database
+itself (locked past the wait, disk full, I/O error, corruption: ``OperationalError`` and
+the like), whichever operation meets it, rolls the whole batch back and fails every caller
+in it with :class:`QueueStoreError`; the flusher goes on with the next batch. It runs under
+a :class:`~gateway.supervision.Supervisor` besides, which restarts it should it still stop.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.jobs.model import FINAL_STATES, Attempt, Job, JobState, Outcome
+from gateway.jobs.model import Job
+from gateway.jobs.queue import QueueItemError, QueueStoreError
+from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, AttemptKind, JobState, Outcome, stored_attempt
 from gateway.supervision import Supervisor
 from gateway.tasks import Task
 
 log = logging.getLogger("gateway.queue")
 T = TypeVar("T")
-_PENDING_SQL = "state IN ('queued', 'running', 'delivering')"
+_PENDING_SQL = f"state IN ({', '.join(repr(str(state)) for state in PENDING_STATES)})"
+"""Jobs not yet final; state names in SQL come from :class:`~gateway.outcomes.JobState`."""
+QUEUED, RUNNING, DELIVERING, DEAD = (f"'{state}'" for state in (JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING, JobState.DEAD))
 MAX_BATCH = 512
 INSERT_COLUMNS = (
     "id, idem_key, engine, category, state, task, callback_url, error_callback_url,"
@@ -86,12 +92,6 @@ ADDED_COLUMNS = {"maybe_delivered": "INTEGER NOT NULL DEFAULT 0", "internal_erro
 """Columns newer than the first schema: added to a database created before them."""
 
 
-class QueueStoreError(Exception):
-    """The queue database cannot be opened or written."""
-
-
-class QueueItemError(QueueStoreError):
-    """This one job cannot be stored (a value SQLite refuses); the queue itself works."""
 
 
 class _Op:
@@ -131,6 +131,14 @@ def _clean(text: str, limit: int = 500) -> str:
     return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """True when another connection holds the lock (worth waiting for), not for I/O, full or corrupt."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def _begin_waiting(conn: sqlite3.Connection, timeout: float) -> None:
     """BEGIN IMMEDIATE, retried while another process holds the write lock (runs in a thread)."""
     deadline = time.monotonic() + timeout
@@ -139,24 +147,20 @@ def _begin_waiting(conn: sqlite3.Connection, timeout: float) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
             return
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
 
 def _row_to_job(row: sqlite3.Row, attempts: list[Attempt] | None = None) -> Job:
+    """A job from its row; the task (engine, category, times) from its JSON, the columns are for SQL."""
     return Job(
-        id=row["id"],
-        engine=row["engine"],
-        category=row["category"],
-        state=JobState(row["state"]),
         task=Task.from_json(json.loads(row["task"])),
         callback_url=row["callback_url"],
         error_callback_url=row["error_callback_url"],
-        accepted_at=row["accepted_at"],
-        deadline=row["deadline"],
+        state=JobState(row["state"]),
         outcome=Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None,
         delivery_attempts=row["delivery_attempts"],
         next_at=row["next_at"],
@@ -340,11 +344,14 @@ class SQLiteJobQueue:
         """Take the write lock: at once when it is free, else wait for it in a thread.
 
         The connection's busy timeout is 0, so a lock held by another process fails fast
-        here instead of stalling the event loop.
+        here instead of stalling the event loop. Only a held lock is waited for; any other
+        error fails the batch at once.
         """
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc):
+                raise  # I/O error, disk full, corrupt: waiting would not help
             await asyncio.to_thread(_begin_waiting, conn, LOCK_TIMEOUT)
 
     def _submit(self, op: _Op) -> asyncio.Future[Any]:
@@ -365,7 +372,7 @@ class SQLiteJobQueue:
         except (TypeError, ValueError) as exc:
             raise QueueItemError(f"this job cannot be stored: its task is not JSON: {exc}") from None
         row = (
-            job.id, idempotency_key, job.engine, job.category, "running" if lease_owner else "queued",
+            job.id, idempotency_key, job.engine, job.category, JobState.RUNNING if lease_owner else JobState.QUEUED,
             task, job.callback_url, job.error_callback_url,
             job.accepted_at, job.deadline, now, lease_owner, now + lease_seconds if lease_owner else None,
         )
@@ -388,7 +395,7 @@ class SQLiteJobQueue:
             if delivery_limit is None:
                 rows = select(conn, "", now, limit)
             else:
-                rows = select(conn, " AND state != 'delivering'", now, limit) + select(conn, " AND state = 'delivering'", now, delivery_limit)
+                rows = select(conn, f" AND state != {DELIVERING}", now, limit) + select(conn, f" AND state = {DELIVERING}", now, delivery_limit)
             jobs = []
             for row in rows:
                 try:
@@ -397,18 +404,18 @@ class SQLiteJobQueue:
                     detail = _clean(f"the stored job cannot be read: {type(exc).__name__}: {exc}")
                     log.error("job %s: %s; marked dead", row["id"], detail)
                     conn.execute(
-                        "UPDATE jobs SET state = 'dead', detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                        f"UPDATE jobs SET state = {DEAD}, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
                         (detail, now, row["id"]),
                     )
                     continue
-                state = "running" if row["state"] == "queued" else row["state"]
+                state = JobState.RUNNING if row["state"] == JobState.QUEUED else JobState(row["state"])
                 conn.execute(
                     "UPDATE jobs SET state = ?, lease_owner = ?, lease_until = ? WHERE id = ?",
                     (state, owner, now + lease_seconds, row["id"]),
                 )
-                job.state = JobState(state)
+                job.state = state
                 # Reschedule and release clear the owner: one still set means its worker died.
-                job.interrupted_delivery = row["state"] == "delivering" and row["lease_owner"] is not None
+                job.interrupted_delivery = row["state"] == JobState.DELIVERING and row["lease_owner"] is not None
                 jobs.append(job)
             return jobs
 
@@ -426,14 +433,15 @@ class SQLiteJobQueue:
 
         await self._run(op)
 
-    async def release(self, owner: str, job_ids: list[str]) -> None:
+    async def release(self, owner: str, job_ids: list[str], *, maybe_delivered: frozenset[str] | set[str] = frozenset()) -> None:
         if not job_ids:
             return
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                f"UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ? AND {_PENDING_SQL}",
-                [(job_id, owner) for job_id in job_ids],
+                f"UPDATE jobs SET lease_owner = NULL, lease_until = NULL, maybe_delivered = max(maybe_delivered, ?)"
+                f" WHERE id = ? AND lease_owner = ? AND {_PENDING_SQL}",
+                [(int(job_id in maybe_delivered), job_id, owner) for job_id in job_ids],
             )
 
         await self._run(op)
@@ -441,7 +449,7 @@ class SQLiteJobQueue:
     async def store_outcome(self, job_id: str, owner: str, outcome: Outcome, attempts: list[Attempt]) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
-                "UPDATE jobs SET outcome = ?, state = 'delivering' WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                f"UPDATE jobs SET outcome = ?, state = {DELIVERING} WHERE id = ? AND lease_owner = ? AND state = {RUNNING}",
                 (json.dumps(outcome.to_json()), job_id, owner),
             )
             if cursor.rowcount == 1:
@@ -455,7 +463,7 @@ class SQLiteJobQueue:
             cursor = conn.execute(
                 "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL,"
                 " delivery_attempts = delivery_attempts + 1, detail = ?, maybe_delivered = max(maybe_delivered, ?)"
-                " WHERE id = ? AND lease_owner = ? AND state = 'delivering'",
+                f" WHERE id = ? AND lease_owner = ? AND state = {DELIVERING}",
                 (next_at, _clean(attempt.detail), int(maybe_delivered), job_id, owner),
             )
             if cursor.rowcount == 1:
@@ -464,12 +472,12 @@ class SQLiteJobQueue:
 
         return await self._run(op)
 
-    async def retry_later(self, job_id: str, owner: str, next_at: float, attempt: Attempt) -> bool:
+    async def retry_later(self, job_id: str, owner: str, next_at: float, attempt: Attempt, *, maybe_delivered: bool = False) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
-                "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL, internal_errors = internal_errors + 1, detail = ?"
-                " WHERE id = ? AND lease_owner = ? AND state IN ('running', 'delivering')",
-                (next_at, _clean(attempt.detail), job_id, owner),
+                "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL, internal_errors = internal_errors + 1, detail = ?,"
+                f" maybe_delivered = max(maybe_delivered, ?) WHERE id = ? AND lease_owner = ? AND state IN ({RUNNING}, {DELIVERING})",
+                (next_at, _clean(attempt.detail), int(maybe_delivered), job_id, owner),
             )
             if cursor.rowcount == 1:
                 _insert_attempts(conn, job_id, [attempt])
@@ -477,11 +485,12 @@ class SQLiteJobQueue:
 
         return await self._run(op)
 
-    async def defer(self, job_id: str, owner: str, next_at: float) -> bool:
+    async def defer(self, job_id: str, owner: str, next_at: float, *, maybe_delivered: bool = False) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
-                "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ? AND lease_owner = ? AND state = 'delivering'",
-                (next_at, job_id, owner),
+                "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL, maybe_delivered = max(maybe_delivered, ?)"
+                f" WHERE id = ? AND lease_owner = ? AND state = {DELIVERING}",
+                (next_at, int(maybe_delivered), job_id, owner),
             )
             return cursor.rowcount == 1
 
@@ -492,7 +501,7 @@ class SQLiteJobQueue:
             raise ValueError(f"{state} is not a final state")
 
         def op(conn: sqlite3.Connection) -> bool:
-            callbacks = sum(1 for a in attempts if a.kind == "callback")
+            callbacks = sum(1 for a in attempts if a.kind == AttemptKind.CALLBACK)
             cursor = conn.execute(
                 f"UPDATE jobs SET state = ?, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL,"
                 f" delivery_attempts = delivery_attempts + ? WHERE id = ? AND lease_owner = ? AND {_PENDING_SQL}",
@@ -510,7 +519,7 @@ class SQLiteJobQueue:
             if row is None:
                 return None
             attempts = [
-                Attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"])
+                stored_attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"])
                 for r in conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY seq", (job_id,))
             ]
             return _row_to_job(row, attempts)

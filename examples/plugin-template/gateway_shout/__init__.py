@@ -16,15 +16,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from gateway import TaskRefused, hookimpl
-from gateway.adapters import AdapterConfigError, TextRequest, TextResult
+from gateway.spi import Task, TaskRefused, TextPrompt, TextRequest, TextResult, check_known_options, hookimpl
 
 
 class ShoutAdapter:
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
-        unknown = set(options) - {"suffix"}
-        if unknown:
-            raise AdapterConfigError(sorted(unknown)[0], "unknown option; known options: suffix")
+        check_known_options(options, {"suffix"})  # a misspelt option is a config error naming it, with a "did you mean"
         self.suffix = str(options.get("suffix", "!"))
 
     async def complete(self, request: TextRequest) -> TextResult:
@@ -37,7 +34,7 @@ def register_adapters(register: Any) -> None:
 
 
 @hookimpl
-def prepare_task(task: Any) -> None:
+def prepare_task(task: Task) -> None:
     banned = os.environ.get("SHOUT_BANNED_WORD")
-    if banned and isinstance(task.prompt, str) and banned.lower() in task.prompt.lower():
+    if banned and isinstance(task.prompt, TextPrompt) and banned.lower() in task.prompt.text.lower():
         raise TaskRefused(f"the prompt contains {banned!r}", code=400)

@@ -30,8 +30,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from gateway import hookimpl
-from gateway.adapters import (
+from gateway.spi import (
     AdapterConfigError,
     AdapterError,
     AudioRequest,
@@ -42,6 +41,7 @@ from gateway.adapters import (
     Transcript,
     Usage,
     check_known_options,
+    hookimpl,
     images_from_openai,
     number_option,
     transcript_from_openai,

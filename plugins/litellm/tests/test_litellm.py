@@ -11,11 +11,9 @@ import sys
 import httpx
 import pytest
 from gateway_litellm import LiteLLMAdapter, load_litellm
-from gateway_openai.testing import make_png
 
-from gateway.adapters import AdapterError, ImageRequest, Message, TextRequest
-from tests.harness import free_port, make_config
-from tests.speech import silence
+from gateway.spi import AdapterError, ImageRequest, Message, TextRequest
+from gateway.testing import free_port, make_config, make_png, silence
 
 TEXT = TextRequest(model="openai/gpt-4o-mini", messages=[Message("system", "Be brief."), Message("user", "hi")], temperature=0.2, max_tokens=50)
 
@@ -68,7 +66,7 @@ def test_errors_are_mapped(kind, retryable, status):
 
 @pytest.mark.parametrize("options, key", [({"api_bse": "x"}, "api_bse"), ({"timeout": 0}, "timeout"), ({"params": [1]}, "params")])
 def test_option_errors_name_the_key(options, key):
-    from gateway.adapters import AdapterConfigError
+    from gateway.spi import AdapterConfigError
 
     with pytest.raises(AdapterConfigError) as err:
         LiteLLMAdapter("ll", options)

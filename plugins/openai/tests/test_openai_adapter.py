@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from gateway_openai import OpenAIAdapter
 
-from gateway.adapters import AdapterConfigError, AdapterError, TextRequest
-from gateway.tasks import Message
+from gateway.spi import AdapterConfigError, AdapterError, Message, TextRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +80,7 @@ def test_option_errors(options, key):
 
 @pytest.mark.parametrize("mode", ["b64", "url"])
 async def test_image_generation(upstream, mode):
-    from gateway.adapters import ImageRequest
+    from gateway.spi import ImageRequest
 
     upstream.image_mode = mode
     adapter = OpenAIAdapter("up", {"base_url": upstream.url + "/v1"})
@@ -95,7 +94,7 @@ async def test_image_generation(upstream, mode):
 
 
 async def test_image_answers_that_make_no_sense(upstream):
-    from gateway.adapters import ImageRequest
+    from gateway.spi import ImageRequest
 
     upstream.script('json:{"data": []}', 'json:{"data": [{"b64_json": "not base64!"}]}', 'json:{"data": [{"revised_prompt": "x"}]}')
     adapter = OpenAIAdapter("up", {"base_url": upstream.url + "/v1"})

@@ -26,9 +26,9 @@ pass on to ``WhisperModel.transcribe`` (``vad_filter``, ``temperature``, ...).
 Silence is an error ("no speech"), never a transcript: Whisper alone hears "You" in two
 seconds of silence (no-speech probability 0.95, just inside its own cut-off). Voice-activity
 detection runs first by default, so non-speech never reaches the model (its ONNX model is a
-file inside the faster-whisper package: nothing is downloaded); with it turned off, a
-transcript whose every segment the model itself rates as probably not speech
-(``no_speech_prob`` >= 0.9; real speech measures 0.1-0.3) counts as no speech too.
+file inside the faster-whisper package: nothing is downloaded). Behind it, and alone when
+it is turned off, a transcript whose every segment the model itself rates as probably not
+speech (``no_speech_prob`` >= 0.9; real speech measures 0.1-0.3) counts as no speech too.
 """
 
 from __future__ import annotations
@@ -43,9 +43,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import hookimpl
-from gateway.adapters import AdapterConfigError, AdapterError, AudioRequest, Segment, Transcript, check_known_options, flag_option, whole_option
-from gateway.cpu import SharedModels, background_processes, background_threads, stop_processes
+from gateway.spi import (
+    AdapterConfigError,
+    AdapterError,
+    AudioRequest,
+    InProcessModel,
+    Segment,
+    SharedModels,
+    Transcript,
+    background_processes,
+    background_threads,
+    check_known_options,
+    flag_option,
+    hookimpl,
+    stop_processes,
+    whole_option,
+)
 
 OPTIONS = {"model_dir", "model_package", "device", "compute_type", "cpu_threads", "concurrency", "beam_size", "nice", "vad_filter"}
 SAMPLE_RATE = 16000
@@ -149,37 +162,27 @@ class WhisperAdapter:
         )
         self.beam_size = whole_option(options, "beam_size", 5)
         self.vad_filter = flag_option(options, "vad_filter", True)
-        self._loaded: LoadedModel | None = None
+        key = self.key
+        # CTranslate2 reports a broken model as RuntimeError, a bad setting as ValueError: any error is the model's.
+        self.model = InProcessModel(_models, key, lambda: LoadedModel(key), option=self.path_option, what=f"the Whisper model in {key.path}")
 
     def load(self) -> None:
-        try:
-            self._loaded = _models.get(self.key, lambda: LoadedModel(self.key))
-        except Exception as exc:  # CTranslate2 reports a broken model as RuntimeError, a bad setting as ValueError
-            raise AdapterConfigError(self.path_option, f"cannot load the Whisper model in {self.key.path}: {exc}") from None
+        self.model.load()
 
     async def aclose(self) -> None:
         """Stop the decoder processes and threads (shared: every provider on the model closes at shutdown)."""
-        if self._loaded is not None:
-            await asyncio.to_thread(self._loaded.close)
+        if self.model.loaded is not None:
+            await asyncio.to_thread(self.model.loaded.close)
 
     async def transcribe(self, request: AudioRequest) -> Transcript:
-        if self._loaded is None:
-            await asyncio.to_thread(self.load)
-        assert self._loaded is not None
-        stop = threading.Event()
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._loaded.threads, self._transcribe, request, stop)
-        finally:
-            stop.set()  # on timeout or shutdown the thread stops at the next segment
+        return await self.model.run(lambda model, stop: self._transcribe(model, request, stop))  # stop: the thread stops at the next segment
 
-    def _transcribe(self, request: AudioRequest, stop: threading.Event) -> Transcript:
+    def _transcribe(self, model: LoadedModel, request: AudioRequest, stop: threading.Event) -> Transcript:
         import numpy
 
-        assert self._loaded is not None
         samples = request.file.with_name(request.file.name + ".f32")
         try:
-            self._loaded.decode(str(request.file), str(samples))
+            model.decode(str(request.file), str(samples))
             audio = numpy.fromfile(samples, dtype=numpy.float32)
         except Exception as exc:  # PyAV raises its own error types for undecodable input
             raise AdapterError(f"{self.name}: the recording could not be decoded as audio: {type(exc).__name__}", retryable=False, status=415) from None
@@ -187,7 +190,7 @@ class WhisperAdapter:
             samples.unlink(missing_ok=True)
         options = {"beam_size": self.beam_size, "vad_filter": self.vad_filter, **request.params}
         try:
-            pieces, info = self._loaded.model.transcribe(audio, language=request.language, initial_prompt=request.prompt, **options)
+            pieces, info = model.model.transcribe(audio, language=request.language, initial_prompt=request.prompt, **options)
             segments = []
             speech_likely = False
             for piece in pieces:

@@ -13,10 +13,7 @@ import yaml
 from gateway_whisper import OPTIONS as OPTIONS_KNOWN
 from gateway_whisper import WhisperAdapter
 
-from gateway.config import ConfigError, load_config
-from gateway.runtime import Runtime
-from tests.harness import make_config
-from tests.speech import silence, speak
+from gateway.testing import make_config, silence, speak, start_up_error
 
 SENTENCE = "The quarterly sales meeting moved to Thursday afternoon."
 KEYWORDS = ("quarterly", "sales", "meeting", "thursday")
@@ -94,7 +91,7 @@ def test_silence_is_no_speech_with_and_without_voice_activity_detection(tmp_path
     it, the model's own no-speech probability both make it a final 422 "no speech"."""
     import asyncio
 
-    from gateway.adapters import AdapterError, AudioRequest
+    from gateway.spi import AdapterError, AudioRequest
 
     adapter = WhisperAdapter("local", {**OPTIONS, "vad_filter": vad_filter})
     adapter.load()
@@ -109,7 +106,7 @@ def test_silence_is_no_speech_with_and_without_voice_activity_detection(tmp_path
 def test_undecodable_audio_is_a_final_error(tmp_path):
     import asyncio
 
-    from gateway.adapters import AdapterError, AudioRequest
+    from gateway.spi import AdapterError, AudioRequest
 
     adapter = WhisperAdapter("local", OPTIONS)
     adapter.load()
@@ -124,7 +121,7 @@ def test_providers_on_one_model_share_it():
     first, second = WhisperAdapter("a", OPTIONS), WhisperAdapter("b", dict(OPTIONS))
     first.load()
     second.load()
-    assert first._loaded is second._loaded
+    assert first.model.loaded is not None and first.model.loaded is second.model.loaded
 
 
 @pytest.mark.parametrize("options, key, problem", [
@@ -138,11 +135,8 @@ def test_providers_on_one_model_share_it():
 def test_configuration_errors_name_the_key(tmp_path, upstream, options, key, problem):
     config = whisper_config(upstream.url)
     config["providers"]["local"] = options
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError) as err:
-        Runtime(load_config(path))
-    assert err.value.key == f"providers.local.{key}" and problem in err.value.problem
+    error = start_up_error(config, tmp_path)
+    assert error.key == f"providers.local.{key}" and problem in error.problem
 
 
 @pytest.mark.parametrize("option, fix", [
@@ -153,12 +147,9 @@ def test_configuration_errors_name_the_key(tmp_path, upstream, options, key, pro
 def test_a_misspelt_option_gets_a_did_you_mean(tmp_path, upstream, option, fix):
     config = whisper_config(upstream.url)
     config["providers"]["local"] = {**LOCAL, option: 3}
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError) as err:
-        Runtime(load_config(path))
-    assert err.value.key == f"providers.local.{option}" and err.value.fix == fix
-    assert str(err.value).endswith(f"providers.local.{option}: unknown option; known options: {', '.join(sorted(OPTIONS_KNOWN))}. Fix: {fix}")
+    error = start_up_error(config, tmp_path)
+    assert error.key == f"providers.local.{option}" and error.fix == fix
+    assert str(error).endswith(f"providers.local.{option}: unknown option; known options: {', '.join(sorted(OPTIONS_KNOWN))}. Fix: {fix}")
 
 
 def test_corrupt_model_stops_serve_at_start_up(tmp_path, upstream):
@@ -219,7 +210,7 @@ def test_a_dead_decoder_process_is_replaced(tmp_path, speech):
     import os
     import signal
 
-    from gateway.adapters import AudioRequest
+    from gateway.spi import AudioRequest
 
     adapter = WhisperAdapter("replaced", {**OPTIONS, "cpu_threads": 1})  # its own key: its own pool
     adapter.load()
@@ -227,7 +218,7 @@ def test_a_dead_decoder_process_is_replaced(tmp_path, speech):
     path.write_bytes(speech)
     request = AudioRequest(model="tiny.en", file=path, filename="audio.wav", content_type="audio/wav")
     assert "sales" in asyncio.run(adapter.transcribe(request)).text.lower()
-    for pid in adapter._loaded.decoders._processes:
+    for pid in adapter.model.loaded.decoders._processes:
         os.kill(pid, signal.SIGKILL)
     assert "sales" in asyncio.run(adapter.transcribe(request)).text.lower()
     asyncio.run(adapter.aclose())

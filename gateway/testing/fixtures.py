@@ -1,4 +1,9 @@
-"""Fixtures shared by the core tests and the plugins' tests: real servers on 127.0.0.1."""
+"""The pytest plugin shipped with the gateway (entry point ``pytest11``: ``gateway``).
+
+Fixtures for the core's tests and every plugin's: an OpenAI-compatible ``upstream`` stub,
+the ``portal`` emulator and ``gateway``, a factory of gateway subprocesses configured to
+use both. All of them serve real sockets on 127.0.0.1 and stop at the end of the test.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_openai.testing import FakeOpenAI
 
 from gateway.bitrix.simulator import PortalEmulator
 from gateway.loopback import LoopbackServer
-from tests.harness import GatewayProcess, make_config
+from gateway.testing.runner import GatewayProcess, make_config
+from gateway.testing.upstream import FakeOpenAI
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare the markers the gateway's tests use, so that ``--strict-markers`` accepts them in any project."""
+    config.addinivalue_line("markers", "e2e: end-to-end test over real sockets (gateway under uvicorn in a subprocess)")
 
 
 @pytest.fixture
 def anyio_backend() -> str:
+    """``@pytest.mark.anyio`` tests run on asyncio, the loop the gateway serves on."""
     return "asyncio"
 
 
 @pytest.fixture
 def upstream() -> Iterator[FakeOpenAI]:
+    """A :class:`FakeOpenAI` served on 127.0.0.1; its base URL is ``upstream.url + "/v1"``."""
     fake = FakeOpenAI()
     with LoopbackServer(fake.app) as server:
         fake.url = server.url
@@ -29,12 +41,14 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture
 def portal() -> Iterator[PortalEmulator]:
+    """The portal emulator on 127.0.0.1: it sends requests and records callbacks.
+    ``portal.server`` is its :class:`LoopbackServer`, for tests that stop and restart the portal."""
     emulator = PortalEmulator()
     server = LoopbackServer(emulator.app).start()
     emulator.url = server.url
     emulator.server = server  # type: ignore[attr-defined]  # tests stop and restart it
     yield emulator
-    emulator.server.stop()  # type: ignore[attr-defined]
+    server.stop()
 
 
 @pytest.fixture

@@ -1,4 +1,7 @@
-"""A scriptable OpenAI-compatible server for tests and benchmarks of anything that talks to one.
+"""A scriptable OpenAI-compatible upstream for tests and benchmarks of anything that talks to one.
+
+It stands in for a provider in tests (the ``upstream`` fixture serves one on 127.0.0.1);
+it is a test server, not a vendor SDK.
 
 By default it answers every chat completion with ``echo: <last user message>``. Queue
 behaviours with :meth:`FakeOpenAI.script` to make the next requests fail:
@@ -164,13 +167,14 @@ def make_png(width: int, height: int, seed: int = 0) -> bytes:
 class _DroppingResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         payload = json.dumps({"choices": []}).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload) * 4).encode())]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload) * 4).encode())]  # promises more than it sends
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload[:5], "more_body": True})
         raise DroppedConnection("scripted drop")
 
 
 def main() -> None:
-    """``python -m gateway_openai.testing --port 8001 --delay 0.05``: serve the fake for benchmarks."""
+    """``python -m gateway.testing --port 8001 --delay 0.05``: serve the fake for benchmarks."""
     import argparse
 
     import uvicorn
@@ -181,6 +185,3 @@ def main() -> None:
     args = parser.parse_args()
     uvicorn.run(FakeOpenAI(delay=args.delay).app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,113 @@
+"""Execution: what running one task means -- the middle of the pipeline.
+
+accept (protocol -> typed task -> queue) -> **execute** (route -> adapter -> result) ->
+deliver (outcome -> callback). :class:`TaskExecutor` takes a task and returns its outcome
+and the attempts that led to it: ``prepare_task`` hooks, the recording's download for
+audio and call tasks, the engine's route through the adapters, hosting generated images,
+usage metrics. It never raises for a failure of the task (a refused, failed or unroutable
+task is an error outcome); the worker (:mod:`gateway.jobs.worker`) stores the outcome and
+hands it to delivery, and knows nothing of what happened here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import pluggy
+
+from gateway.adapters import AdapterError, ImageResult, Recording, invoke
+from gateway.config import Config, EngineConfig, RouteTarget
+from gateway.files import ImageHost
+from gateway.metrics import Metrics
+from gateway.outcomes import Attempt, AttemptKind, AttemptOutcome, ErrorReason, JobError, Outcome
+from gateway.plugins import call_hook
+from gateway.recordings import DownloadError, RecordingFetcher
+from gateway.redaction import redact
+from gateway.routing import Router
+from gateway.tasks import AudioPrompt, Task, TaskRefused
+
+log = logging.getLogger("gateway.execution")
+
+
+class TaskExecutor:
+    """Runs one task: ``prepare_task`` hooks, then the engine's route through the adapters."""
+
+    def __init__(self, config: Config, adapters: Mapping[str, Any], router: Router, pm: pluggy.PluginManager, metrics: Metrics,
+                 images: ImageHost, recordings: RecordingFetcher) -> None:
+        self.config, self.adapters, self.router, self.pm, self.metrics = config, adapters, router, pm, metrics
+        self.images, self.recordings = images, recordings
+
+    async def execute(self, task: Task) -> tuple[Outcome, list[Attempt]]:
+        """The task's outcome (a result or an error) and the attempts that led to it; never raises
+        for the task's own failure (but for cancellation and bugs, which the worker records)."""
+        try:
+            await call_hook(self.pm.hook.prepare_task, task=task)
+        except TaskRefused as exc:
+            return Outcome(error=JobError(redact(exc.message), exc.code, ErrorReason.REFUSED)), []
+        except Exception as exc:
+            log.exception("job %s: a prepare_task hook failed", task.job_id)
+            return Outcome(error=JobError(f"a plugin failed while preparing the task: {type(exc).__name__}", 500, ErrorReason.INTERNAL)), []
+        engine = self.config.engine(task.engine)
+        if engine is None:
+            return Outcome(error=JobError(f"engine {task.engine!r} is no longer configured on this gateway", 503, ErrorReason.INTERNAL)), []
+        deadline = self.router.route_deadline(task.deadline, task.ttl)
+        if isinstance(task.prompt, AudioPrompt):
+            return await self._with_recording(task, task.prompt, engine, deadline)
+        return await self._route(task, engine, deadline, None)
+
+    async def _with_recording(self, task: Task, prompt: AudioPrompt, engine: EngineConfig, deadline: float) -> tuple[Outcome, list[Attempt]]:
+        """Download the recording once (retrying transient failures), then run the route on it."""
+        host = urlsplit(prompt.file_url).hostname or "?"
+        attempts: list[Attempt] = []
+        for attempt in range(self.config.routing.retries + 1):
+            started = time.time()
+            try:
+                async with self.recordings.fetch(
+                    prompt.file_url, mime=prompt.mime, extension=prompt.extension, timeout=max(0.0, deadline - started), job_id=task.job_id,
+                ) as recording:
+                    detail = f"{recording.size} bytes, {recording.content_type}"
+                    attempts.append(Attempt(AttemptKind.DOWNLOAD, host, started, time.time() - started, AttemptOutcome.OK, detail))
+                    outcome, route_attempts = await self._route(task, engine, deadline, recording)
+                    return outcome, attempts + route_attempts
+            except DownloadError as exc:
+                message = redact(exc.message)
+                ended = AttemptOutcome.RETRYABLE if exc.retryable else AttemptOutcome.FINAL
+                attempts.append(Attempt(AttemptKind.DOWNLOAD, host, started, time.time() - started, ended, message[:500]))
+                if not exc.retryable or attempt == self.config.routing.retries or not await self.router.backoff.sleep(attempt, deadline):
+                    return Outcome(error=JobError(f"the recording could not be used: {message}", exc.code, ErrorReason.DOWNLOAD)), attempts
+        raise AssertionError("unreachable")
+
+    async def _route(self, task: Task, engine: EngineConfig, deadline: float, recording: Recording | None) -> tuple[Outcome, list[Attempt]]:
+        async def run(target: RouteTarget, budget: float) -> Any:
+            result = await invoke(self.adapters[target.provider], task, target.model, target.params, budget,
+                                  image_sizes=engine.image_sizes, max_images=engine.max_images, recording=recording)
+            if isinstance(result, ImageResult):  # hosted within the attempt: a bad image counts as its failure
+                return await self.images.host(result)
+            return result
+
+        async def call(target: RouteTarget, budget: float) -> Any:
+            try:
+                return await asyncio.wait_for(run(target, budget), budget)
+            except AdapterError:
+                raise
+            except TimeoutError:
+                raise AdapterError(f"{target.label} did not answer within {budget:.1f}s", retryable=True) from None
+            except Exception as exc:
+                log.exception("job %s: adapter %s raised unexpectedly", task.job_id, target.provider)
+                raise AdapterError(f"adapter {target.provider} failed: {type(exc).__name__}", retryable=False) from exc
+
+        route = await self.router.run(engine.route, call, deadline)
+        for attempt in route.attempts:
+            self.metrics.provider_attempts.labels(task.engine, attempt.target.split("/", 1)[0], attempt.outcome).inc()
+        attempts = [Attempt(a.kind, a.target, a.started_at, a.duration, a.outcome, redact(a.detail)) for a in route.attempts]
+        if route.error is not None:
+            error = JobError(redact(route.error.message), route.error.code, route.error.reason)
+            return Outcome(error=error), attempts
+        assert route.target is not None
+        self.metrics.count_usage(task.engine, route.target.provider, route.target.model, getattr(route.value, "usage", None))
+        return Outcome(result=route.value.to_json(), provider=route.target.label), attempts
