@@ -15,7 +15,7 @@ WHEELHOUSE ?= $(HOME)/.cache/bitrix24-ai-gateway/wheels
 LLAMA_CPP_WHEEL := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_CPP_VERSION).built
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup system-packages run demo test bench bench-audio bench-litellm bench-local fuzz bench-server bench-flood clean
+.PHONY: setup system-packages run demo lint test bench bench-audio bench-litellm bench-local fuzz bench-server bench-flood clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,7 +61,13 @@ run: setup
 demo: setup
 	$(BIN)/gateway demo --config $(CONFIG)
 
-test: setup system-packages
+# Static checks, configured in pyproject.toml: ruff (format and lint) and mypy --strict on gateway/.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: setup system-packages lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -30,8 +30,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.bitrix.protocol import encode_like_php  # noqa: E402
-from gateway.testing import free_port  # noqa: E402
+from gateway.bitrix.protocol import encode_like_php
+from gateway.testing import free_port
 
 TOKEN = "bench-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +48,7 @@ class Connection:
         return self
 
     async def post(self, path: str, body: bytes) -> int:
-        self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-        )
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0
@@ -87,6 +85,7 @@ class Portal:
 
     async def requests(self, count: int, ttl: int = 14400) -> list[tuple[str, bytes]]:
         async with httpx.AsyncClient(base_url=self.url, timeout=30) as client:
+
             async def one(i: int) -> tuple[str, bytes]:
                 answer = (await client.post("/-/requests", json={"prompt": f"bench {i}", "ttl": ttl})).json()
                 return answer["hash"], encode_like_php(answer["body"])
@@ -207,8 +206,9 @@ def start_gateway(workdir: Path, config: Path, name: str, *extra: str) -> tuple[
     return proc, port, startup
 
 
-async def end_to_end(port: int, portal: Portal, count: int, in_flight: int, upstream_delay: float, burst_pause: float | None,
-                     path: str = f"/engines/bench/{TOKEN}/completions") -> tuple[list[float], float]:
+async def end_to_end(
+    port: int, portal: Portal, count: int, in_flight: int, upstream_delay: float, burst_pause: float | None, path: str = f"/engines/bench/{TOKEN}/completions"
+) -> tuple[list[float], float]:
     """Overheads (callback received - request sent - upstream latency) and jobs per second.
 
     With ``burst_pause``, ``in_flight`` requests leave at once, all callbacks are awaited,
@@ -239,7 +239,7 @@ async def end_to_end(port: int, portal: Portal, count: int, in_flight: int, upst
             await asyncio.gather(*(run(c) for c in conns))
         else:
             for start in range(0, count, in_flight):
-                burst = made[start:start + in_flight]
+                burst = made[start : start + in_flight]
                 sent: dict[str, float] = {}
 
                 async def send(conn: Connection, job_hash: str, body: bytes, sent: dict[str, float]) -> None:
@@ -269,12 +269,23 @@ def main() -> None:
     path = f"/engines/bench/{TOKEN}/completions"
     try:
         portal_port, fast_port, slow_port, bare_port = free_port(), free_port(), free_port(), free_port()
-        procs.append(start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0])
+        procs.append(
+            start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0]
+        )
         portal = Portal(portal_port)
         for port, delay in ((fast_port, "0"), (slow_port, "0.05")):
-            procs.append(start_process([sys.executable, "-m", "gateway.testing", "--port", str(port), "--delay", delay], port, "/", workdir, f"upstream-{port}")[0])
+            procs.append(
+                start_process([sys.executable, "-m", "gateway.testing", "--port", str(port), "--delay", delay], port, "/", workdir, f"upstream-{port}")[0]
+            )
 
-        proc, _ = start_process([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning", "--no-access-log"], bare_port, "/", workdir, "bare", cwd=ROOT)
+        proc, _ = start_process(
+            [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning", "--no-access-log"],
+            bare_port,
+            "/",
+            workdir,
+            "bare",
+            cwd=ROOT,
+        )
         procs.append(proc)
         asyncio.run(closed_loop(bare_port, path, portal.bodies(500), 32))  # warm-up
         bare_rps, _ = asyncio.run(closed_loop(bare_port, path, portal.bodies(args.requests), 32))
@@ -314,11 +325,20 @@ def main() -> None:
         ("bare Starlette endpoint (parse JSON, 202)", f"{bare_rps:,.0f} req/s"),
         ("gateway accept, --no-worker (durable commit)", f"{gw_rps:,.0f} req/s  ({gw_rps / bare_rps:.0%} of bare)"),
         ("gateway accept, embedded worker also running jobs", f"{full_rps:,.0f} req/s  ({full_rps / bare_rps:.0%} of bare)"),
-        (f"accept latency at {rate:,.0f} req/s (half of --no-worker)", f"p50 {statistics.median(latencies) * ms:.2f} ms, p99 {percentile(latencies, 0.99) * ms:.2f} ms"),
-        ("end-to-end overhead, 5 always in flight, upstream 50 ms", f"p50 {statistics.median(light) * ms:.1f} ms, p99 {percentile(light, 0.99) * ms:.1f} ms, {light_rate:,.0f} jobs/s"),
+        (
+            f"accept latency at {rate:,.0f} req/s (half of --no-worker)",
+            f"p50 {statistics.median(latencies) * ms:.2f} ms, p99 {percentile(latencies, 0.99) * ms:.2f} ms",
+        ),
+        (
+            "end-to-end overhead, 5 always in flight, upstream 50 ms",
+            f"p50 {statistics.median(light) * ms:.1f} ms, p99 {percentile(light, 0.99) * ms:.1f} ms, {light_rate:,.0f} jobs/s",
+        ),
         ("gateway CPU per job (accept, upstream call, callback)", f"{cpu_per_job * ms:.1f} ms"),
         ("end-to-end overhead, bursts of 50, upstream 50 ms", f"p50 {statistics.median(bursts) * ms:.1f} ms, p99 {percentile(bursts, 0.99) * ms:.1f} ms"),
-        ("end-to-end overhead, 50 always in flight", f"p50 {statistics.median(sustained) * ms:.1f} ms, p99 {percentile(sustained, 0.99) * ms:.1f} ms, {sustained_rate:,.0f} jobs/s"),
+        (
+            "end-to-end overhead, 50 always in flight",
+            f"p50 {statistics.median(sustained) * ms:.1f} ms, p99 {percentile(sustained, 0.99) * ms:.1f} ms, {sustained_rate:,.0f} jobs/s",
+        ),
         ("start-up to first 200 (gateway serve)", f"{startup:.2f} s"),
         ("RSS idle / after the end-to-end run", f"{idle_rss:.0f} MB / {loaded_rss:.0f} MB"),
     ]

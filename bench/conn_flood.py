@@ -28,8 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.accept_bench import TOKEN, Portal, print_table, start_process, stop  # noqa: E402
-from gateway.testing import free_port  # noqa: E402
+from bench.accept_bench import TOKEN, Portal, print_table, start_process, stop
+from gateway.testing import free_port
 
 PATH = f"/engines/bench/{TOKEN}/completions"
 
@@ -47,7 +47,7 @@ async def legit(port: int, bodies: list[bytes], timeout: float = 5.0, parallel: 
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
             status = head[9:12].decode()
             return status + (" + Retry-After" if b"retry-after" in head.lower() else "")
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return "no answer in 5 s"
         except (OSError, asyncio.IncompleteReadError) as exc:
             return type(exc).__name__
@@ -68,7 +68,7 @@ async def flood(port: int, count: int) -> list[asyncio.StreamWriter]:
     for _ in range(count):
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-        except (OSError, TimeoutError, asyncio.TimeoutError):
+        except (OSError, TimeoutError):
             continue
         writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\n")
         writers.append(writer)
@@ -76,7 +76,9 @@ async def flood(port: int, count: int) -> list[asyncio.StreamWriter]:
     return writers
 
 
-async def run(port: int, idle: int, during: list[bytes], after: list[bytes], wait: float) -> tuple[int, collections.Counter[str], collections.Counter[str], float]:
+async def run(
+    port: int, idle: int, during: list[bytes], after: list[bytes], wait: float
+) -> tuple[int, collections.Counter[str], collections.Counter[str], float]:
     writers = await flood(port, idle)
     started = time.perf_counter()
     first = await legit(port, during)
@@ -114,10 +116,13 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         portal_port, port = free_port(), free_port()
-        procs.append(start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0])
+        procs.append(
+            start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0]
+        )
         bodies = Portal(portal_port).bodies(2 * args.legit)
         config = {
-            "public_url": f"http://127.0.0.1:{port}", "data_dir": str(workdir / "var"),
+            "public_url": f"http://127.0.0.1:{port}",
+            "data_dir": str(workdir / "var"),
             "security": {"allowed_portals": ["127.0.0.1"], "allow_private_networks": True},
             "providers": {"up": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}},
             "engines": [{"code": "bench", "category": "text", "token": TOKEN, "route": [{"provider": "up", "model": "m"}]}],
@@ -132,11 +137,17 @@ def main() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
         log = open(workdir / "gateway.log", "wb")
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--no-worker", "--config", str(workdir / "gateway.yaml"), "--port", str(port), "--log-level", "WARNING"],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, preexec_fn=at_file_limit)
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--no-worker", "--config", str(workdir / "gateway.yaml"), "--port", str(port), "--log-level", "WARNING"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            preexec_fn=at_file_limit,
+        )
         procs.append(gateway)
         wait_healthy(gateway, port)
-        opened, during, after, took = asyncio.run(run(port, args.idle, bodies[:args.legit], bodies[args.legit:], args.header_timeout + 2))
+        opened, during, after, took = asyncio.run(run(port, args.idle, bodies[: args.legit], bodies[args.legit :], args.header_timeout + 2))
     finally:
         for proc in procs:
             stop(proc)
@@ -145,12 +156,15 @@ def main() -> None:
     def show(outcomes: collections.Counter[str]) -> str:
         return ", ".join(f"{status}: {count}" for status, count in outcomes.most_common())
 
-    print_table([
-        ("gateway", f"{args.tree or 'this checkout'}, file limit {args.file_limit}, header timeout {args.header_timeout:g} s"),
-        ("idle connections opened (half-sent heads)", f"{opened}"),
-        (f"{args.legit} completions POSTs during the flood", f"{show(during)}  ({took:.1f} s)"),
-        (f"{args.legit} completions POSTs {args.header_timeout + 2:g} s after it began", show(after)),
-    ], f"python {sys.version.split()[0]}; logs in {workdir}")
+    print_table(
+        [
+            ("gateway", f"{args.tree or 'this checkout'}, file limit {args.file_limit}, header timeout {args.header_timeout:g} s"),
+            ("idle connections opened (half-sent heads)", f"{opened}"),
+            (f"{args.legit} completions POSTs during the flood", f"{show(during)}  ({took:.1f} s)"),
+            (f"{args.legit} completions POSTs {args.header_timeout + 2:g} s after it began", show(after)),
+        ],
+        f"python {sys.version.split()[0]}; logs in {workdir}",
+    )
 
 
 if __name__ == "__main__":

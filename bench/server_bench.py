@@ -30,13 +30,32 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.accept_bench import TOKEN, Portal, closed_loop, cpu_seconds, gateway_config, print_table, start_process, stop  # noqa: E402
-from gateway.testing import free_port  # noqa: E402
+from bench.accept_bench import TOKEN, Portal, closed_loop, cpu_seconds, gateway_config, print_table, start_process, stop
+from gateway.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = f"/engines/bench/{TOKEN}/completions"
-GRANIAN = [sys.executable, "-m", "granian", "--interface", "asgi", "--workers", "1", "--runtime-threads", "1", "--loop", "uvloop",
-           "--http", "1", "--no-ws", "--log-level", "warning", "--no-access-log", "--backlog", "2048"]
+GRANIAN = [
+    sys.executable,
+    "-m",
+    "granian",
+    "--interface",
+    "asgi",
+    "--workers",
+    "1",
+    "--runtime-threads",
+    "1",
+    "--loop",
+    "uvloop",
+    "--http",
+    "1",
+    "--no-ws",
+    "--log-level",
+    "warning",
+    "--no-access-log",
+    "--backlog",
+    "2048",
+]
 
 
 def gateway_app() -> Any:
@@ -100,7 +119,7 @@ async def probe(port: int, data: bytes, within: float) -> str:
                 status = received[9:12].decode() if received.startswith(b"HTTP/1.1 ") else "no answer"
                 return f"closed after {time.perf_counter() - started:.1f} s ({status})"
             received += chunk
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         return f"still open after {within:.0f} s"
     except ConnectionResetError:
         return f"reset after {time.perf_counter() - started:.1f} s"
@@ -117,7 +136,7 @@ async def idle_after_response(port: int, within: float) -> str:
         while await asyncio.wait_for(reader.read(65536), within - (time.perf_counter() - started)):
             pass
         return f"closed after {time.perf_counter() - started:.1f} s"
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         return f"still open after {within:.0f} s"
     finally:
         writer.close()
@@ -137,7 +156,7 @@ async def beyond_cap(port: int, held: int) -> str:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
             answer = head.split(b"\r\n", 1)[0].decode()
             return answer + (" + Retry-After" if b"retry-after" in head.lower() else "")
-        except (asyncio.TimeoutError, TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
             return f"no answer ({type(exc).__name__})"
         finally:
             writer.close()
@@ -217,10 +236,12 @@ def protocol_micro(runs: int = 15, requests: int = 5000) -> list[tuple[str, str]
             profile.disable()
             calls[name] = pstats.Stats(profile).total_calls / 2000  # type: ignore[attr-defined]
         for run in range(runs):  # alternating, so that neither gains from going first
-            for name, (cls, config) in (kinds.items() if run % 2 == 0 else reversed(kinds.items())):
+            for name, (cls, config) in kinds.items() if run % 2 == 0 else reversed(kinds.items()):
                 times[name].append(await feed(cls, config, requests))
-        return [(f"protocol fed in-process: {name}", f"{min(times[name]) * 1e6:.1f} us/request (best of {runs}), {calls[name]:.0f} Python calls/request")
-                for name in kinds]
+        return [
+            (f"protocol fed in-process: {name}", f"{min(times[name]) * 1e6:.1f} us/request (best of {runs}), {calls[name]:.0f} Python calls/request")
+            for name in kinds
+        ]
 
     return uvloop.run(measure())
 
@@ -257,7 +278,9 @@ def main() -> None:
     hygiene: dict[str, list[str]] = {}
     try:
         portal_port = free_port()
-        procs.append(start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0])
+        procs.append(
+            start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0]
+        )
         portal = Portal(portal_port)
         for round_ in range(args.rounds):
             for target in ("bare", "gateway"):
@@ -291,12 +314,21 @@ def main() -> None:
     for target, label in (("bare", "bare Starlette endpoint"), ("gateway", "gateway accept, --no-worker")):
         for kind in kinds:
             values = rates[(kind, target)]
-            rows.append((f"{label}: {names[kind]}", f"{statistics.median(values):,.0f} req/s, server CPU {statistics.median(cpu[(kind, target)]) * 1e6:.0f} us/req  "
-                                                    f"(runs: {', '.join(f'{v:,.0f}' for v in values)})"))
+            rows.append(
+                (
+                    f"{label}: {names[kind]}",
+                    f"{statistics.median(values):,.0f} req/s, server CPU {statistics.median(cpu[(kind, target)]) * 1e6:.0f} us/req  "
+                    f"(runs: {', '.join(f'{v:,.0f}' for v in values)})",
+                )
+            )
     for kind in kinds:
         half, silent, idle, cap = hygiene[kind]
-        rows += [(f"{names[kind]}: half-sent head", half), (f"{names[kind]}: connection sending nothing", silent),
-                 (f"{names[kind]}: idle after a response", idle), (f"{names[kind]}: request beyond 60 held (cap 50)", cap)]
+        rows += [
+            (f"{names[kind]}: half-sent head", half),
+            (f"{names[kind]}: connection sending nothing", silent),
+            (f"{names[kind]}: idle after a response", idle),
+            (f"{names[kind]}: request beyond 60 held (cap 50)", cap),
+        ]
     print_table(rows, f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.requests} requests per run, median of {args.rounds}; logs in {workdir}")
 
 
@@ -312,7 +344,7 @@ def _start_guarded_probe(workdir: Path) -> tuple[Any, int]:
     """The bare app under uvicorn + guard with header timeout 2 s, keep-alive 5 s, cap 50."""
     port = free_port()
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, %r)\n"  # noqa: UP031 -- a program text with a path and a port filled in
         "from bench.bare_app import app\n"
         "import uvicorn\n"
         "from gateway.config import ConnectionSettings\n"

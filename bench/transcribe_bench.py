@@ -25,12 +25,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway_whisper import WhisperAdapter  # noqa: E402
-
-from bench.accept_bench import Portal, open_loop, percentile, print_table, start_gateway, start_process, stop  # noqa: E402
-from gateway.adapters import AudioRequest  # noqa: E402
-from gateway.bitrix.protocol import encode_like_php  # noqa: E402
-from gateway.testing import free_port, speak  # noqa: E402
+from bench.accept_bench import Portal, open_loop, percentile, print_table, start_gateway, start_process, stop
+from gateway.adapters import AudioRequest
+from gateway.bitrix.protocol import encode_like_php
+from gateway.testing import free_port, speak
+from gateway_whisper import WhisperAdapter
 
 SPEECH = (
     "Good morning everyone. The quarterly sales meeting moved to Thursday afternoon. "
@@ -62,9 +61,14 @@ async def queue_recordings(portal_url: str, gateway_port: int, wav: bytes, count
         file_url = (await client.post(f"{portal_url}/-/files", content=wav, headers={"Content-Type": "audio/wav"})).json()["url"]
         hashes = []
         for _ in range(count):
-            made = (await client.post(f"{portal_url}/-/requests", json={"category": "audio", "prompt": {"file": file_url, "fields": {}, "fileExtension": ""}})).json()
-            answer = await client.post(f"http://127.0.0.1:{gateway_port}/engines/audio/{AUDIO_TOKEN}/completions", content=encode_like_php(made["body"]),
-                                       headers={"Content-Type": "application/json"})
+            made = (
+                await client.post(f"{portal_url}/-/requests", json={"category": "audio", "prompt": {"file": file_url, "fields": {}, "fileExtension": ""}})
+            ).json()
+            answer = await client.post(
+                f"http://127.0.0.1:{gateway_port}/engines/audio/{AUDIO_TOKEN}/completions",
+                content=encode_like_php(made["body"]),
+                headers={"Content-Type": "application/json"},
+            )
             assert answer.status_code == 202, answer.text
             hashes.append(made["hash"])
         return hashes
@@ -95,11 +99,14 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         portal_port, upstream_port = free_port(), free_port()
-        procs.append(start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0])
+        procs.append(
+            start_process([sys.executable, "-m", "gateway.bitrix.simulator", "--port", str(portal_port)], portal_port, "/-/requests/none", workdir, "portal")[0]
+        )
         procs.append(start_process([sys.executable, "-m", "gateway.testing", "--port", str(upstream_port)], upstream_port, "/", workdir, "upstream")[0])
         portal = Portal(portal_port)
         config = {
-            "public_url": "http://127.0.0.1:0", "data_dir": str(workdir / "var"),
+            "public_url": "http://127.0.0.1:0",
+            "data_dir": str(workdir / "var"),
             "security": {"allowed_portals": ["127.0.0.1"], "allow_private_networks": True},
             "providers": {
                 "up": {"type": "openai", "base_url": f"http://127.0.0.1:{upstream_port}/v1"},
@@ -134,8 +141,11 @@ def main() -> None:
         ("real-time factor, 1 at a time, 2 threads", f"{rtf_1x2:.1f}x"),
         ("real-time factor, 2 at a time, 1 thread each", f"{rtf_2x1:.1f}x"),
         (f"accept latency idle, {args.rate:.0f} req/s", f"p50 {statistics.median(idle) * ms:.2f} ms, p99 {percentile(idle, 0.99) * ms:.2f} ms"),
-        (f"accept latency while transcribing ({backlog} queued)", f"p50 {statistics.median(busy) * ms:.2f} ms, p99 {percentile(busy, 0.99) * ms:.2f} ms "
-                                                                  f"({percentile(busy, 0.99) / percentile(idle, 0.99):.1f}x idle)"),
+        (
+            f"accept latency while transcribing ({backlog} queued)",
+            f"p50 {statistics.median(busy) * ms:.2f} ms, p99 {percentile(busy, 0.99) * ms:.2f} ms "
+            f"({percentile(busy, 0.99) / percentile(idle, 0.99):.1f}x idle)",
+        ),
         ("recordings finished by the end of that run", f"{done_during} of {backlog} (the rest were still running)"),
         ("start-up with the model loaded (gateway serve)", f"{startup:.2f} s"),
     ]

@@ -154,7 +154,10 @@ class Transcript:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "text": self.text, "language": self.language, "duration": self.duration,
+            "kind": self.kind,
+            "text": self.text,
+            "language": self.language,
+            "duration": self.duration,
             "segments": [[s.start, s.end, s.text] for s in self.segments],
             "usage": self.usage.to_json() if self.usage else None,
         }
@@ -162,7 +165,9 @@ class Transcript:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Transcript:
         return cls(
-            text=data["text"], language=data.get("language"), duration=data.get("duration"),
+            text=data["text"],
+            language=data.get("language"),
+            duration=data.get("duration"),
             segments=tuple(Segment(float(a), float(b), str(t)) for a, b, t in data.get("segments") or ()),
             usage=Usage.from_json(data.get("usage")),
         )
@@ -208,7 +213,8 @@ def transcript_from_openai(data: Mapping[str, Any], provider: str, usage: Usage 
             raise AdapterError(f"{provider}: a segment lacks start, end or text", retryable=False) from None
     language, duration = data.get("language"), data.get("duration")
     return Transcript(
-        text=text.strip(), segments=tuple(segments),
+        text=text.strip(),
+        segments=tuple(segments),
         language=(language_code(language) or language) if isinstance(language, str) else None,  # verbose_json says "english"
         duration=float(duration) if isinstance(duration, (int, float)) else None,
         usage=usage,
@@ -347,9 +353,17 @@ class Recording:
     size: int
 
 
-async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any], timeout: float, *,
-                 image_sizes: Mapping[str, str] | None = None, max_images: int = 1,
-                 recording: Recording | None = None) -> TextResult | ImageResult | Transcript:
+async def invoke(
+    adapter: Any,
+    task: Task,
+    model: str,
+    params: Mapping[str, Any],
+    timeout: float,
+    *,
+    image_sizes: Mapping[str, str] | None = None,
+    max_images: int = 1,
+    recording: Recording | None = None,
+) -> TextResult | ImageResult | Transcript:
     """Build the typed request for the task's prompt and call the adapter."""
     prompt = task.prompt
     if isinstance(prompt, TextPrompt):
@@ -366,18 +380,32 @@ async def invoke(adapter: Any, task: Task, model: str, params: Mapping[str, Any]
     if isinstance(prompt, ImagePrompt):
         description = f"{prompt.style}, {prompt.text}" if prompt.style and prompt.style.strip() else prompt.text
         sizes = image_sizes or {}
-        images: ImageResult = await adapter.generate_image(ImageRequest(
-            model=model, prompt=description, size=sizes[prompt.format or "square"],
-            n=max(1, min(prompt.images_number or 1, max_images)), params=dict(params), timeout=timeout,
-        ))
+        images: ImageResult = await adapter.generate_image(
+            ImageRequest(
+                model=model,
+                prompt=description,
+                size=sizes[prompt.format or "square"],
+                n=max(1, min(prompt.images_number or 1, max_images)),
+                params=dict(params),
+                timeout=timeout,
+            )
+        )
         return images
     if isinstance(prompt, AudioPrompt):
         if recording is None:
             raise AdapterError("the recording was not downloaded", retryable=False)
-        transcript: Transcript = await adapter.transcribe(AudioRequest(
-            model=model, file=recording.path, filename=recording.filename, content_type=recording.content_type,
-            language=language_code(task.language), prompt=prompt.hint,
-            timestamps=isinstance(prompt, CallPrompt), params=dict(params), timeout=timeout,
-        ))
+        transcript: Transcript = await adapter.transcribe(
+            AudioRequest(
+                model=model,
+                file=recording.path,
+                filename=recording.filename,
+                content_type=recording.content_type,
+                language=language_code(task.language),
+                prompt=prompt.hint,
+                timestamps=isinstance(prompt, CallPrompt),
+                params=dict(params),
+                timeout=timeout,
+            )
+        )
         return transcript
     raise AdapterError(f"category {task.category.value!r} is not supported by this gateway version", retryable=False)

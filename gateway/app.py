@@ -89,7 +89,9 @@ class CompletionsEndpoint:
         code, token = request.path_params["code"], request.path_params["token"]
         engine = rt.engines.authenticate(code, token)
         if engine is None:  # one answer for an unknown code and a wrong token: no probing for codes
-            raise ProtocolError(404, "unknown_engine", "no engine at this URL (unknown engine code or wrong token); copy the completions URL from `gateway engines list`")
+            raise ProtocolError(
+                404, "unknown_engine", "no engine at this URL (unknown engine code or wrong token); copy the completions URL from `gateway engines list`"
+            )
         if request.method in ("GET", "HEAD"):  # the portal's registration check: exactly 200
             return JSONResponse({"result": "OK", "engine": code})
 
@@ -109,7 +111,12 @@ class CompletionsEndpoint:
             raise ProtocolError(400, "invalid_json", f"the body's JSON cannot be read: {str(exc)[:120]}") from None
         now = time.time()
         parsed = parse_completion_request(
-            data, engine=code, category=engine.config.category, default_ttl=rt.config.default_ttl, job_id=new_job_id(), now=now,
+            data,
+            engine=code,
+            category=engine.config.category,
+            default_ttl=rt.config.default_ttl,
+            job_id=new_job_id(),
+            now=now,
             context=engine.config.context,
         )
         for name, url in parsed.outbound_urls:
@@ -189,7 +196,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
         Route("/files/{name}", hosted_file),
     ]
     call_registration_hook(
-        rt.pm.hook.register_routes, lambda plugin: {"routes": routes}, lambda: len(routes),
+        rt.pm.hook.register_routes,
+        lambda plugin: {"routes": routes},
+        lambda: len(routes),
         "append Starlette routes (starlette.routing.Route) to the `routes` list the hook is given (an async hook is awaited)",
     )
 

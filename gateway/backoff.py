@@ -48,7 +48,6 @@ class Backoff:
         """Seconds to wait before retry ``attempt`` (0 for the first retry), in ``[ceiling / 2, ceiling]``."""
         return self.ceiling(attempt) * (0.5 + self.rng() / 2)
 
-
     def next_at(self, attempt: int, deadline: float, *, now: float | None = None) -> float | None:
         """The Unix time to try again, or None when that would not be before ``deadline`` (a Unix time)."""
         at = (time.time() if now is None else now) + self.delay(attempt)

@@ -94,7 +94,9 @@ def cmd_engines_list(args: argparse.Namespace) -> int:
     config = _config(args)
     engines = [
         {
-            "code": e.code, "name": e.config.name, "category": e.config.category.value,
+            "code": e.code,
+            "name": e.config.name,
+            "category": e.config.category.value,
             "completions_url": e.completions_url,
             "route": [t.label for t in e.config.route],
             "settings": dict(e.config.settings),
@@ -131,11 +133,19 @@ def _portal_client(args: argparse.Namespace, config: Config) -> Any:
     webhook = args.portal or config.portal_webhook
     if not webhook and config.portal_webhook_variable:
         name = config.portal_webhook_variable
-        raise ConfigError(config.path, "portal.webhook", f"environment variable {name} is not set",
-                          f"export {name}=https://<portal>/rest/<user>/<secret>/ or pass --portal https://<portal>/rest/<user>/<secret>/")
+        raise ConfigError(
+            config.path,
+            "portal.webhook",
+            f"environment variable {name} is not set",
+            f"export {name}=https://<portal>/rest/<user>/<secret>/ or pass --portal https://<portal>/rest/<user>/<secret>/",
+        )
     if not webhook:
-        raise ConfigError(config.path, "portal.webhook", "no portal webhook is configured",
-                          "pass --portal https://<portal>/rest/<user>/<secret>/ or set portal.webhook (e.g. \"${BITRIX24_WEBHOOK}\")")
+        raise ConfigError(
+            config.path,
+            "portal.webhook",
+            "no portal webhook is configured",
+            'pass --portal https://<portal>/rest/<user>/<secret>/ or set portal.webhook (e.g. "${BITRIX24_WEBHOOK}")',
+        )
     try:
         return PortalClient(webhook, retries=config.portal_retries, backoff=config.portal_backoff)
     except ValueError as exc:
@@ -164,8 +174,11 @@ def cmd_engines_register(args: argparse.Namespace) -> int:
     for engine in engines:
         builtin = builtin_collision(engine.code)
         if builtin:
-            print(f"engine {engine.code}: the code collides with the portal's built-in engine {builtin}; "
-                  "choose another code (the portal compares codes case-insensitively)", file=sys.stderr)
+            print(
+                f"engine {engine.code}: the code collides with the portal's built-in engine {builtin}; "
+                "choose another code (the portal compares codes case-insensitively)",
+                file=sys.stderr,
+            )
             return EXIT_CONFIG
     portal = _portal_client(args, config)
 
@@ -208,7 +221,11 @@ def cmd_engines_remote(args: argparse.Namespace) -> int:
         async with portal:
             statuses = compare(engines, await portal.list())
         if args.json:
-            print(json.dumps([{"code": s.code, "category": s.category, "status": s.status, "differences": s.differences, "id": s.remote_id} for s in statuses], indent=2))
+            print(
+                json.dumps(
+                    [{"code": s.code, "category": s.category, "status": s.status, "differences": s.differences, "id": s.remote_id} for s in statuses], indent=2
+                )
+            )
             return 0
         for s in statuses:
             detail = f" ({', '.join(s.differences)} differ)" if s.differences else ""
@@ -257,9 +274,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def _job_summary(job: Any) -> dict[str, Any]:
     outcome = job.outcome
     summary: dict[str, Any] = {
-        "id": job.id, "engine": job.engine, "category": job.category, "state": job.state.value,
-        "portal": job.task.portal, "accepted_at": _when(job.accepted_at), "deadline": _when(job.deadline),
-        "finished_at": _when(job.finished_at), "delivery_attempts": job.delivery_attempts, "detail": job.detail,
+        "id": job.id,
+        "engine": job.engine,
+        "category": job.category,
+        "state": job.state.value,
+        "portal": job.task.portal,
+        "accepted_at": _when(job.accepted_at),
+        "deadline": _when(job.deadline),
+        "finished_at": _when(job.finished_at),
+        "delivery_attempts": job.delivery_attempts,
+        "detail": job.detail,
     }
     if job.finished_at:
         summary["seconds_to_final"] = round(job.finished_at - job.accepted_at, 3)
@@ -284,7 +308,11 @@ def _describe_result(result: dict[str, Any]) -> str:
         if result.get("duration"):
             size += f", {result['duration']:.1f} s of audio"
     usage = result.get("usage") or {}
-    spent = [f"{usage[key]} {label} tokens" for key, label in (("prompt_tokens", "prompt"), ("completion_tokens", "completion"), ("total_tokens", "total")) if usage.get(key) is not None]
+    spent = [
+        f"{usage[key]} {label} tokens"
+        for key, label in (("prompt_tokens", "prompt"), ("completion_tokens", "completion"), ("total_tokens", "total"))
+        if usage.get(key) is not None
+    ]
     if usage.get("cost_usd") is not None:
         spent.append(f"${usage['cost_usd']:.6f}")
     return f"{kind}, {size}" + (f"; {', '.join(spent)}" if spent else "")
@@ -371,7 +399,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     category = engine.config.category.value
     if category in ("audio", "call") and audio is None:
-        print(f"engine {engine.code} is {'an' if category[0] in 'aeiou' else 'a'} {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)", file=sys.stderr)
+        print(
+            f"engine {engine.code} is {'an' if category[0] in 'aeiou' else 'a'} {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     base = (args.gateway or config.public_url).rstrip("/")
     url = base + completions_path(engine.code, engine.token)

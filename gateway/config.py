@@ -314,7 +314,9 @@ def parse_config(data: Any, file: Path) -> Config:
     public_url = top.text("public_url", "http://127.0.0.1:8080").rstrip("/")
     parts = urlsplit(public_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(file, "public_url", f"{public_url!r} is not an http(s) URL", "write the URL portals use to reach the gateway, e.g. https://gw.example.com")
+        raise ConfigError(
+            file, "public_url", f"{public_url!r} is not an http(s) URL", "write the URL portals use to reach the gateway, e.g. https://gw.example.com"
+        )
     listen = top.section("listen")
     host = listen.text("host", "127.0.0.1")
     port = listen.number("port", 8080, integer=True)
@@ -356,7 +358,7 @@ def parse_config(data: Any, file: Path) -> Config:
     if isinstance(portals, str):
         portals = [p.strip() for p in portals.split(",") if p.strip()]
     if not isinstance(portals, list) or not all(isinstance(p, str) and p for p in portals):
-        raise ConfigError(file, "security.allowed_portals", "must be a list of host names", "write e.g. [acme.bitrix24.com, \"*.bitrix24.de\"]")
+        raise ConfigError(file, "security.allowed_portals", "must be a list of host names", 'write e.g. [acme.bitrix24.com, "*.bitrix24.de"]')
     security = SecuritySettings(tuple(p.lower() for p in portals), sec.bool("allow_private_networks", False))
     sec.done()
 
@@ -405,10 +407,28 @@ def parse_config(data: Any, file: Path) -> Config:
     engines = _parse_engines(file, top.raw("engines", []), providers)
     top.done()
     return Config(
-        path=file, public_url=public_url, host=host, port=port, connections=connections, data_dir=data_dir, queue=queue,
-        concurrency=concurrency, shutdown_grace=shutdown_grace, max_body_bytes=max_body_bytes, default_ttl=default_ttl,
-        security=security, files=files, audio=audio, routing=routing, delivery=delivery, providers=providers, engines=engines,
-        portal_webhook=portal_webhook, portal_webhook_variable=portal_webhook_variable, portal_retries=portal_retries, portal_backoff=portal_backoff,
+        path=file,
+        public_url=public_url,
+        host=host,
+        port=port,
+        connections=connections,
+        data_dir=data_dir,
+        queue=queue,
+        concurrency=concurrency,
+        shutdown_grace=shutdown_grace,
+        max_body_bytes=max_body_bytes,
+        default_ttl=default_ttl,
+        security=security,
+        files=files,
+        audio=audio,
+        routing=routing,
+        delivery=delivery,
+        providers=providers,
+        engines=engines,
+        portal_webhook=portal_webhook,
+        portal_webhook_variable=portal_webhook_variable,
+        portal_retries=portal_retries,
+        portal_backoff=portal_backoff,
     )
 
 
@@ -450,7 +470,9 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
             t = _Section(file, f"{e.key('route')}[{j}]", target_raw)
             provider = t.text("provider")
             if provider not in providers:
-                raise ConfigError(file, t.key("provider"), f"no provider named {provider!r}", f"define it under `providers:` (defined: {', '.join(providers) or 'none'})")
+                raise ConfigError(
+                    file, t.key("provider"), f"no provider named {provider!r}", f"define it under `providers:` (defined: {', '.join(providers) or 'none'})"
+                )
             params = t.raw("params", {})
             if not isinstance(params, Mapping):
                 raise ConfigError(file, t.key("params"), "must be a mapping", "write e.g. {temperature: 0.2}")
@@ -472,9 +494,13 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
         image.done()
         context = e.text("context", "when_requested")
         if context not in ENGINE_CONTEXT_MODES:
-            raise ConfigError(file, e.key("context"), f"unknown value {context!r}",
-                              "use `when_requested` (earlier messages reach the model only when the request says collect_context: true, "
-                              "as with the portal's own engines) or `always`")
+            raise ConfigError(
+                file,
+                e.key("context"),
+                f"unknown value {context!r}",
+                "use `when_requested` (earlier messages reach the model only when the request says collect_context: true, "
+                "as with the portal's own engines) or `always`",
+            )
         engines.append(EngineConfig(code, e.text("name", code), cat, token, tuple(route), dict(settings), sizes, max_images, context=context))
         e.done()
     return tuple(engines)

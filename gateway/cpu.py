@@ -50,8 +50,7 @@ def background_processes(count: int, nice: int) -> ProcessPoolExecutor:
 
     The children exit when the gateway process is gone, even after a SIGKILL; on a clean stop
     :func:`stop_processes` ends them first."""
-    pool = ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_child_started, initargs=(nice, os.getpid()))
+    pool = ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"), initializer=_child_started, initargs=(nice, os.getpid()))
     with _pools_lock:
         _pools.add(pool)
     return pool
@@ -157,8 +156,16 @@ class InProcessModel(Generic[Model]):
     ``create`` builds the model; an exception of a type in ``load_errors`` while it does is a
     configuration error on the provider option ``option`` ("cannot load ``what``: ...")."""
 
-    def __init__(self, shared: SharedModels[Model], key: Hashable, create: Callable[[], Model], *, option: str, what: str,
-                 load_errors: tuple[type[Exception], ...] = (Exception,)) -> None:
+    def __init__(
+        self,
+        shared: SharedModels[Model],
+        key: Hashable,
+        create: Callable[[], Model],
+        *,
+        option: str,
+        what: str,
+        load_errors: tuple[type[Exception], ...] = (Exception,),
+    ) -> None:
         self.shared, self.key, self.option, self.what = shared, key, option, what
         self._create, self._load_errors = create, load_errors
         self.loaded: Model | None = None

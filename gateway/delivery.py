@@ -31,8 +31,8 @@ from gateway.adapters import result_from_json
 from gateway.backoff import Backoff
 from gateway.bitrix import protocol
 from gateway.config import DeliverySettings
-from gateway.outcomes import Attempt, AttemptKind, DeliveryOutcome, Outcome
 from gateway.netguard import OutboundPolicy, URLRefused
+from gateway.outcomes import Attempt, AttemptKind, DeliveryOutcome, Outcome
 from gateway.redaction import redact
 from gateway.tasks import Task
 
@@ -135,7 +135,11 @@ class Deliverer:
             _, body = callback_for(job)
             timeout = max(0.1, min(self.settings.read_timeout, job.deadline - started))
             request = self._client.build_request(
-                "POST", target, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, timeout=timeout,
+                "POST",
+                target,
+                content=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+                timeout=timeout,
             )
         except protocol.ProtocolError as exc:
             return result(DeliveryOutcome.REFUSED, f"the callback cannot be sent: {exc.message}")

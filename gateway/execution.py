@@ -37,8 +37,16 @@ log = logging.getLogger("gateway.execution")
 class TaskExecutor:
     """Runs one task: ``prepare_task`` hooks, then the engine's route through the adapters."""
 
-    def __init__(self, config: Config, adapters: Mapping[str, Any], router: Router, pm: pluggy.PluginManager, metrics: Metrics,
-                 images: ImageHost, recordings: RecordingFetcher) -> None:
+    def __init__(
+        self,
+        config: Config,
+        adapters: Mapping[str, Any],
+        router: Router,
+        pm: pluggy.PluginManager,
+        metrics: Metrics,
+        images: ImageHost,
+        recordings: RecordingFetcher,
+    ) -> None:
         self.config, self.adapters, self.router, self.pm, self.metrics = config, adapters, router, pm, metrics
         self.images, self.recordings = images, recordings
 
@@ -68,7 +76,11 @@ class TaskExecutor:
             started = time.time()
             try:
                 async with self.recordings.fetch(
-                    prompt.file_url, mime=prompt.mime, extension=prompt.extension, timeout=max(0.0, deadline - started), job_id=task.job_id,
+                    prompt.file_url,
+                    mime=prompt.mime,
+                    extension=prompt.extension,
+                    timeout=max(0.0, deadline - started),
+                    job_id=task.job_id,
                 ) as recording:
                     detail = f"{recording.size} bytes, {recording.content_type}"
                     attempts.append(Attempt(AttemptKind.DOWNLOAD, host, started, time.time() - started, AttemptOutcome.OK, detail))
@@ -84,8 +96,16 @@ class TaskExecutor:
 
     async def _route(self, task: Task, engine: EngineConfig, deadline: float, recording: Recording | None) -> tuple[Outcome, list[Attempt]]:
         async def run(target: RouteTarget, budget: float) -> Any:
-            result = await invoke(self.adapters[target.provider], task, target.model, target.params, budget,
-                                  image_sizes=engine.image_sizes, max_images=engine.max_images, recording=recording)
+            result = await invoke(
+                self.adapters[target.provider],
+                task,
+                target.model,
+                target.params,
+                budget,
+                image_sizes=engine.image_sizes,
+                max_images=engine.max_images,
+                recording=recording,
+            )
             if isinstance(result, ImageResult):  # hosted within the attempt: a bad image counts as its failure
                 return await self.images.host(result)
             return result

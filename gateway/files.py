@@ -99,7 +99,8 @@ class ImageHost:
         self._policy = OutboundPolicy(["*"], allow_private_networks)
         self._client = httpx.AsyncClient(
             transport=http.transport(self._policy),
-            follow_redirects=True, timeout=httpx.Timeout(60.0, connect=10.0),
+            follow_redirects=True,
+            timeout=httpx.Timeout(60.0, connect=10.0),
         )
 
     async def aclose(self) -> None:

@@ -91,7 +91,11 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         self.policy = policy
 
     async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         if self.policy is not None and not self.policy.host_allowed(host):

@@ -71,14 +71,36 @@ class Metrics:
         self.tokens = Counter("gateway_tokens", "Tokens providers reported, by type (prompt, completion)", ["engine", "provider", "model", "type"], registry=r)
         self.cost = Counter("gateway_cost_usd", "What provider calls cost, in US dollars, where the adapter knows", ["engine", "provider", "model"], registry=r)
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs not yet in a final state", registry=r)
-        self.accept_latency = Histogram("gateway_accept_latency_seconds", "Time to answer a completions POST", ["engine", "category"], buckets=ACCEPT_BUCKETS, registry=r)
-        self.end_to_end = Histogram("gateway_end_to_end_latency_seconds", "Acceptance to final state", ["engine", "category"], buckets=END_TO_END_BUCKETS, registry=r)
+        self.accept_latency = Histogram(
+            "gateway_accept_latency_seconds", "Time to answer a completions POST", ["engine", "category"], buckets=ACCEPT_BUCKETS, registry=r
+        )
+        self.end_to_end = Histogram(
+            "gateway_end_to_end_latency_seconds", "Acceptance to final state", ["engine", "category"], buckets=END_TO_END_BUCKETS, registry=r
+        )
         portals = PortalLabels()  # shared, so the three metrics agree on which hosts are "other"
-        self.delivery_latency = portals.wrap(Histogram("gateway_delivery_latency_seconds", "Duration of callback POSTs, by portal host name", ["portal"], buckets=DELIVERY_BUCKETS, registry=r))
-        self.delivery_failures = portals.wrap(Counter("gateway_delivery_failures", "Callback POSTs that did not deliver, by portal host name and outcome (retry, gone, rejected, refused, error)", ["portal", "outcome"], registry=r))
-        self.delivery_deferred = portals.wrap(Counter("gateway_delivery_deferred", "Deliveries put back in the queue because their portal already had the maximum of callbacks in flight and waiting", ["portal"], registry=r))
+        self.delivery_latency = portals.wrap(
+            Histogram("gateway_delivery_latency_seconds", "Duration of callback POSTs, by portal host name", ["portal"], buckets=DELIVERY_BUCKETS, registry=r)
+        )
+        self.delivery_failures = portals.wrap(
+            Counter(
+                "gateway_delivery_failures",
+                "Callback POSTs that did not deliver, by portal host name and outcome (retry, gone, rejected, refused, error)",
+                ["portal", "outcome"],
+                registry=r,
+            )
+        )
+        self.delivery_deferred = portals.wrap(
+            Counter(
+                "gateway_delivery_deferred",
+                "Deliveries put back in the queue because their portal already had the maximum of callbacks in flight and waiting",
+                ["portal"],
+                registry=r,
+            )
+        )
         self.loop_restarts = Counter("gateway_loop_restarts", "Background loops restarted after an unexpected error", ["loop"], registry=r)
-        self.job_errors = Counter("gateway_job_internal_errors", "Unexpected errors while running or delivering a job (each recorded on the job and retried)", ["stage"], registry=r)
+        self.job_errors = Counter(
+            "gateway_job_internal_errors", "Unexpected errors while running or delivering a job (each recorded on the job and retried)", ["stage"], registry=r
+        )
 
     def count_usage(self, engine: str, provider: str, model: str, usage: Any) -> None:
         """Add a result's :class:`~gateway.adapters.Usage` (counted when produced: the call was paid for)."""

@@ -63,8 +63,7 @@ def get_plugin_manager(extra_plugins: list[tuple[object, str]] | None = None) ->
             for name in names:
                 if name not in available:
                     raise PluginError(
-                        f"{LOAD_PLUGINS_ENV} names plugin {name!r}, which is not installed; "
-                        f"installed plugins: {', '.join(sorted(available)) or 'none'}"
+                        f"{LOAD_PLUGINS_ENV} names plugin {name!r}, which is not installed; installed plugins: {', '.join(sorted(available)) or 'none'}"
                     )
                 pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
     except PluginError:

@@ -56,7 +56,9 @@ class RouteResult:
 
 
 class Router:
-    def __init__(self, settings: RoutingSettings, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self, settings: RoutingSettings, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: Callable[[], float] = random.random
+    ) -> None:
         self.settings = settings
         self.breaker = CircuitBreaker(settings.cooldown_failures, settings.cooldown_seconds)
         self.backoff = Backoff(settings.backoff_initial, settings.backoff_max, rng)

@@ -59,7 +59,9 @@ def load_adapter_registry(pm: pluggy.PluginManager) -> AdapterRegistry:
         return {"register": register}
 
     call_registration_hook(
-        pm.hook.register_adapters, arguments, lambda: len(registry.names()),
+        pm.hook.register_adapters,
+        arguments,
+        lambda: len(registry.names()),
         'call register("name", factory, categories=["text"]) inside the hook for each adapter type (an async hook is awaited)',
     )
     return registry
@@ -72,7 +74,9 @@ def build_adapters(config: Config, registry: AdapterRegistry) -> dict[str, Any]:
         kind = registry.get(provider.type)
         if kind is None:
             raise ConfigError(
-                config.path, f"providers.{name}.type", f"no installed plugin provides adapter type {provider.type!r}",
+                config.path,
+                f"providers.{name}.type",
+                f"no installed plugin provides adapter type {provider.type!r}",
                 f"use one of: {', '.join(registry.names()) or 'none (no adapter plugin is loaded)'}; install the plugin that provides it, or check GATEWAY_LOAD_PLUGINS",
             )
         try:
@@ -85,7 +89,8 @@ def build_adapters(config: Config, registry: AdapterRegistry) -> dict[str, Any]:
             assert kind is not None
             if engine.category not in kind.categories:
                 raise ConfigError(
-                    config.path, f"engines[{i}].route[{j}]",
+                    config.path,
+                    f"engines[{i}].route[{j}]",
                     f"adapter type {kind.name!r} (provider {target.provider!r}) does not serve category {engine.category.value!r}",
                     f"route {engine.category.value} engines to a provider whose type serves it",
                 )
@@ -127,8 +132,11 @@ class Runtime:
         self.deliverer = Deliverer(self.policy, config.delivery)
         self.files = LocalFileStore(Path(config.data_dir) / "files")
         self.images = ImageHost(
-            self.files, config.public_url, allow_private_networks=config.security.allow_private_networks,
-            max_bytes=config.files.max_bytes, retention_days=config.files.retention_days,
+            self.files,
+            config.public_url,
+            allow_private_networks=config.security.allow_private_networks,
+            max_bytes=config.files.max_bytes,
+            retention_days=config.files.retention_days,
         )
         self.recordings = RecordingFetcher(self.policy, config.audio, Path(config.data_dir) / "recordings")
         self.worker: Worker | None = None
@@ -137,10 +145,14 @@ class Runtime:
             self.worker = Worker(
                 queue=self.queue,
                 executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images, self.recordings),
-                deliverer=self.deliverer, pm=self.pm, metrics=self.metrics,
-                concurrency=config.concurrency, lease_seconds=config.queue.lease_seconds,
+                deliverer=self.deliverer,
+                pm=self.pm,
+                metrics=self.metrics,
+                concurrency=config.concurrency,
+                lease_seconds=config.queue.lease_seconds,
                 poll_interval=config.queue.poll_interval,
-                retention_seconds=config.queue.retention_days * 86400, supervisor=self.loops,
+                retention_seconds=config.queue.retention_days * 86400,
+                supervisor=self.loops,
             )
 
     async def start(self, app: Any = None) -> None:

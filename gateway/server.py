@@ -136,8 +136,10 @@ def bind_socket(host: str, port: int, config_path: Path | str, backlog: int = 20
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as exc:
-        raise ListenError(f"cannot listen on {where}: the host does not resolve ({exc}); "
-                          f"set --host or listen.host in {config_path} to an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+        raise ListenError(
+            f"cannot listen on {where}: the host does not resolve ({exc}); "
+            f"set --host or listen.host in {config_path} to an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart does not wait for TIME_WAIT
@@ -146,13 +148,15 @@ def bind_socket(host: str, port: int, config_path: Path | str, backlog: int = 20
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ListenError(f"cannot listen on {where}: the port is already in use (another gateway or program listens there); "
-                              f"stop it, or {fix_port}") from None
+            raise ListenError(
+                f"cannot listen on {where}: the port is already in use (another gateway or program listens there); stop it, or {fix_port}"
+            ) from None
         if exc.errno == errno.EACCES:
             raise ListenError(f"cannot listen on {where}: permission denied (ports below 1024 need privileges); {fix_port}") from None
         if exc.errno == errno.EADDRNOTAVAIL:
-            raise ListenError(f"cannot listen on {where}: {host} is not an address of this machine; "
-                              f"set --host or listen.host in {config_path}, e.g. 127.0.0.1 or 0.0.0.0") from None
+            raise ListenError(
+                f"cannot listen on {where}: {host} is not an address of this machine; set --host or listen.host in {config_path}, e.g. 127.0.0.1 or 0.0.0.0"
+            ) from None
         raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     return sock
 
@@ -187,8 +191,12 @@ class ConnectionGuard:
         self._closed: Counter | None = None
         if registry is not None:
             self._refused = Counter("gateway_connections_refused", "Connections answered 503 because listen.max_connections were open", registry=registry)
-            self._closed = Counter("gateway_connections_closed", "Connections the server closed on a client: head or body too slow (timeout), head too large",
-                                      ["reason"], registry=registry)
+            self._closed = Counter(
+                "gateway_connections_closed",
+                "Connections the server closed on a client: head or body too slow (timeout), head too large",
+                ["reason"],
+                registry=registry,
+            )
             Gauge("gateway_connections_open", "Open client connections", registry=registry).set_function(lambda: len(self.connections))
 
     def note(self, reason: str) -> None:
@@ -204,8 +212,13 @@ class ConnectionGuard:
             self._next_log = now + LOG_EVERY
             counts = ", ".join(f"{name} {count}" for name, count in sorted(self._pending.items()))
             self._pending.clear()
-            log.warning("client connections cut off since the last report (%s); %d open of at most %d; next report in %.0f s at the earliest",
-                        counts, len(self.connections), self.max_connections, LOG_EVERY)
+            log.warning(
+                "client connections cut off since the last report (%s); %d open of at most %d; next report in %.0f s at the earliest",
+                counts,
+                len(self.connections),
+                self.max_connections,
+                LOG_EVERY,
+            )
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -248,8 +261,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport = transport
         guard = self.guard
         guard.note("refused")
-        transport.write(_error_response(503, "too_many_connections", f"the gateway has its maximum of {guard.max_connections} connections open; retry in a second",
-                                        self.server_state.default_headers, extra="retry-after: 1\r\n"))
+        transport.write(
+            _error_response(
+                503,
+                "too_many_connections",
+                f"the gateway has its maximum of {guard.max_connections} connections open; retry in a second",
+                self.server_state.default_headers,
+                extra="retry-after: 1\r\n",
+            )
+        )
         if guard.lingering >= MAX_LINGERING or not transport.can_write_eof():
             transport.close()
             return
@@ -404,21 +424,44 @@ def server_config(app: Any, settings: ConnectionSettings, max_connections: int, 
     return uvicorn.Config(app, http=guarded_protocol(guard), timeout_keep_alive=settings.keep_alive_timeout, **{**defaults, **options})  # type: ignore[arg-type]
 
 
-def serve(app: Any, sock: socket.socket, settings: ConnectionSettings, file_limit: FileLimit, pools: Mapping[str, int], *,
-          registry: CollectorRegistry | None = None, on_ready: Callable[[], None] | None = None) -> bool:
+def serve(
+    app: Any,
+    sock: socket.socket,
+    settings: ConnectionSettings,
+    file_limit: FileLimit,
+    pools: Mapping[str, int],
+    *,
+    registry: CollectorRegistry | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> bool:
     """Serve ``app`` on the bound ``sock`` until SIGINT or SIGTERM; False if it never started.
     ``pools``: the most connections each outbound pool can open (:func:`outbound_pools`)."""
     reserve = file_reserve(pools)
     cap = connection_cap(settings, file_limit.soft, reserve)
     raised = f" (raised from {file_limit.before})" if file_limit.soft != file_limit.before else ""
     source = "listen.max_connections" if settings.max_connections else f"open-files limit - {reserve} reserved, at least {MIN_CAP}, at most {CAP_CEILING}"
-    log.info("open-files limit %d%s; client connections at most %d (%s); request head within %g s, body within %g s, idle keep-alive %g s",
-             file_limit.soft, raised, cap, source, settings.header_timeout, settings.body_timeout, settings.keep_alive_timeout)
+    log.info(
+        "open-files limit %d%s; client connections at most %d (%s); request head within %g s, body within %g s, idle keep-alive %g s",
+        file_limit.soft,
+        raised,
+        cap,
+        source,
+        settings.header_timeout,
+        settings.body_timeout,
+        settings.keep_alive_timeout,
+    )
     if cap + reserve > file_limit.soft:
         detail = ", ".join(f"{name} {size}" for name, size in pools.items())
-        log.warning("%d client connections and %d files kept for outbound connections (%s) and the rest (%d) exceed the open-files limit %d: "
-                    "under load, connections may fail with 'too many open files'; raise the hard limit (ulimit -Hn, LimitNOFILE= in systemd)%s",
-                    cap, reserve, detail, BASE_RESERVE, file_limit.soft, " or lower listen.max_connections" if settings.max_connections else "")
+        log.warning(
+            "%d client connections and %d files kept for outbound connections (%s) and the rest (%d) exceed the open-files limit %d: "
+            "under load, connections may fail with 'too many open files'; raise the hard limit (ulimit -Hn, LimitNOFILE= in systemd)%s",
+            cap,
+            reserve,
+            detail,
+            BASE_RESERVE,
+            file_limit.soft,
+            " or lower listen.max_connections" if settings.max_connections else "",
+        )
     server = GatewayServer(server_config(app, settings, cap, registry, timeout_graceful_shutdown=15), on_ready)
     server.run(sockets=[sock])
     return server.started

@@ -35,8 +35,24 @@ json_values = st.recursive(
 )
 ports = st.one_of(st.integers(-1, 70_000), st.sampled_from(["", "abc", "65536", "0", "99999999999999999999", " 80"]))
 hosts = st.one_of(
-    st.sampled_from(["127.0.0.1", "[::1]", "[::1", "::1]", "localhost", "acme.bitrix24.com", "xn--j1ay.xn--p1ai", "портал.рф", "", "user:pw@127.0.0.1",
-                     "a..bitrix24.com", ".acme.bitrix24.com", "x" * 64 + ".bitrix24.com", "xn--.com"]),
+    st.sampled_from(
+        [
+            "127.0.0.1",
+            "[::1]",
+            "[::1",
+            "::1]",
+            "localhost",
+            "acme.bitrix24.com",
+            "xn--j1ay.xn--p1ai",
+            "портал.рф",
+            "",
+            "user:pw@127.0.0.1",
+            "a..bitrix24.com",
+            ".acme.bitrix24.com",
+            "x" * 64 + ".bitrix24.com",
+            "xn--.com",
+        ]
+    ),
     hostile_text,
 )
 
@@ -55,8 +71,22 @@ def urls(draw: st.DrawFn, base: str = "http://127.0.0.1:1") -> str:
     return f"{scheme}://{draw(hosts)}{':' + str(port) if draw(st.booleans()) else ''}/{path}"
 
 
-FIELDS = ["prompt", "payload_role", "context", "temperature", "max_tokens", "ttl", "category", "callbackUrl",
-          "errorCallbackUrl", "payload_markers", "collect_context", "auth", "bx_module", "brand_new"]
+FIELDS = [
+    "prompt",
+    "payload_role",
+    "context",
+    "temperature",
+    "max_tokens",
+    "ttl",
+    "category",
+    "callbackUrl",
+    "errorCallbackUrl",
+    "payload_markers",
+    "collect_context",
+    "auth",
+    "bx_module",
+    "brand_new",
+]
 
 
 @st.composite
@@ -72,7 +102,13 @@ def mutated_bodies(draw: st.DrawFn, valid: dict[str, Any]) -> dict[str, Any]:
         elif choice == 2 and key in ("callbackUrl", "errorCallbackUrl"):
             body[key] = draw(urls())
         elif choice == 3 and key == "prompt":
-            body[key] = {"file": draw(urls()), "prompt": draw(hostile_text), "images_number": draw(numbers), "format": draw(hostile_text), "fields": draw(json_values)}
+            body[key] = {
+                "file": draw(urls()),
+                "prompt": draw(hostile_text),
+                "images_number": draw(numbers),
+                "format": draw(hostile_text),
+                "fields": draw(json_values),
+            }
         else:
             body[key] = draw(json_values)
     return body

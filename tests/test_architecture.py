@@ -17,29 +17,79 @@ ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = ROOT / "gateway"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {
-        "gateway", "gateway.tasks", "gateway.outcomes", "gateway.backoff", "gateway.config", "gateway.languages", "gateway.netguard",
-        "gateway.http", "gateway.redaction", "gateway.loopback", "gateway.hookspecs", "gateway.metrics", "gateway.plugins",
-        "gateway.supervision", "gateway.engines",
-    }),
+    (
+        "base",
+        {
+            "gateway",
+            "gateway.tasks",
+            "gateway.outcomes",
+            "gateway.backoff",
+            "gateway.config",
+            "gateway.languages",
+            "gateway.netguard",
+            "gateway.http",
+            "gateway.redaction",
+            "gateway.loopback",
+            "gateway.hookspecs",
+            "gateway.metrics",
+            "gateway.plugins",
+            "gateway.supervision",
+            "gateway.engines",
+        },
+    ),
     ("contracts", {"gateway.adapters", "gateway.cpu"}),
-    ("stages", {
-        "gateway.bitrix", "gateway.bitrix.protocol", "gateway.bitrix.rest", "gateway.bitrix.registration",
-        "gateway.routing", "gateway.files", "gateway.recordings", "gateway.delivery",
-        "gateway.jobs", "gateway.jobs.model", "gateway.jobs.queue", "gateway.jobs.sqlite", "gateway.jobs.backends",
-    }),
+    (
+        "stages",
+        {
+            "gateway.bitrix",
+            "gateway.bitrix.protocol",
+            "gateway.bitrix.rest",
+            "gateway.bitrix.registration",
+            "gateway.routing",
+            "gateway.files",
+            "gateway.recordings",
+            "gateway.delivery",
+            "gateway.jobs",
+            "gateway.jobs.model",
+            "gateway.jobs.queue",
+            "gateway.jobs.sqlite",
+            "gateway.jobs.backends",
+        },
+    ),
     ("pipeline", {"gateway.execution", "gateway.jobs.worker"}),
     ("composition", {"gateway.runtime"}),
-    ("entry points and tools", {
-        "gateway.app", "gateway.server", "gateway.cli", "gateway.__main__", "gateway.demo", "gateway.bitrix.simulator", "gateway.spi",
-        "gateway.testing", "gateway.testing.__main__", "gateway.testing.fixtures", "gateway.testing.runner", "gateway.testing.speech",
-        "gateway.testing.upstream",
-    }),
+    (
+        "entry points and tools",
+        {
+            "gateway.app",
+            "gateway.server",
+            "gateway.cli",
+            "gateway.__main__",
+            "gateway.demo",
+            "gateway.bitrix.simulator",
+            "gateway.spi",
+            "gateway.testing",
+            "gateway.testing.__main__",
+            "gateway.testing.fixtures",
+            "gateway.testing.runner",
+            "gateway.testing.speech",
+            "gateway.testing.upstream",
+        },
+    ),
 ]
 LAYER_OF = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 VENDOR_SDKS = {"openai", "litellm", "llama_cpp", "faster_whisper", "ctranslate2"}
-QUEUE_MUST_NOT_KNOW = {"httpx", "gateway.http", "gateway.routing", "gateway.delivery", "gateway.files", "gateway.recordings",
-                       "gateway.bitrix", "gateway.adapters", "gateway.execution"}
+QUEUE_MUST_NOT_KNOW = {
+    "httpx",
+    "gateway.http",
+    "gateway.routing",
+    "gateway.delivery",
+    "gateway.files",
+    "gateway.recordings",
+    "gateway.bitrix",
+    "gateway.adapters",
+    "gateway.execution",
+}
 """The queue package stores jobs: it knows nothing of HTTP, routing, files or how a task runs."""
 STAGES_BESIDE_THE_QUEUE = {"gateway.routing", "gateway.delivery", "gateway.execution", "gateway.bitrix.protocol"}
 """Stages that speak of outcomes through gateway.outcomes, not through the queue's job model."""
@@ -90,8 +140,11 @@ def test_no_module_imports_from_a_layer_above_it():
 
 def test_the_queue_knows_nothing_of_http_routing_or_files():
     leaks = [
-        f"{module} imports {name}" for module, path in core_modules().items() if module.startswith("gateway.jobs") and module != "gateway.jobs.worker"
-        for name in imports(path) if any(name == banned or name.startswith(banned + ".") for banned in QUEUE_MUST_NOT_KNOW)
+        f"{module} imports {name}"
+        for module, path in core_modules().items()
+        if module.startswith("gateway.jobs") and module != "gateway.jobs.worker"
+        for name in imports(path)
+        if any(name == banned or name.startswith(banned + ".") for banned in QUEUE_MUST_NOT_KNOW)
     ]
     assert not leaks, leaks
 
@@ -110,8 +163,10 @@ def test_the_core_imports_no_vendor_sdk():
 @pytest.mark.parametrize("package", sorted(p for p in (ROOT / "plugins").glob("*/gateway_*") if p.is_dir()), ids=lambda p: p.name)
 def test_plugins_import_only_the_public_spi(package):
     private = [
-        f"{path.relative_to(ROOT)} imports {name}" for path in package.rglob("*.py")
-        for name in imports(path) if name.startswith("gateway.") and name != "gateway.spi" and not name.startswith("gateway.spi.")
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in package.rglob("*.py")
+        for name in imports(path)
+        if name.startswith("gateway.") and name != "gateway.spi" and not name.startswith("gateway.spi.")
     ]
     assert not private, private
 

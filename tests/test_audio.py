@@ -31,8 +31,12 @@ def audio_request(portal, url: str, category: str = "audio", mime: str | None = 
     fields = {"type": mime} if mime else {}
     if hint:
         fields["prompt"] = hint
-    return portal.new_request(category=category, prompt={"file": url, "fields": fields, "fileExtension": ""},
-                              payload_markers={"language": language}, qualityParam="transcribe_chat_voice_messages")
+    return portal.new_request(
+        category=category,
+        prompt={"file": url, "fields": fields, "fileExtension": ""},
+        payload_markers={"language": language},
+        qualityParam="transcribe_chat_voice_messages",
+    )
 
 
 def recordings_left(gw) -> list[str]:
@@ -109,9 +113,16 @@ def test_failing_transcription_server_falls_back_to_the_next_target(gateway, por
         assert portal.file(url).downloads == 1  # one download serves every attempt
 
 
-@pytest.mark.parametrize("case, code", [
-    ("redirect_elsewhere", 403), ("too_large", 413), ("not_audio", 415), ("unreachable", 502), ("missing", 404),
-])
+@pytest.mark.parametrize(
+    "case, code",
+    [
+        ("redirect_elsewhere", 403),
+        ("too_large", 413),
+        ("not_audio", 415),
+        ("unreachable", 502),
+        ("missing", 404),
+    ],
+)
 def test_bad_recordings_end_in_error_callbacks(gateway, portal, upstream, case, code):
     gw = gateway(audio_config(upstream.url, audio={"max_bytes": 64 * 1024, "connect_timeout": 1}))
     url = {
@@ -131,16 +142,19 @@ def test_bad_recordings_end_in_error_callbacks(gateway, portal, upstream, case, 
         assert portal.file(url).bytes_sent < 5 * 1024 * 1024
 
 
-@pytest.mark.parametrize("prompt, problem", [
-    ({"fields": {"type": "audio/mpeg"}}, "prompt.file"),
-    ({"file": "ftp://portal/rec.mp3"}, "prompt.file"),
-    ({"file": "/upload/rec.mp3"}, "prompt.file"),
-    ({"file": "https://portal/rec", "fields": "audio/mpeg"}, "prompt.fields"),
-    ("https://portal/rec.mp3", "prompt"),
-    # A host the recording may not be fetched from is refused at accept, before anything is stored.
-    ({"file": "http://localhost:8/rec"}, "prompt.file: host localhost is not in security.allowed_portals"),
-    ({"file": "http://127.0.0.1:70000/rec"}, "prompt.file: port 70000 is out of range"),
-])
+@pytest.mark.parametrize(
+    "prompt, problem",
+    [
+        ({"fields": {"type": "audio/mpeg"}}, "prompt.file"),
+        ({"file": "ftp://portal/rec.mp3"}, "prompt.file"),
+        ({"file": "/upload/rec.mp3"}, "prompt.file"),
+        ({"file": "https://portal/rec", "fields": "audio/mpeg"}, "prompt.fields"),
+        ("https://portal/rec.mp3", "prompt"),
+        # A host the recording may not be fetched from is refused at accept, before anything is stored.
+        ({"file": "http://localhost:8/rec"}, "prompt.file: host localhost is not in security.allowed_portals"),
+        ({"file": "http://127.0.0.1:70000/rec"}, "prompt.file: port 70000 is out of range"),
+    ],
+)
 def test_bad_audio_prompts_get_422_and_no_job(gateway, portal, upstream, prompt, problem):
     gw = gateway(audio_config(upstream.url))
     _, body = portal.new_request(category="audio", prompt=prompt)

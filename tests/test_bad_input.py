@@ -81,6 +81,7 @@ CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "surrogate in the prompt": ({"changes": {"prompt": "hello \udc00"}}, 422, "invalid_field"),
     "unclosed IPv6 callback host": ({"changes": {"callbackUrl": "http://[::1/"}}, 422, "invalid_field"),
     "callback port abc": ({"changes": {"callbackUrl": "http://127.0.0.1:abc/x"}}, 422, "invalid_field"),
+    "malformed IDNA callback host": ({"changes": {"callbackUrl": "http://xn--.127.0.0.1/x"}}, 422, "invalid_field"),
     "callback port 70000": ({"changes": {"callbackUrl": "http://127.0.0.1:70000/x"}}, 422, "invalid_field"),
     "tab in callbackUrl": ({"changes": {"callbackUrl": "http://127.0.0.1/a\tb"}}, 422, "invalid_field"),
     "NUL in errorCallbackUrl": ({"changes": {"errorCallbackUrl": "http://127.0.0.1/a\x00b"}}, 422, "invalid_field"),
@@ -115,7 +116,7 @@ MESSAGES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_request_is_refused_clearly(stack, case):
-    gw, portal, upstream = stack
+    gw, portal, _upstream = stack
     how, status, code = CASES[case]
     path = how.get("path", f"/engines/acme_text/{ENGINE_TOKEN}/completions")
     raw = how["raw"] if "raw" in how else encode_like_php(_body(portal, **how.get("changes", {})))
@@ -128,7 +129,7 @@ def test_bad_request_is_refused_clearly(stack, case):
         headers["Content-Type"] = content_type
     content: Any = raw
     if how.get("chunked"):
-        content = iter([raw[i:i + 1000] for i in range(0, len(raw), 1000)])
+        content = iter([raw[i : i + 1000] for i in range(0, len(raw), 1000)])
     response = httpx.post(gw.url + path, content=content, headers=headers)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -151,8 +152,9 @@ def test_nothing_was_accepted_or_contacted(stack):
 
 def test_no_redirects_on_the_completions_url(stack):
     gw, portal, _ = stack
-    response = httpx.post(f"{gw.url}/engines/acme_text/{ENGINE_TOKEN}/completions/", content=encode_like_php(_body(portal)),
-                          headers={"Content-Type": "application/json"})
+    response = httpx.post(
+        f"{gw.url}/engines/acme_text/{ENGINE_TOKEN}/completions/", content=encode_like_php(_body(portal)), headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 404  # not a 307, which the portal would follow as a GET
 
 
@@ -200,8 +202,14 @@ def test_private_callback_refused_unless_allowed(gateway, portal, upstream):
 def test_unknown_and_null_fields_are_tolerated(gateway, portal, upstream):
     gw = gateway()
     job_hash, body = portal.new_request(
-        prompt="tolerant", payload_markers=[], context=None, temperature=None, payload_role=None,
-        qualityParam="summarize", consumptionId=17, brand_new_key={"nested": [1, 2]},
+        prompt="tolerant",
+        payload_markers=[],
+        context=None,
+        temperature=None,
+        payload_role=None,
+        qualityParam="summarize",
+        consumptionId=17,
+        brand_new_key={"nested": [1, 2]},
     )
     body["ttl"] = None  # the gateway falls back to limits.default_ttl
     assert portal.send(gw.completions_url(), body).status_code == 202

@@ -101,7 +101,8 @@ def test_portal_flag_stands_in_for_an_unset_webhook_variable(tmp_path, portal):
     missing = run("engines", "remote", "--config", str(path), cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip() == (
         f"configuration error: {path}: portal.webhook: environment variable BITRIX24_WEBHOOK is not set. "
-        "Fix: export BITRIX24_WEBHOOK=https://<portal>/rest/<user>/<secret>/ or pass --portal https://<portal>/rest/<user>/<secret>/")
+        "Fix: export BITRIX24_WEBHOOK=https://<portal>/rest/<user>/<secret>/ or pass --portal https://<portal>/rest/<user>/<secret>/"
+    )
     remote = run("engines", "remote", "--json", "--portal", portal.webhook, "--config", str(path), cwd=tmp_path)
     assert remote.returncode == 0, remote.stderr
     assert [(s["code"], s["status"]) for s in json.loads(remote.stdout)] == [("acme_text", "missing")]
@@ -110,14 +111,17 @@ def test_portal_flag_stands_in_for_an_unset_webhook_variable(tmp_path, portal):
 
 def test_simulate_with_a_recording_that_is_not_there(tmp_path):
     config = make_config("http://127.0.0.1:1")
-    config["engines"].append({"code": "acme_audio", "category": "audio", "token": ENGINE_TOKEN.replace("0", "7"), "route": [{"provider": "up", "model": "whisper-1"}]})
+    config["engines"].append(
+        {"code": "acme_audio", "category": "audio", "token": ENGINE_TOKEN.replace("0", "7"), "route": [{"provider": "up", "model": "whisper-1"}]}
+    )
     path = write_config(tmp_path, config)
     missing = run("simulate", "--engine", "acme_audio", "--audio", "missing.wav", "--gateway", "http://127.0.0.1:9", "--config", str(path), cwd=tmp_path)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == "--audio missing.wav: cannot read the recording (No such file or directory); pass the path of an audio file"
     none = run("simulate", "--engine", "acme_audio", "--gateway", "http://127.0.0.1:9", "--config", str(path), cwd=tmp_path)
     assert none.returncode == 2 and none.stderr.strip() == (
-        "engine acme_audio is an audio engine: pass --audio FILE (a recording the emulator serves to the gateway)")
+        "engine acme_audio is an audio engine: pass --audio FILE (a recording the emulator serves to the gateway)"
+    )
 
 
 @pytest.mark.e2e
@@ -135,7 +139,10 @@ def test_jobs_show_prints_readable_text(gateway, portal, upstream):
     shown = gw.cli_json("jobs", "show", delivered["id"])  # --json keeps the structure
     usage = shown["result"]["usage"]
     lines = gw.cli("jobs", "show", delivered["id"]).stdout.splitlines()
-    assert f"{'result':>18}: text, 10 characters; {usage['prompt_tokens']} prompt tokens, {usage['completion_tokens']} completion tokens, {usage['total_tokens']} total tokens" in lines
+    assert (
+        f"{'result':>18}: text, 10 characters; {usage['prompt_tokens']} prompt tokens, {usage['completion_tokens']} completion tokens, {usage['total_tokens']} total tokens"
+        in lines
+    )
 
     error = gw.cli_json("jobs", "show", failed["id"])["error"]
     lines = gw.cli("jobs", "show", failed["id"]).stdout.splitlines()
@@ -144,12 +151,17 @@ def test_jobs_show_prints_readable_text(gateway, portal, upstream):
     assert not [line for line in header if "{" in line or "None" in line]  # no Python dicts or None
 
 
-@pytest.mark.parametrize("result, line", [
-    ({"kind": "images", "urls": ["http://gw/files/a.png", "http://gw/files/b.png"], "usage": None}, "images, 2 image(s)"),
-    ({"kind": "transcript", "text": "Hello there", "language": "en", "duration": 6.04, "segments": [], "usage": {"cost_usd": 0.0012}},
-     "transcript, 11 characters, language en, 6.0 s of audio; $0.001200"),
-    ({"kind": "text", "text": "hi", "usage": {"total_tokens": 5}}, "text, 2 characters; 5 total tokens"),
-])
+@pytest.mark.parametrize(
+    "result, line",
+    [
+        ({"kind": "images", "urls": ["http://gw/files/a.png", "http://gw/files/b.png"], "usage": None}, "images, 2 image(s)"),
+        (
+            {"kind": "transcript", "text": "Hello there", "language": "en", "duration": 6.04, "segments": [], "usage": {"cost_usd": 0.0012}},
+            "transcript, 11 characters, language en, 6.0 s of audio; $0.001200",
+        ),
+        ({"kind": "text", "text": "hi", "usage": {"total_tokens": 5}}, "text, 2 characters; 5 total tokens"),
+    ],
+)
 def test_jobs_show_describes_each_kind_of_result(result, line):
     from gateway.cli import _describe_result
 

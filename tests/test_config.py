@@ -46,18 +46,24 @@ def test_misspelled_key_suggests_the_right_one(tmp_path):
     assert err.value.key == "securty" and "security" in err.value.fix
 
 
-@pytest.mark.parametrize("snippet, key", [
-    ("engines:\n  - {code: 'bad code', category: text, route: [{provider: up, model: m}]}", "engines[0].code"),
-    ("engines:\n  - {code: a, category: video, route: [{provider: up, model: m}]}", "engines[0].category"),
-    ("engines:\n  - {code: a, category: text, route: [{provider: nope, model: m}]}", "engines[0].route[0].provider"),
-    ("engines:\n  - {code: a, category: text, route: []}", "engines[0].route"),
-    ("engines:\n  - {code: a, category: text, token: short, route: [{provider: up, model: m}]}", "engines[0].token"),
-    ("engines:\n  - {code: a, category: text, route: [{provider: up, model: m}]}\n  - {code: A, category: text, route: [{provider: up, model: m}]}", "engines[1].code"),
-    ("limits: {max_body_bytes: lots}", "limits.max_body_bytes"),
-    ("security: {allow_private_networks: maybe}", "security.allow_private_networks"),
-    ("queue: {backend: postgres}", "queue.backend"),
-    ("public_url: gw.example.com", "public_url"),
-])
+@pytest.mark.parametrize(
+    "snippet, key",
+    [
+        ("engines:\n  - {code: 'bad code', category: text, route: [{provider: up, model: m}]}", "engines[0].code"),
+        ("engines:\n  - {code: a, category: video, route: [{provider: up, model: m}]}", "engines[0].category"),
+        ("engines:\n  - {code: a, category: text, route: [{provider: nope, model: m}]}", "engines[0].route[0].provider"),
+        ("engines:\n  - {code: a, category: text, route: []}", "engines[0].route"),
+        ("engines:\n  - {code: a, category: text, token: short, route: [{provider: up, model: m}]}", "engines[0].token"),
+        (
+            "engines:\n  - {code: a, category: text, route: [{provider: up, model: m}]}\n  - {code: A, category: text, route: [{provider: up, model: m}]}",
+            "engines[1].code",
+        ),
+        ("limits: {max_body_bytes: lots}", "limits.max_body_bytes"),
+        ("security: {allow_private_networks: maybe}", "security.allow_private_networks"),
+        ("queue: {backend: postgres}", "queue.backend"),
+        ("public_url: gw.example.com", "public_url"),
+    ],
+)
 def test_invalid_values_are_reported_with_their_key(tmp_path, snippet, key):
     text = "providers:\n  up: {type: openai}\n" + snippet + "\n"
     with pytest.raises(ConfigError) as err:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.bitrix.simulator import PortalEmulator
-from gateway.jobs.model import Job, JobState, new_job_id
+from gateway.jobs.model import Job, new_job_id
 from gateway.jobs.sqlite import SQLiteJobQueue
 from gateway.loopback import LoopbackServer
 from gateway.tasks import Category, Task, TextPrompt
@@ -44,7 +44,8 @@ def test_a_slow_portal_only_slows_its_own_callbacks(gateway, portal, slow_portal
     The slow portal took every first callback (it answered after the gateway gave up), so
     the retry's data:false means the result was delivered: delivered_unconfirmed, never expired or gone."""
     config = make_config(
-        upstream.url, workers={"concurrency": 4},
+        upstream.url,
+        workers={"concurrency": 4},
         security={"allowed_portals": ["127.0.0.1", "127.0.0.2"], "allow_private_networks": True},
         delivery={"backoff_initial": 0.1, "backoff_max": 0.3, "connect_timeout": 1, "read_timeout": READ_TIMEOUT, "max_in_flight_per_portal": PER_PORTAL},
     )
@@ -79,7 +80,10 @@ def test_a_slow_portal_only_slows_its_own_callbacks(gateway, portal, slow_portal
     assert states == sorted(["delivered"] * (SLOW_JOBS - unconfirmed + FAST_JOBS) + ["delivered_unconfirmed"] * unconfirmed)
     shown = gw.cli_json("jobs", "show", next(j["id"] for j in jobs if j["state"] == "delivered_unconfirmed"))
     assert shown["detail"].startswith("portal answered data:false after an earlier attempt that timed out")
-    assert [(a["outcome"], a["detail"].split(" (")[0]) for a in shown["attempts"] if a["kind"] == "callback"][0] == ("retry", "ReadTimeout: no data within 2.0 s")
+    assert next((a["outcome"], a["detail"].split(" (")[0]) for a in shown["attempts"] if a["kind"] == "callback") == (
+        "retry",
+        "ReadTimeout: no data within 2.0 s",
+    )
 
     metrics = httpx.get(gw.url + "/metrics").text
     assert f'gateway_delivery_failures_total{{outcome="retry",portal="127.0.0.2"}} {float(SLOW_JOBS)}' in metrics
@@ -88,11 +92,14 @@ def test_a_slow_portal_only_slows_its_own_callbacks(gateway, portal, slow_portal
     time.sleep(max(0.0, slow_arrivals[SLOW_JOBS - 1] + LATE_ANSWER + 0.2 - time.time()))  # let the late answers go out before the portal stops
 
 
-@pytest.mark.parametrize(("callback_url", "reason"), [
-    ("http://127.0.0.1:abc/cb?hash=x", "callback URL: is not a valid URL (Invalid port: 'abc')"),
-    ("http://127.0.0.1/c\tb?hash=x", "callback URL: contains '\\t' at position 18"),
-    ("http://127.0.0.1:70000/cb?hash=x", "callback URL: port 70000 is out of range (1-65535)"),
-])
+@pytest.mark.parametrize(
+    ("callback_url", "reason"),
+    [
+        ("http://127.0.0.1:abc/cb?hash=x", "callback URL: is not a valid URL (Invalid port: 'abc')"),
+        ("http://127.0.0.1/c\tb?hash=x", "callback URL: contains '\\t' at position 18"),
+        ("http://127.0.0.1:70000/cb?hash=x", "callback URL: port 70000 is out of range (1-65535)"),
+    ],
+)
 def test_a_job_whose_callback_cannot_be_sent_ends_dead_with_the_reason(gateway, upstream, callback_url, reason):
     """Stored directly in the queue, as if accept had let the URL through: delivery refuses it
     (before, httpx.InvalidURL escaped and the job stayed `delivering`, a traceback every lease)."""

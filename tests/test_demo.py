@@ -21,8 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_demo(tmp_path: Path, *args: str, port: int) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_PUBLIC_URL": f"http://127.0.0.1:{port}", "GATEWAY_DATA_DIR": str(tmp_path / "var")}
     env.pop("GATEWAY_LOAD_PLUGINS", None)
-    return subprocess.run([sys.executable, "-m", "gateway", "demo", "--config", str(ROOT / "examples/gateway.yaml"), *args],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--config", str(ROOT / "examples/gateway.yaml"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def test_demo_starts_the_default_gateway_and_runs_every_configured_category(tmp_path):
@@ -45,8 +51,13 @@ def test_demo_starts_the_default_gateway_and_runs_every_configured_category(tmp_
 def test_demo_uses_a_running_gateway(tmp_path):
     port = free_port()
     env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_PUBLIC_URL": f"http://127.0.0.1:{port}", "GATEWAY_DATA_DIR": str(tmp_path / "var")}
-    server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(ROOT / "examples/gateway.yaml")],
-                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(ROOT / "examples/gateway.yaml")],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(300):
             try:

@@ -20,7 +20,9 @@ def test_text_request_is_answered_at_the_callback(gateway, portal, upstream):
     job_hash, body = portal.new_request(
         prompt="Say hi to Ünïcode/slashes",
         context=[{"role": "user", "content": "earlier question"}, {"role": "assistant", "content": "earlier answer"}],
-        temperature=0.3, max_tokens=50, collect_context=True,
+        temperature=0.3,
+        max_tokens=50,
+        collect_context=True,
     )
     response = portal.send(url, body)
     assert response.status_code == 202
@@ -65,7 +67,11 @@ def test_falls_back_to_the_second_target(gateway, portal, upstream):
     [record] = gw.wait_final(1)
     attempts = gw.cli_json("jobs", "show", record["id"])["attempts"]
     assert [(a["target"], a["outcome"]) for a in attempts if a["kind"] == "provider"] == [
-        ("down/m1", "retryable"), ("down/m1", "retryable"), ("down/m1", "retryable"), ("up/m2", "ok")]
+        ("down/m1", "retryable"),
+        ("down/m1", "retryable"),
+        ("down/m1", "retryable"),
+        ("up/m2", "ok"),
+    ]
 
 
 @pytest.mark.parametrize("failure", ["500", "429", "drop"])

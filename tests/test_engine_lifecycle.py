@@ -12,10 +12,16 @@ pytestmark = pytest.mark.e2e
 
 def two_engines(upstream_url: str, portal_webhook: str) -> dict:
     config = make_config(upstream_url)
-    config["engines"].append({
-        "code": "acme_summary", "name": "ACME summaries", "category": "text", "token": ENGINE_TOKEN.replace("0", "9"),
-        "route": [{"provider": "up", "model": "m"}], "settings": {"code_alias": "ChatGPT", "model_context_limit": 8000},
-    })
+    config["engines"].append(
+        {
+            "code": "acme_summary",
+            "name": "ACME summaries",
+            "category": "text",
+            "token": ENGINE_TOKEN.replace("0", "9"),
+            "route": [{"provider": "up", "model": "m"}],
+            "settings": {"code_alias": "ChatGPT", "model_context_limit": 8000},
+        }
+    )
     config["portal"] = {"webhook": portal_webhook, "retries": 3, "backoff": 0.05}
     return config
 
@@ -59,8 +65,16 @@ def test_remote_shows_every_difference(gateway, portal, upstream):
     gw = gateway(two_engines(upstream.url, portal.webhook))
     gw.cli("engines", "register", "--engine", "acme_text")
     portal.engines[1]["settings"] = {"code_alias": "YandexGPT"}
-    portal.engines[99] = {"id": 99, "app_code": None, "name": "Other", "code": "someone_else", "category": "text",
-                          "completions_url": "https://elsewhere/x", "settings": [], "date_create": 0}
+    portal.engines[99] = {
+        "id": 99,
+        "app_code": None,
+        "name": "Other",
+        "code": "someone_else",
+        "category": "text",
+        "completions_url": "https://elsewhere/x",
+        "settings": [],
+        "date_create": 0,
+    }
     statuses = remote(gw)
     assert statuses["acme_text"]["status"] == "different" and statuses["acme_text"]["differences"] == ["settings"]
     assert statuses["acme_summary"]["status"] == "missing"

@@ -52,7 +52,7 @@ def _check(response: httpx.Response) -> None:
 
 
 def test_random_bytes_and_json(stack):
-    gw, portal, client = stack
+    _gw, _portal, client = stack
 
     @FUZZ
     @given(raw_bodies)
@@ -64,7 +64,7 @@ def test_random_bytes_and_json(stack):
 
 def test_mutated_portal_requests(stack):
     """Each example is a new portal job (its own hash), so accepted ones are stored, run and delivered."""
-    gw, portal, client = stack
+    _gw, portal, client = stack
 
     @FUZZ
     @given(st.data())

@@ -17,16 +17,21 @@ pytestmark = pytest.mark.e2e
 
 def image_config(upstream_url: str, **image: object) -> dict:
     config = make_config(upstream_url)
-    config["engines"] = [{
-        "code": "acme_image", "name": "ACME pictures", "category": "image", "token": "img-token-0123456789abcdef",
-        "route": [{"provider": "up", "model": "dall-e-3"}], "image": image,
-    }]
+    config["engines"] = [
+        {
+            "code": "acme_image",
+            "name": "ACME pictures",
+            "category": "image",
+            "token": "img-token-0123456789abcdef",
+            "route": [{"provider": "up", "model": "dall-e-3"}],
+            "image": image,
+        }
+    ]
     return config
 
 
 def image_request(portal, **prompt: object):
-    return portal.new_request(category="image", prompt={"prompt": "a lighthouse", "style": None, "format": None, **prompt},
-                              payload_provider="styledpicture")
+    return portal.new_request(category="image", prompt={"prompt": "a lighthouse", "style": None, "format": None, **prompt}, payload_provider="styledpicture")
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -83,8 +88,12 @@ def test_failures_reach_the_error_callback(gateway, portal, upstream, failure, c
 
 def test_bad_image_prompts_are_refused(gateway, portal, upstream):
     gw = gateway(image_config(upstream.url))
-    for prompt, field in (({"prompt": ""}, "prompt.prompt"), ({"prompt": "x", "format": "round"}, "prompt.format"),
-                          ({"prompt": "x", "images_number": 0}, "prompt.images_number"), ("a string", "prompt")):
+    for prompt, field in (
+        ({"prompt": ""}, "prompt.prompt"),
+        ({"prompt": "x", "format": "round"}, "prompt.format"),
+        ({"prompt": "x", "images_number": 0}, "prompt.images_number"),
+        ("a string", "prompt"),
+    ):
         _, body = portal.new_request(category="image", prompt=prompt)
         response = portal.send(gw.completions_url("acme_image"), body)
         assert response.status_code == 422 and field in response.json()["error"]["message"]
@@ -94,10 +103,16 @@ def test_bad_image_prompts_are_refused(gateway, portal, upstream):
 def test_unknown_and_traversing_file_names_are_404(gateway, upstream):
     gw = gateway(image_config(upstream.url))
     (gw.workdir / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    for path in ("/files/nope.png", "/files/..%2Fgateway.yaml", "/files/../gateway.yaml", "/files/%2e%2e%2fsecret.png",
-                 "/files/" + "a" * 32 + ".exe", "/files/" + "a" * 32 + ".png", "/files/.hidden.png"):
+    for path in (
+        "/files/nope.png",
+        "/files/..%2Fgateway.yaml",
+        "/files/../gateway.yaml",
+        "/files/%2e%2e%2fsecret.png",
+        "/files/" + "a" * 32 + ".exe",
+        "/files/" + "a" * 32 + ".png",
+        "/files/.hidden.png",
+    ):
         assert httpx.get(gw.url + path).status_code == 404, path
-
 
 
 def test_store_and_cleanup(tmp_path):
@@ -143,11 +158,11 @@ async def test_provider_urls_are_fetched_safely(tmp_path):
     with LoopbackServer(Starlette(routes=[Route("/huge.png", huge)])) as server:
         url = f"{server.url}/huge.png"
         strict = ImageHost(LocalFileStore(tmp_path), "https://gw", allow_private_networks=False, max_bytes=1 << 20, retention_days=1)
-        with pytest.raises(AdapterError, match="refused.*non-public address"):
+        with pytest.raises(AdapterError, match=r"refused.*non-public address"):
             await strict.host(ImageResult([GeneratedImage(url=url)]))
         await strict.aclose()
         small = ImageHost(LocalFileStore(tmp_path), "https://gw", allow_private_networks=True, max_bytes=200_000, retention_days=1)
-        with pytest.raises(AdapterError, match="larger than files.max_bytes"):
+        with pytest.raises(AdapterError, match=r"larger than files.max_bytes"):
             await small.host(ImageResult([GeneratedImage(url=url)]))
         await small.aclose()
     assert list(tmp_path.iterdir()) == []

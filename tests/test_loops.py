@@ -103,11 +103,24 @@ def hooks(monkeypatch) -> Hooks:
     return Hooks()
 
 
-def make_worker(queue: SQLiteJobQueue, executor: Executor, deliverer: Deliverer, hooks: object, concurrency: int = 4,
-                metrics: Metrics | None = None, plugins: tuple[tuple[object, str], ...] = ()) -> Worker:
+def make_worker(
+    queue: SQLiteJobQueue,
+    executor: Executor,
+    deliverer: Deliverer,
+    hooks: object,
+    concurrency: int = 4,
+    metrics: Metrics | None = None,
+    plugins: tuple[tuple[object, str], ...] = (),
+) -> Worker:
     return Worker(
-        queue=queue, executor=executor, deliverer=deliverer, pm=get_plugin_manager([(hooks, "hooks"), *plugins]), metrics=metrics or Metrics(),  # type: ignore[arg-type]
-        concurrency=concurrency, lease_seconds=5, poll_interval=0.05,
+        queue=queue,
+        executor=executor,
+        deliverer=deliverer,
+        pm=get_plugin_manager([(hooks, "hooks"), *plugins]),
+        metrics=metrics or Metrics(),  # type: ignore[arg-type]
+        concurrency=concurrency,
+        lease_seconds=5,
+        poll_interval=0.05,
     )
 
 
@@ -247,11 +260,15 @@ async def test_health_answers_503_naming_the_loop_while_it_is_down(tmp_path, ups
             await asyncio.wait_for(crashed.wait(), 5)
             down = await client.get("/-/health")
             assert down.status_code == 503
-            assert down.json() == {"status": "error", "error": "background loop(s) down: queue-flusher", "loops_down": {"queue-flusher": "RuntimeError: flusher bug"}}
+            assert down.json() == {
+                "status": "error",
+                "error": "background loop(s) down: queue-flusher",
+                "loops_down": {"queue-flusher": "RuntimeError: flusher bug"},
+            }
             with pytest.raises(Exception, match="the flusher stopped"):
                 await depth
             deadline = time.monotonic() + 5
-            while (up := await client.get("/-/health")).status_code != 200 and time.monotonic() < deadline:
+            while (up := await client.get("/-/health")).status_code != 200 and time.monotonic() < deadline:  # noqa: ASYNC110 -- polls over HTTP
                 await asyncio.sleep(0.05)
             assert up.json() == {"status": "ok", "queue_depth": 0}
             assert 'gateway_loop_restarts_total{loop="queue-flusher"} 1.0' in (await client.get("/metrics")).text
@@ -269,8 +286,9 @@ async def test_a_task_that_raises_is_retried_then_the_portal_gets_an_error(queue
     [job] = await run_jobs(make_worker(queue, executor, deliverer, hooks), queue, make_job())
     assert job.state is JobState.FAILED
     assert executor.calls == MAX_INTERNAL_ERRORS
-    assert [(a.kind, a.target, a.outcome, a.detail) for a in job.attempts] == [("internal", "execute", "error", "RuntimeError: model bug")] * MAX_INTERNAL_ERRORS + [
-        ("callback", "portal.test", "delivered", "portal answered data:true")]
+    assert [(a.kind, a.target, a.outcome, a.detail) for a in job.attempts] == [
+        ("internal", "execute", "error", "RuntimeError: model bug")
+    ] * MAX_INTERNAL_ERRORS + [("callback", "portal.test", "delivered", "portal answered data:true")]
     [(_, sent_outcome)] = deliverer.sent
     assert sent_outcome.error.message == "the gateway failed while running the task: RuntimeError" and sent_outcome.error.code == 500
     assert [(kind, error.reason) for kind, _, error in hooks.calls] == [("failed", "internal")]
@@ -304,17 +322,22 @@ async def test_a_delivery_that_raises_ends_dead_with_the_reason(queue, hooks):
 
 
 async def test_an_unexpected_delivery_error_within_a_short_ttl_ends_dead_at_once(queue, hooks):
-    deliverer = ScriptedDeliverer(lambda job: answer("error", "unexpected error during the callback POST: KeyError: 'x'"),
-                                  DeliverySettings(backoff_initial=30, backoff_max=30))
+    deliverer = ScriptedDeliverer(
+        lambda job: answer("error", "unexpected error during the callback POST: KeyError: 'x'"), DeliverySettings(backoff_initial=30, backoff_max=30)
+    )
     [job] = await run_jobs(make_worker(queue, Executor(result), deliverer, hooks), queue, make_job(ttl=10))
     assert job.state is JobState.DEAD
     assert job.detail == "the ttl leaves no time to try again while delivering the outcome: unexpected error during the callback POST: KeyError: 'x'"
 
 
 async def test_data_false_after_a_timed_out_attempt_is_delivered_unconfirmed(queue, hooks):
-    answers = iter([answer("retry", "ReadTimeout (after the callback was sent: the portal may have taken it)", maybe_consumed=True),
-                    answer("retry", "ConnectError: refused"),
-                    answer("gone", "portal answered data:false")])
+    answers = iter(
+        [
+            answer("retry", "ReadTimeout (after the callback was sent: the portal may have taken it)", maybe_consumed=True),
+            answer("retry", "ConnectError: refused"),
+            answer("gone", "portal answered data:false"),
+        ]
+    )
     deliverer = ScriptedDeliverer(lambda job: next(answers))
     [job] = await run_jobs(make_worker(queue, Executor(result), deliverer, hooks), queue, make_job())
     assert job.state is JobState.DELIVERED_UNCONFIRMED
@@ -325,8 +348,9 @@ async def test_data_false_after_a_timed_out_attempt_is_delivered_unconfirmed(que
 async def test_delivered_unconfirmed_is_counted_under_its_own_state(queue, hooks):
     answers = iter([answer("retry", "ReadTimeout", maybe_consumed=True), answer("gone", "portal answered data:false")])
     metrics = Metrics()
-    worker = make_worker(queue, Executor(result), ScriptedDeliverer(lambda job: next(answers)), hooks, metrics=metrics,
-                         plugins=((MetricsRecorder(metrics), "gateway.metrics"),))
+    worker = make_worker(
+        queue, Executor(result), ScriptedDeliverer(lambda job: next(answers)), hooks, metrics=metrics, plugins=((MetricsRecorder(metrics), "gateway.metrics"),)
+    )
     [job] = await run_jobs(worker, queue, make_job())
     assert job.state is JobState.DELIVERED_UNCONFIRMED
     assert metrics.finished.labels("e", "text", "delivered_unconfirmed")._value.get() == 1
@@ -350,15 +374,21 @@ async def test_a_finish_write_that_keeps_failing_after_data_true_ends_delivered_
     async with opened(FailingWrites(tmp_path / "q.sqlite3", finish=WRITE_TRIES)) as queue:
         [job] = await run_jobs(make_worker(queue, Executor(result), deliverer, hooks), queue, make_job())
     assert job.state is JobState.DELIVERED_UNCONFIRMED
-    assert job.detail == ("portal answered data:false after an earlier attempt that timed out, lost its connection after sending, "
-                          "was cut off or could not be recorded; that attempt most likely delivered the outcome")
+    assert job.detail == (
+        "portal answered data:false after an earlier attempt that timed out, lost its connection after sending, "
+        "was cut off or could not be recorded; that attempt most likely delivered the outcome"
+    )
     assert [(a.kind, a.outcome) for a in job.attempts] == [("internal", "error"), ("callback", "gone")]
     assert [kind for kind, _, _ in hooks.calls] == ["succeeded"]
 
 
 async def test_a_reschedule_write_that_fails_after_a_maybe_consumed_attempt_keeps_the_mark(tmp_path, hooks):
-    answers = iter([answer("retry", "ReadTimeout (after the callback was sent: the portal may have taken it)", maybe_consumed=True),
-                    answer("gone", "portal answered data:false")])
+    answers = iter(
+        [
+            answer("retry", "ReadTimeout (after the callback was sent: the portal may have taken it)", maybe_consumed=True),
+            answer("gone", "portal answered data:false"),
+        ]
+    )
     deliverer = ScriptedDeliverer(lambda job: next(answers))
     async with opened(FailingWrites(tmp_path / "q.sqlite3", reschedule=WRITE_TRIES)) as queue:
         [job] = await run_jobs(make_worker(queue, Executor(result), deliverer, hooks), queue, make_job())
@@ -381,7 +411,10 @@ async def test_a_lost_lease_after_a_delivered_callback_is_logged_without_the_url
             await worker.stop(grace=1)
     [record] = [r for r in caplog.records if "lease was lost" in r.getMessage()]
     assert record.levelno == logging.WARNING
-    assert record.getMessage() == f"job {job.id}: the lease was lost before the final state delivered could be recorded although the portal took this callback; another worker has the job"
+    assert (
+        record.getMessage()
+        == f"job {job.id}: the lease was lost before the final state delivered could be recorded although the portal took this callback; another worker has the job"
+    )
     assert hooks.calls == []
 
 
@@ -405,8 +438,7 @@ async def test_posts_cut_off_by_the_stop_grace_are_remembered_as_maybe_delivered
     posted = {job_id for job_id, _ in deliverer.sent}
     assert len(posted) == FAST.max_in_flight_per_portal  # the last one waited in line: never POSTed
     stored = {job.id: await queue.get(job.id) for job in jobs}
-    assert {job_id: (job.state, job.maybe_delivered) for job_id, job in stored.items()} == {
-        job.id: (JobState.DELIVERING, job.id in posted) for job in jobs}
+    assert {job_id: (job.state, job.maybe_delivered) for job_id, job in stored.items()} == {job.id: (JobState.DELIVERING, job.id in posted) for job in jobs}
 
     restarted = make_worker(queue, Executor(result), ScriptedDeliverer(lambda job: answer("gone", "portal answered data:false")), hooks)
     await restarted.start()
@@ -541,13 +573,16 @@ async def test_a_portal_lane_admits_a_bounded_line():
     assert lanes.users("p") == 0
 
 
-@pytest.mark.parametrize(("url", "detail"), [
-    ("http://127.0.0.1:abc/cb?hash=x", "the callback cannot be sent: callback URL: is not a valid URL (Invalid port: 'abc')"),
-    ("http://127.0.0.1/c\tb?hash=x", "the callback cannot be sent: callback URL: contains '\\t' at position 18"),
-    ("http://127.0.0.1:70000/cb?hash=x", "the callback cannot be sent: callback URL: port 70000 is out of range (1-65535)"),
-    ("http://127.0.0.1/cb?hash=\ud800", "the callback cannot be sent: callback URL: contains '\\ud800'"),
-    ("http://a..127.0.0.1/cb?hash=x", "the callback cannot be sent: callback URL: the host name has an empty label"),
-])
+@pytest.mark.parametrize(
+    ("url", "detail"),
+    [
+        ("http://127.0.0.1:abc/cb?hash=x", "the callback cannot be sent: callback URL: is not a valid URL (Invalid port: 'abc')"),
+        ("http://127.0.0.1/c\tb?hash=x", "the callback cannot be sent: callback URL: contains '\\t' at position 18"),
+        ("http://127.0.0.1:70000/cb?hash=x", "the callback cannot be sent: callback URL: port 70000 is out of range (1-65535)"),
+        ("http://127.0.0.1/cb?hash=\ud800", "the callback cannot be sent: callback URL: contains '\\ud800'"),
+        ("http://a..127.0.0.1/cb?hash=x", "the callback cannot be sent: callback URL: the host name has an empty label"),
+    ],
+)
 async def test_a_callback_url_httpx_refuses_is_refused_not_raised(url, detail):
     deliverer = Deliverer(OutboundPolicy(["127.0.0.1"], True), FAST)
     await deliverer.open()
@@ -569,7 +604,7 @@ def test_the_per_portal_cap_is_a_config_key(tmp_path):
 
     assert delivery().max_in_flight_per_portal == 8
     assert delivery(max_in_flight_per_portal=3).max_in_flight_per_portal == 3
-    with pytest.raises(ConfigError, match="delivery.max_in_flight_per_portal.*must be at least 1"):
+    with pytest.raises(ConfigError, match=r"delivery.max_in_flight_per_portal.*must be at least 1"):
         delivery(max_in_flight_per_portal=0)
 
 

@@ -21,17 +21,20 @@ def test_host_patterns():
     assert OutboundPolicy(["*"]).host_allowed("anything.example")
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("ftp://acme.bitrix24.com/x", "scheme"),
-    ("https://evil.example.com/x", "allowed_portals"),
-    ("https://u:p@acme.bitrix24.com/x", "credentials"),
-    ("http://10.0.0.5/x", "non-public"),
-    ("http://169.254.169.254/latest/meta-data", "non-public"),
-    ("http://[::1]/x", "non-public"),
-    ("http://[::ffff:127.0.0.1]/x", "non-public"),
-    ("http://[::1/x", "cannot be parsed"),
-    ("http://[acme.bitrix24.com]/x", "cannot be parsed"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("ftp://acme.bitrix24.com/x", "scheme"),
+        ("https://evil.example.com/x", "allowed_portals"),
+        ("https://u:p@acme.bitrix24.com/x", "credentials"),
+        ("http://10.0.0.5/x", "non-public"),
+        ("http://169.254.169.254/latest/meta-data", "non-public"),
+        ("http://[::1]/x", "non-public"),
+        ("http://[::ffff:127.0.0.1]/x", "non-public"),
+        ("http://[::1/x", "cannot be parsed"),
+        ("http://[acme.bitrix24.com]/x", "cannot be parsed"),
+    ],
+)
 def test_refused_urls(url, reason):
     policy = OutboundPolicy(["acme.bitrix24.com", "10.0.0.5", "169.254.169.254", "::1", "::ffff:127.0.0.1"])
     with pytest.raises(URLRefused, match=reason):
@@ -97,13 +100,39 @@ def test_teredo_helper_writes_what_ipaddress_reads():
 
 
 NON_PUBLIC_V4 = ["127.0.0.1", "10.1.2.3", "192.168.1.1", "169.254.169.254"]
-REFUSED = list(dict.fromkeys([
-    "::127.0.0.2", "::7f00:1", "::10.0.0.1", "::ffff:0:10.0.0.1", "::ffff:0:7f00:1", "64:ff9b::127.0.0.1", "64:ff9b::a9fe:a9fe",
-    "64:ff9b:1::192.168.1.1", "64:ff9b:1::8.8.8.8", "64:ff9b:1:7f00:1::", "2002:7f00:1::1", "2002:a9fe:a9fe::1", "2002:c0a8:101:1::5",
-    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo, client 192.0.2.45 (documentation range)
-] + [str(address) for a in NON_PUBLIC_V4 for address in spellings(ipaddress.IPv4Address(a)).values()]))
-PUBLIC = ["2606:4700::1111", "2a00:1450:4001:80b::200e", "2002:808:808::1", "64:ff9b::8.8.8.8", "::ffff:8.8.8.8", "::ffff:0:8.8.8.8",
-          "::8.8.8.8", str(teredo(TEREDO_SERVER, PUBLIC_V4)), "8.8.8.8", "1.1.1.1"]
+REFUSED = list(
+    dict.fromkeys(
+        [
+            "::127.0.0.2",
+            "::7f00:1",
+            "::10.0.0.1",
+            "::ffff:0:10.0.0.1",
+            "::ffff:0:7f00:1",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::192.168.1.1",
+            "64:ff9b:1::8.8.8.8",
+            "64:ff9b:1:7f00:1::",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101:1::5",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo, client 192.0.2.45 (documentation range)
+        ]
+        + [str(address) for a in NON_PUBLIC_V4 for address in spellings(ipaddress.IPv4Address(a)).values()]
+    )
+)
+PUBLIC = [
+    "2606:4700::1111",
+    "2a00:1450:4001:80b::200e",
+    "2002:808:808::1",
+    "64:ff9b::8.8.8.8",
+    "::ffff:8.8.8.8",
+    "::ffff:0:8.8.8.8",
+    "::8.8.8.8",
+    str(teredo(TEREDO_SERVER, PUBLIC_V4)),
+    "8.8.8.8",
+    "1.1.1.1",
+]
 
 
 @pytest.mark.parametrize("address", REFUSED)
@@ -146,8 +175,9 @@ def _url_refused(policy: OutboundPolicy, url: str) -> bool:
 
 
 ipv4_addresses = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
-private_ipv4_addresses = st.sampled_from(["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10", "0.0.0.0/8"]).flatmap(
-    lambda net: st.integers(0, ipaddress.IPv4Network(net).num_addresses - 1).map(lambda i: ipaddress.IPv4Network(net)[i]))
+private_ipv4_addresses = st.sampled_from(
+    ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10", "0.0.0.0/8"]
+).flatmap(lambda net: st.integers(0, ipaddress.IPv4Network(net).num_addresses - 1).map(lambda i: ipaddress.IPv4Network(net)[i]))
 spelling_options = {"tail": st.integers(0, 2**80 - 1), "flags": st.integers(0, 0xFFFF), "port": st.integers(0, 0xFFFF)}
 
 
@@ -175,8 +205,12 @@ def test_the_local_use_nat64_prefix_is_refused_whatever_it_embeds(tail):
 
 url_text = st.one_of(
     st.text(),
-    st.builds(lambda scheme, host, rest: f"{scheme}://{host}{rest}", st.sampled_from(["http", "https", "HTTP", "ftp", ""]),
-              st.one_of(st.text(), st.builds("[{}]".format, st.text()), st.builds("[{}".format, st.text()), st.ip_addresses().map(str)), st.text()),
+    st.builds(
+        lambda scheme, host, rest: f"{scheme}://{host}{rest}",
+        st.sampled_from(["http", "https", "HTTP", "ftp", ""]),
+        st.one_of(st.text(), st.builds("[{}]".format, st.text()), st.builds("[{}".format, st.text()), st.ip_addresses().map(str)),
+        st.text(),
+    ),
 )
 
 
@@ -203,7 +237,7 @@ async def test_bracketed_ipv6_literals_are_checked_at_connect_time():
         for literal in ("::ffff:127.0.0.1", "::127.0.0.1", "::ffff:0:127.0.0.1", "64:ff9b::127.0.0.1", "2002:7f00:1::1"):
             guarded = OutboundPolicy(["*"])
             async with httpx.AsyncClient(transport=http.transport(guarded)) as client:
-                with pytest.raises(URLRefused, match="non-public IPv4 address 127.0.0.1"):
+                with pytest.raises(URLRefused, match=r"non-public IPv4 address 127.0.0.1"):
                     await client.get(f"http://[{literal}]:{server.port}/")
         assert hits == []
         open_policy = OutboundPolicy(["::ffff:127.0.0.1"], allow_private_networks=True)

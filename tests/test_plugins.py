@@ -160,7 +160,9 @@ def test_startup_shutdown_and_routes(tmp_path, upstream):
     assert plugin.calls[-1] == "shutdown"
 
 
-@pytest.mark.parametrize("value, number, whole", [(30, 30.0, 30), ("30", 30.0, 30), (2.5, 2.5, None), ("0", None, None), (True, None, None), ("x", None, None), (-1, None, None)])
+@pytest.mark.parametrize(
+    "value, number, whole", [(30, 30.0, 30), ("30", 30.0, 30), (2.5, 2.5, None), ("0", None, None), (True, None, None), ("x", None, None), (-1, None, None)]
+)
 def test_provider_option_readers(value, number, whole):
     from gateway.adapters import AdapterConfigError, number_option, whole_option
 
@@ -171,7 +173,6 @@ def test_provider_option_readers(value, number, whole):
             assert err.value.key == "n" and repr(value) in err.value.message
         else:
             assert read({"n": value}, "n", 1) == expected
-
 
 
 @pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("false", False), (" TRUE ", True), ("no", None), (0, None)])
@@ -418,7 +419,8 @@ PLUGIN_GUIDES = [ROOT / "README.md", *sorted(ROOT.glob("examples/plugin-template
 def specified_hooks() -> dict[str, tuple[str, ...]]:
     return {
         name: tuple(inspect.signature(function).parameters)
-        for name, function in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(function, "gateway_spec")
+        for name, function in inspect.getmembers(hookspecs, inspect.isfunction)
+        if hasattr(function, "gateway_spec")
     }
 
 

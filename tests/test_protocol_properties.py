@@ -16,9 +16,16 @@ from gateway.tasks import Category
 from tests.strategies import json_values, mutated_bodies, urls
 
 VALID = {
-    "prompt": "Write a greeting", "payload_raw": "Write a greeting", "payload_provider": "text", "payload_role": "You are helpful.",
-    "context": [{"role": "user", "content": "hi"}], "payload_markers": {"language": "English"}, "payload_prompt_text": None,
-    "auth": None, "category": "text", "ttl": 14400,
+    "prompt": "Write a greeting",
+    "payload_raw": "Write a greeting",
+    "payload_provider": "text",
+    "payload_role": "You are helpful.",
+    "context": [{"role": "user", "content": "hi"}],
+    "payload_markers": {"language": "English"},
+    "payload_prompt_text": None,
+    "auth": None,
+    "category": "text",
+    "ttl": 14400,
     "callbackUrl": "https://acme.bitrix24.com/bitrix/services/main/ajax.php?action=a.callbackSuccess&hash=Ab3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY",
     "errorCallbackUrl": "https://acme.bitrix24.com/bitrix/services/main/ajax.php?action=a.callbackError&hash=Ab3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY",
 }
@@ -60,8 +67,10 @@ def test_text_requests_parse_or_fail_cleanly(body):
 
 
 @PROPERTY_SETTINGS
-@given(mutated_bodies({**VALID, "category": "audio", "prompt": {"file": "https://acme.bitrix24.com/disk/1", "fields": {"type": "audio/mpeg"}}}),
-       st.sampled_from([Category.AUDIO, Category.CALL, Category.IMAGE]))
+@given(
+    mutated_bodies({**VALID, "category": "audio", "prompt": {"file": "https://acme.bitrix24.com/disk/1", "fields": {"type": "audio/mpeg"}}}),
+    st.sampled_from([Category.AUDIO, Category.CALL, Category.IMAGE]),
+)
 def test_object_prompts_parse_or_fail_cleanly(body, category):
     if category is Category.IMAGE and isinstance(body.get("prompt"), dict):
         body = {**body, "category": "image", "prompt": {**body["prompt"], "prompt": body["prompt"].get("prompt", "a cat")}}

@@ -292,7 +292,9 @@ async def test_release_defer_and_retry_later_keep_a_maybe_delivered_mark(queue):
     cut_off, waiting, deferred, retried = ids
     await queue.release("w1", [cut_off, waiting], maybe_delivered={cut_off})
     assert await queue.defer(deferred, "w1", time.time(), maybe_delivered=True)
-    assert await queue.retry_later(retried, "w1", time.time(), Attempt("internal", "deliver", time.time(), 0.0, "error", "QueueStoreError"), maybe_delivered=True)
+    assert await queue.retry_later(
+        retried, "w1", time.time(), Attempt("internal", "deliver", time.time(), 0.0, "error", "QueueStoreError"), maybe_delivered=True
+    )
     claimed = {job.id: (job.maybe_delivered, job.interrupted_delivery) for job in await queue.claim("w2", 0, 5, delivery_limit=10)}
     assert claimed == {cut_off: (True, False), waiting: (False, False), deferred: (True, False), retried: (True, False)}
 

@@ -64,11 +64,14 @@ async def test_declared_type_counts_only_for_formats_without_a_signature(fetcher
     assert filename == "audio.mp3"
 
 
-@pytest.mark.parametrize("body, content_type", [
-    (b"<!DOCTYPE html><html><body>Login</body></html>", "text/html"),
-    (b'{"error": "ACCESS_DENIED"}', "application/json"),
-    (b"", "audio/mpeg"),
-])
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (b"<!DOCTYPE html><html><body>Login</body></html>", "text/html"),
+        (b'{"error": "ACCESS_DENIED"}', "application/json"),
+        (b"", "audio/mpeg"),
+    ],
+)
 async def test_not_audio_is_refused(fetcher, portal, body, content_type):
     f = fetcher()
     with pytest.raises(DownloadError) as err:
@@ -153,11 +156,21 @@ def test_sweep_removes_folders_of_dead_processes_only(tmp_path):
     assert not dead.exists() and (alive / "job-x.part").exists()
 
 
-@pytest.mark.parametrize("head, extension", [
-    (wav_bytes(), "wav"), (b"ID3\x04", "mp3"), (b"\xff\xfb\x90\x00", "mp3"), (b"OggS\x00\x02", "ogg"),
-    (b"fLaC\x00", "flac"), (b"\x00\x00\x00\x20ftypM4A ", "m4a"), (b"\x1a\x45\xdf\xa3\x01", "webm"),
-    (b"#!AMR\n", "amr"), (b"\xff\xf1\x50\x80", "aac"), (b"<html>", None),
-])
+@pytest.mark.parametrize(
+    "head, extension",
+    [
+        (wav_bytes(), "wav"),
+        (b"ID3\x04", "mp3"),
+        (b"\xff\xfb\x90\x00", "mp3"),
+        (b"OggS\x00\x02", "ogg"),
+        (b"fLaC\x00", "flac"),
+        (b"\x00\x00\x00\x20ftypM4A ", "m4a"),
+        (b"\x1a\x45\xdf\xa3\x01", "webm"),
+        (b"#!AMR\n", "amr"),
+        (b"\xff\xf1\x50\x80", "aac"),
+        (b"<html>", None),
+    ],
+)
 def test_sniffing(head, extension):
     found = sniff_audio(head)
     assert (found[0] if found else None) == extension

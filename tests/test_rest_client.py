@@ -44,7 +44,12 @@ def test_webhook_must_look_like_one():
 def test_settings_compare_as_the_portal_stores_them():
     config = EngineConfig("e", "E", Category.TEXT, None, (RouteTarget("p", "m"),), {"model_context_limit": 8000, "flag": True})
     engine = Engine(config, "t" * 20, "https://gw/engines/e/tttt/completions")
-    stored = {"code": "E", "category": "text", "name": "E", "completions_url": engine.completions_url,
-              "settings": {"model_context_limit": "8000", "flag": "true"}}
+    stored = {
+        "code": "E",
+        "category": "text",
+        "name": "E",
+        "completions_url": engine.completions_url,
+        "settings": {"model_context_limit": "8000", "flag": "true"},
+    }
     assert compare([engine], [stored])[0].status == "in_sync"  # codes compare case-insensitively
     assert compare([engine], [{**stored, "settings": []}])[0].differences == ["settings"]

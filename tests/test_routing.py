@@ -1,3 +1,4 @@
+import asyncio
 import time
 
 import pytest
@@ -88,7 +89,7 @@ async def test_cooldown_skips_a_failing_target_then_probes():
     calls.clear()
     result = await r.run([A, B], call, time.time() + 5)
     assert calls == ["b"] and result.attempts[0].outcome == "skipped"
-    time.sleep(0.25)
+    await asyncio.sleep(0.25)
     calls.clear()
     result = await r.run([A, B], call, time.time() + 5)
     assert calls == ["a"] and result.value == "a-back"
@@ -96,7 +97,7 @@ async def test_cooldown_skips_a_failing_target_then_probes():
 
 async def test_all_targets_cooling_waits_for_the_first_to_reopen():
     r = router(retries=0, cooldown_failures=1, cooldown_seconds=0.2)
-    call, calls = scripted(a=[retryable(), "ok"])
+    call, _calls = scripted(a=[retryable(), "ok"])
     await r.run([A], call, time.time() + 5)
     started = time.monotonic()
     result = await r.run([A], call, time.time() + 5)

@@ -138,9 +138,16 @@ def test_connection_cap_keeps_back_what_the_outbound_pools_can_open(tmp_path):
 
 
 def test_provider_pool_sizes_count_up_to_the_work_slots(tmp_path):
-    config = load_config(_write_config(tmp_path, workers={"concurrency": 200},
-                                       providers={"up": {"type": "openai", "base_url": "http://127.0.0.1:1/v1", "max_connections": 150},
-                                                  "b": {"type": "openai", "base_url": "http://127.0.0.1:2/v1"}}))
+    config = load_config(
+        _write_config(
+            tmp_path,
+            workers={"concurrency": 200},
+            providers={
+                "up": {"type": "openai", "base_url": "http://127.0.0.1:1/v1", "max_connections": 150},
+                "b": {"type": "openai", "base_url": "http://127.0.0.1:2/v1"},
+            },
+        )
+    )
     assert outbound_pools(config) == {"callbacks": DELIVERY_POOL, "image downloads": 100, "recording downloads": 100, "provider up": 150, "provider b": 100}
 
 
@@ -151,10 +158,10 @@ def test_listen_settings_in_the_config(tmp_path):
     path.write_text("listen: {port: 9000}\n")
     assert load_config(path).connections == ConnectionSettings(header_timeout=10, body_timeout=30, keep_alive_timeout=5, max_connections=None)
     path.write_text("listen: {header_timout: 3}\n")
-    with pytest.raises(ConfigError, match="listen.header_timout: is not a known setting. Fix: did you mean `header_timeout`"):
+    with pytest.raises(ConfigError, match=r"listen.header_timout: is not a known setting. Fix: did you mean `header_timeout`"):
         load_config(path)
     path.write_text("listen: {max_connections: -1}\n")
-    with pytest.raises(ConfigError, match="listen.max_connections: must be at least 0"):
+    with pytest.raises(ConfigError, match=r"listen.max_connections: must be at least 0"):
         load_config(path)
 
 
@@ -179,20 +186,26 @@ def test_a_port_in_use_is_a_listen_error_naming_it():
         port = busy.getsockname()[1]
         with pytest.raises(ListenError) as caught:
             bind_socket("127.0.0.1", port, "gw.yaml")
-    assert str(caught.value) == (f"cannot listen on 127.0.0.1:{port}: the port is already in use (another gateway or program listens there); "
-                                 "stop it, or pick another port with `gateway serve --port N` or listen.port in gw.yaml")
+    assert str(caught.value) == (
+        f"cannot listen on 127.0.0.1:{port}: the port is already in use (another gateway or program listens there); "
+        "stop it, or pick another port with `gateway serve --port N` or listen.port in gw.yaml"
+    )
     with pytest.raises(ListenError, match="a port is a number from 0 to 65535"):
         bind_socket("127.0.0.1", 70000, "gw.yaml")
 
 
 # -- in-process over real sockets -------------------------------------------------------------
 def test_half_sent_head_gets_408_and_is_closed(guarded):
-    probe, port = guarded
+    _probe, port = guarded
     sock = connect(port, HALF_HEAD)
     started = time.monotonic()
     status, headers, body = parse(read_until_closed(sock, within=10))
     assert time.monotonic() - started >= 0.4  # not before the header timeout
-    assert (status, headers["connection"], json.loads(body)) == (408, "close", {"error": {"code": "request_timeout", "message": "the request head did not arrive within 0.5 s"}})
+    assert (status, headers["connection"], json.loads(body)) == (
+        408,
+        "close",
+        {"error": {"code": "request_timeout", "message": "the request head did not arrive within 0.5 s"}},
+    )
 
 
 def test_a_connection_that_sends_nothing_is_closed_without_an_answer(guarded):
@@ -218,7 +231,7 @@ def test_stray_bytes_do_not_keep_a_connection_open(guarded):
 
 def test_slow_body_gets_408_and_the_app_sees_a_disconnect(guarded):
     probe, port = guarded
-    sock = connect(port, b"POST /body HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{\"partial\":")
+    sock = connect(port, b'POST /body HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{"partial":')
     status, _, body = parse(read_until_closed(sock, within=10))
     assert (status, json.loads(body)["error"]["message"]) == (408, "the request body did not arrive within 0.5 s")
     deadline = time.monotonic() + 5
@@ -313,19 +326,27 @@ def test_serve_on_a_port_in_use_says_which_and_how_to_pick_another(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
-                                capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        )
     assert result.returncode == 1
     assert result.stdout == ""  # nothing announced
-    assert result.stderr == (f"gateway serve: cannot listen on 127.0.0.1:{port}: the port is already in use (another gateway or program listens there); "
-                             f"stop it, or pick another port with `gateway serve --port N` or listen.port in {path}\n")
+    assert result.stderr == (
+        f"gateway serve: cannot listen on 127.0.0.1:{port}: the port is already in use (another gateway or program listens there); "
+        f"stop it, or pick another port with `gateway serve --port N` or listen.port in {path}\n"
+    )
 
 
 def test_serve_announces_the_port_it_bound(tmp_path):
     """`--port 0` binds a free port; the announced URL is that port and it answers at once."""
     path = _write_config(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 30)

@@ -72,14 +72,14 @@ def test_no_apt_get_says_what_to_install(tmp_path):
 
 def test_readme_says_how_to_call_gateway_after_make_run():
     readme = (ROOT / "README.md").read_text()
-    two_commands = readme[readme.index("## Two commands"):readme.index("## Getting started")]
+    two_commands = readme[readme.index("## Two commands") : readme.index("## Getting started")]
     assert ".venv/bin/gateway" in two_commands and "source .venv/bin/activate" in two_commands
     assert "examples/var" in two_commands  # where `make run` keeps its data
 
 
 def test_readme_configuration_is_accepted():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Configuration"):]
+    section = readme[readme.index("## Configuration") :]
     block = re.search(r"```yaml\n(.*?)```", section, re.S)
     assert block is not None
     data = yaml.safe_load(block.group(1))
@@ -109,8 +109,9 @@ def test_editable_installs_build_without_setuptools_warnings(tmp_path):
     backend = tmp_path / "backend"  # the build backend the projects ask for, as pip's build isolation fetches it
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
-    fetch = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(backend), *requires],
-                           capture_output=True, text=True, env=env, timeout=120)
+    fetch = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(backend), *requires], capture_output=True, text=True, env=env, timeout=120
+    )
     if fetch.returncode != 0:
         pytest.skip(f"cannot fetch the build backend {requires}: {fetch.stderr.strip()[-300:]}")
     for project in PROJECTS:
@@ -122,7 +123,13 @@ def test_editable_installs_build_without_setuptools_warnings(tmp_path):
             elif entry.is_dir() and (entry / "__init__.py").exists():
                 shutil.copytree(entry, copy / entry.name, ignore=shutil.ignore_patterns("__pycache__"))
         assert tomllib.loads((copy / "pyproject.toml").read_text())["build-system"]["requires"] == requires
-        result = subprocess.run([sys.executable, "-c", BUILD_EDITABLE, str(tmp_path / "wheels")], cwd=copy,
-                                capture_output=True, text=True, env={**env, "PYTHONPATH": str(backend)}, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", BUILD_EDITABLE, str(tmp_path / "wheels")],
+            cwd=copy,
+            capture_output=True,
+            text=True,
+            env={**env, "PYTHONPATH": str(backend)},
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout.splitlines()[-1]) == [], f"{project}: {result.stdout.splitlines()[-1]}"

@@ -39,7 +39,7 @@ def test_form_encoded_success_is_consumed_as_empty(portal):
 
 
 def test_scripted_outage(portal):
-    job_hash, body = portal.new_request()
+    _job_hash, body = portal.new_request()
     portal.fail_next(503)
     assert httpx.post(body["callbackUrl"], json={"result": "x"}).status_code == 503
     assert post(body["callbackUrl"], {"result": "x"})["data"] is True

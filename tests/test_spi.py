@@ -55,8 +55,23 @@ def test_every_exported_name_exists_once(module):
 
 
 def test_the_spi_has_what_an_adapter_needs():
-    for name in ("hookimpl", "TextAdapter", "ImageAdapter", "AudioAdapter", "TextRequest", "TextResult", "ImageRequest", "ImageResult",
-                 "AudioRequest", "Transcript", "AdapterError", "AdapterConfigError", "TaskRefused", "check_known_options", "http_transport"):
+    for name in (
+        "hookimpl",
+        "TextAdapter",
+        "ImageAdapter",
+        "AudioAdapter",
+        "TextRequest",
+        "TextResult",
+        "ImageRequest",
+        "ImageResult",
+        "AudioRequest",
+        "Transcript",
+        "AdapterError",
+        "AdapterConfigError",
+        "TaskRefused",
+        "check_known_options",
+        "http_transport",
+    ):
         assert name in gateway.spi.__all__, name
 
 

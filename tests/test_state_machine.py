@@ -134,8 +134,14 @@ async def make_worker(queue: SQLiteJobQueue, executor: Executor, portal: Portal,
     deliverer = MockPortalDeliverer(portal)
     await deliverer.open()
     return Worker(
-        queue=queue, executor=executor, deliverer=deliverer, pm=get_plugin_manager([(hooks, "hooks")]), metrics=Metrics(),
-        concurrency=2, lease_seconds=LEASE, poll_interval=60,
+        queue=queue,
+        executor=executor,
+        deliverer=deliverer,
+        pm=get_plugin_manager([(hooks, "hooks")]),
+        metrics=Metrics(),
+        concurrency=2,
+        lease_seconds=LEASE,
+        poll_interval=60,
     )
 
 
@@ -291,9 +297,14 @@ async def test_a_worker_that_lost_its_lease_while_running_does_not_overwrite_the
     assert hooks.calls == [("succeeded", job.id)]
 
 
-@pytest.mark.parametrize("answer, final, seen", [
-    (data(False), JobState.DELIVERED_UNCONFIRMED, DeliveryOutcome.GONE), (data(True), JobState.DELIVERED, DeliveryOutcome.DELIVERED),
-], ids=["data false", "data true"])
+@pytest.mark.parametrize(
+    "answer, final, seen",
+    [
+        (data(False), JobState.DELIVERED_UNCONFIRMED, DeliveryOutcome.GONE),
+        (data(True), JobState.DELIVERED, DeliveryOutcome.DELIVERED),
+    ],
+    ids=["data false", "data true"],
+)
 async def test_a_worker_that_died_during_the_callback_leaves_an_interrupted_delivery(clock, queue, answer, final, seen):
     hooks, sent, hung = Hooks(), asyncio.Event(), asyncio.Event()
 

@@ -23,10 +23,21 @@ from gateway.adapters import HostedImages, Result, Segment, TextResult, Transcri
 from gateway.outcomes import DeliveryOutcome
 from gateway.tasks import IMAGE_FORMATS, AudioPrompt, CallPrompt, Category, ImagePrompt, Message, Prompt, Task, TextPrompt, audio_hint
 
-CONSUMED_KEYS = frozenset({
-    "prompt", "payload_role", "context", "temperature", "max_tokens", "category", "ttl",
-    "callbackUrl", "errorCallbackUrl", "auth", "collect_context",
-})
+CONSUMED_KEYS = frozenset(
+    {
+        "prompt",
+        "payload_role",
+        "context",
+        "temperature",
+        "max_tokens",
+        "category",
+        "ttl",
+        "callbackUrl",
+        "errorCallbackUrl",
+        "auth",
+        "collect_context",
+    }
+)
 _HASH_RE = re.compile(r"[?&]hash=([^&#]*)")
 ASSISTANT_ROLES = frozenset({"assistant", "bot", "ai", "model"})
 
@@ -138,7 +149,8 @@ def parse_outbound_url(value: Any, field: str) -> httpx.URL:
         raise _invalid(field, f"contains {_show(bad.group())} at position {bad.start()}; URLs may not hold spaces, control characters or lone surrogates")
     try:
         url = httpx.URL(value)
-    except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
+        url.host  # noqa: B018 -- decodes an IDNA name ("xn--...") and raises on a malformed one, as sending would
+    except (httpx.InvalidURL, ValueError, UnicodeError) as exc:  # idna's errors are UnicodeErrors
         raise _invalid(field, f"is not a valid URL ({str(exc)[:100]})") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise _invalid(field, "must be an absolute http(s) URL")
@@ -253,7 +265,14 @@ def _audio_prompt(prompt: Mapping[str, Any], category: Category) -> tuple[AudioP
 
 
 def parse_completion_request(
-    data: Any, *, engine: str, category: Category, default_ttl: int, job_id: str, now: float, context: str = "when_requested",
+    data: Any,
+    *,
+    engine: str,
+    category: Category,
+    default_ttl: int,
+    job_id: str,
+    now: float,
+    context: str = "when_requested",
 ) -> CompletionRequest:
     """The portal's decoded JSON body -> a task and the URLs to contact, or a ProtocolError
     naming the field. ``context`` is the engine's setting: ``always`` puts the portal's
@@ -345,7 +364,8 @@ def call_transcription(transcript: Transcript, user_id: int = 0) -> dict[str, An
     return {
         "transcriptions": [
             {"user_id": user_id, "start_time_formatted": format_offset(s.start), "end_time_formatted": format_offset(s.end), "text": s.text.strip()}
-            for s in segments if s.text.strip()
+            for s in segments
+            if s.text.strip()
         ],
         "language": transcript.language or "",
     }

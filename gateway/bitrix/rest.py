@@ -35,7 +35,12 @@ class PortalUnreachable(PortalError):
 
 class PortalClient:
     def __init__(
-        self, webhook: str, *, timeout: float = 30.0, retries: int = 4, backoff: float = 1.0,
+        self,
+        webhook: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 1.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         parts = urlsplit(webhook)
@@ -88,9 +93,16 @@ class PortalClient:
         raise last
 
     async def register(self, *, name: str, code: str, category: str, completions_url: str, settings: Mapping[str, Any]) -> int:
-        result = await self.call("ai.engine.register", {
-            "name": name, "code": code, "category": category, "completions_url": completions_url, "settings": dict(settings),
-        })
+        result = await self.call(
+            "ai.engine.register",
+            {
+                "name": name,
+                "code": code,
+                "category": category,
+                "completions_url": completions_url,
+                "settings": dict(settings),
+            },
+        )
         return int(result)
 
     async def list(self) -> list[dict[str, Any]]:

@@ -84,15 +84,17 @@ class PortalEmulator:
         self._changed = threading.Condition()
         self._fail_next: deque[int] = deque()
         self._late_answers: deque[float] = deque()
-        self.app = Starlette(routes=[
-            Route(CALLBACK_PATH, self._callback, methods=["POST"]),
-            Route("/-/requests", self._create_request, methods=["POST"]),
-            Route("/-/requests/{hash}", self._show_request, methods=["GET"]),
-            Route("/-/wait", self._wait_many, methods=["POST"]),
-            Route("/rest/{user}/{secret}/{method}", self._rest, methods=["POST"]),
-            Route("/disk/file/{token}", self._file, methods=["GET"]),
-            Route("/-/files", self._create_file, methods=["POST"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route(CALLBACK_PATH, self._callback, methods=["POST"]),
+                Route("/-/requests", self._create_request, methods=["POST"]),
+                Route("/-/requests/{hash}", self._show_request, methods=["GET"]),
+                Route("/-/wait", self._wait_many, methods=["POST"]),
+                Route("/rest/{user}/{secret}/{method}", self._rest, methods=["POST"]),
+                Route("/disk/file/{token}", self._file, methods=["GET"]),
+                Route("/-/files", self._create_file, methods=["POST"]),
+            ]
+        )
         self.files: dict[str, PortalFile] = {}
         self.webhook_secret = secrets.token_hex(12)
         self.engines: dict[int, dict[str, Any]] = {}
@@ -101,7 +103,9 @@ class PortalEmulator:
         self._engine_ids = itertools.count(1)
 
     # -- the portal side of a request -------------------------------------------------
-    def new_request(self, category: str = "text", prompt: Any = "Write a short greeting for our clients", ttl: int = 14400, **extra: Any) -> tuple[str, dict[str, Any]]:
+    def new_request(
+        self, category: str = "text", prompt: Any = "Write a short greeting for our clients", ttl: int = 14400, **extra: Any
+    ) -> tuple[str, dict[str, Any]]:
         """A fresh job hash and the JSON body the portal would POST for it."""
         assert self.url, "start the emulator's server and set .url first"
         job_hash = "".join(secrets.choice(HASH_ALPHABET) for _ in range(32))
@@ -144,7 +148,9 @@ class PortalEmulator:
         if job_hash in self.jobs:
             self.jobs[job_hash].sent_at = time.time()
         return httpx.post(
-            completions_url, content=encode_like_php(body), headers={"Content-Type": "application/json"},
+            completions_url,
+            content=encode_like_php(body),
+            headers={"Content-Type": "application/json"},
             timeout=httpx.Timeout(min(timeout, 60.0), connect=5.0),
         )
 
@@ -224,8 +230,14 @@ class PortalEmulator:
             return _rest_error(400, "ENGINE_REGISTER_ERROR_SETTINGS_FORMAT", "Settings must be an array")
         engine_id = next(self._engine_ids)
         self.engines[engine_id] = {
-            "id": engine_id, "app_code": None, "name": str(params["name"]), "code": code, "category": category,
-            "completions_url": url, "settings": settings, "date_create": int(time.time()),
+            "id": engine_id,
+            "app_code": None,
+            "name": str(params["name"]),
+            "code": code,
+            "category": category,
+            "completions_url": url,
+            "settings": settings,
+            "date_create": int(time.time()),
         }
         return _rest_result(engine_id)
 
@@ -250,11 +262,13 @@ class PortalEmulator:
         if served.redirect:
             return Response(status_code=302, headers={"Location": served.redirect})
         if served.stream_bytes:
+
             async def chunks() -> AsyncIterator[bytes]:
                 chunk = b"\0" * 65536
                 while served.bytes_sent < served.stream_bytes and not await request.is_disconnected():
                     served.bytes_sent += len(chunk)
                     yield chunk
+
             return StreamingResponse(chunks(), media_type=served.content_type)
         served.bytes_sent += len(served.data)
         return Response(served.data, media_type=served.content_type)
@@ -277,19 +291,22 @@ class PortalEmulator:
         if job is None:
             return JSONResponse({"error": "unknown hash"}, 404)
         deadline = time.monotonic() + float(request.query_params.get("wait", 0))
-        while not job.consumed and time.monotonic() < deadline:
+        while not job.consumed and time.monotonic() < deadline:  # noqa: ASYNC110 -- callbacks arrive on other requests; a test aid, polled briefly
             await asyncio.sleep(0.005)
-        return JSONResponse({
-            "hash": job.hash, "consumed": job.consumed,
-            "callbacks": [_callback_json(c) for c in job.callbacks],
-        })
+        return JSONResponse(
+            {
+                "hash": job.hash,
+                "consumed": job.consumed,
+                "callbacks": [_callback_json(c) for c in job.callbacks],
+            }
+        )
 
     async def _wait_many(self, request: Request) -> Response:
         """``POST /-/wait {hashes, timeout}``: every job's callbacks once all were delivered."""
         spec = await request.json()
         jobs = [self.jobs[h] for h in spec["hashes"] if h in self.jobs]
         deadline = time.monotonic() + float(spec.get("timeout", 30))
-        while not all(job.consumed for job in jobs) and time.monotonic() < deadline:
+        while not all(job.consumed for job in jobs) and time.monotonic() < deadline:  # noqa: ASYNC110 -- as above
             await asyncio.sleep(0.005)
         return JSONResponse({job.hash: [_callback_json(c) for c in job.callbacks] for job in jobs})
 

@@ -39,8 +39,9 @@ def portal_prompt(category: str, emulator: PortalEmulator, *, text: str = TEXT_P
     return text
 
 
-CALLBACK_REFUSED_HINT = ("the portal emulator runs on 127.0.0.1: for local testing add 127.0.0.1 to security.allowed_portals "
-                         "and set security.allow_private_networks: true")
+CALLBACK_REFUSED_HINT = (
+    "the portal emulator runs on 127.0.0.1: for local testing add 127.0.0.1 to security.allowed_portals and set security.allow_private_networks: true"
+)
 """What to do when the gateway refuses the emulator's callback URL (``callback_not_allowed``)."""
 
 
@@ -107,7 +108,9 @@ class Demo:
         self.out(f"starting `gateway serve --config {self.config.path}` (log: {log}); local models load first ...")
         started = time.monotonic()
         with log.open("ab") as sink:
-            self.process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(self.config.path)], stdout=sink, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config.path)], stdout=sink, stderr=subprocess.STDOUT
+            )
         next_note = started + 5
         while not healthy(self.url):
             if self.process.poll() is not None:

@@ -43,10 +43,7 @@ _PENDING_SQL = f"state IN ({', '.join(repr(str(state)) for state in PENDING_STAT
 """Jobs not yet final; state names in SQL come from :class:`~gateway.outcomes.JobState`."""
 QUEUED, RUNNING, DELIVERING, DEAD = (f"'{state}'" for state in (JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING, JobState.DEAD))
 MAX_BATCH = 512
-INSERT_COLUMNS = (
-    "id, idem_key, engine, category, state, task, callback_url, error_callback_url,"
-    " accepted_at, deadline, next_at, lease_owner, lease_until"
-)
+INSERT_COLUMNS = "id, idem_key, engine, category, state, task, callback_url, error_callback_url, accepted_at, deadline, next_at, lease_owner, lease_until"
 INSERT_ROW = "(" + ", ".join("?" * 13) + ")"
 INSERT_CHUNK = 256  # 13 parameters a row: well under SQLite's limit per statement
 LOCK_TIMEOUT = 10.0
@@ -92,12 +89,10 @@ ADDED_COLUMNS = {"maybe_delivered": "INTEGER NOT NULL DEFAULT 0", "internal_erro
 """Columns newer than the first schema: added to a database created before them."""
 
 
-
-
 class _Op:
     """One queued operation: a function of the connection, or a new job's row to insert."""
 
-    __slots__ = ("fn", "insert", "future")
+    __slots__ = ("fn", "future", "insert")
 
     def __init__(self, future: asyncio.Future[Any], fn: Callable[[sqlite3.Connection], Any] | None = None, insert: tuple[Any, ...] | None = None) -> None:
         self.future, self.fn, self.insert = future, fn, insert
@@ -227,7 +222,7 @@ def _insert_many(conn: sqlite3.Connection, ops: list[_Op]) -> list[Result]:
     the bad row's caller gets the error (:class:`QueueItemError`)."""
     results: list[Result] = []
     for start in range(0, len(ops), INSERT_CHUNK):
-        chunk = ops[start:start + INSERT_CHUNK]
+        chunk = ops[start : start + INSERT_CHUNK]
         try:
             results.extend(_in_savepoint(conn, lambda chunk=chunk: _insert_chunk(conn, chunk)))  # type: ignore[misc]
             continue
@@ -372,9 +367,19 @@ class SQLiteJobQueue:
         except (TypeError, ValueError) as exc:
             raise QueueItemError(f"this job cannot be stored: its task is not JSON: {exc}") from None
         row = (
-            job.id, idempotency_key, job.engine, job.category, JobState.RUNNING if lease_owner else JobState.QUEUED,
-            task, job.callback_url, job.error_callback_url,
-            job.accepted_at, job.deadline, now, lease_owner, now + lease_seconds if lease_owner else None,
+            job.id,
+            idempotency_key,
+            job.engine,
+            job.category,
+            JobState.RUNNING if lease_owner else JobState.QUEUED,
+            task,
+            job.callback_url,
+            job.error_callback_url,
+            job.accepted_at,
+            job.deadline,
+            now,
+            lease_owner,
+            now + lease_seconds if lease_owner else None,
         )
         existing = await self._submit(_Op(asyncio.get_running_loop().create_future(), insert=row))
         if existing is not None:
@@ -538,8 +543,7 @@ class SQLiteJobQueue:
 
     async def prune(self, finished_before: float, limit: int) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            ids = [row[0] for row in conn.execute(
-                "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?", (finished_before, limit))]
+            ids = [row[0] for row in conn.execute("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?", (finished_before, limit))]
             marks = ", ".join("?" * len(ids))
             if ids:
                 conn.execute(f"DELETE FROM attempts WHERE job_id IN ({marks})", ids)

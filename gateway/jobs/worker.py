@@ -29,8 +29,8 @@ from typing import Protocol
 
 import pluggy
 
-from gateway.backoff import Backoff
 from gateway.adapters import result_from_json
+from gateway.backoff import Backoff
 from gateway.delivery import Deliverer, DeliveryResult, PortalLanes, delivery_url, portal_host
 from gateway.jobs.model import Job
 from gateway.jobs.queue import JobQueue, QueueStoreError
@@ -71,9 +71,18 @@ class Executor(Protocol):
 
 class Worker:
     def __init__(
-        self, *, queue: JobQueue, executor: Executor, deliverer: Deliverer, pm: pluggy.PluginManager,
-        metrics: Metrics, concurrency: int, lease_seconds: float, poll_interval: float,
-        retention_seconds: float = 7 * 86400, supervisor: Supervisor | None = None,
+        self,
+        *,
+        queue: JobQueue,
+        executor: Executor,
+        deliverer: Deliverer,
+        pm: pluggy.PluginManager,
+        metrics: Metrics,
+        concurrency: int,
+        lease_seconds: float,
+        poll_interval: float,
+        retention_seconds: float = 7 * 86400,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.queue, self.executor, self.deliverer, self.pm, self.metrics = queue, executor, deliverer, pm, metrics
         self.concurrency, self.lease_seconds, self.poll_interval = concurrency, lease_seconds, poll_interval
@@ -253,7 +262,12 @@ class Worker:
                 log.warning("job %s: lease lost while running; another worker has it", job.id)
                 return
             job.outcome, job.state = outcome, JobState.DELIVERING
-            log.info("job %s engine=%s outcome=%s", job.id, job.engine, "result" if outcome.result is not None else f"error code={outcome.error.code if outcome.error else '?'}")
+            log.info(
+                "job %s engine=%s outcome=%s",
+                job.id,
+                job.engine,
+                "result" if outcome.result is not None else f"error code={outcome.error.code if outcome.error else '?'}",
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -306,8 +320,11 @@ class Worker:
         elif delivery.outcome == DeliveryOutcome.GONE and unconfirmed:
             # An earlier attempt timed out or broke after the body was sent, or a crash cut it
             # off: the portal took that one, most likely, but never said so.
-            why = ("an attempt interrupted by a crash" if job.interrupted_delivery
-                   else "an earlier attempt that timed out, lost its connection after sending, was cut off or could not be recorded")
+            why = (
+                "an attempt interrupted by a crash"
+                if job.interrupted_delivery
+                else "an earlier attempt that timed out, lost its connection after sending, was cut off or could not be recorded"
+            )
             detail = f"portal answered data:false after {why}; that attempt most likely delivered the outcome"
             await self._finish(job, JobState.DELIVERED_UNCONFIRMED, detail, [delivery.attempt])
         elif delivery.outcome in DELIVERY_FAILURE_STATES:
@@ -336,8 +353,9 @@ class Worker:
                 await asyncio.sleep(WRITE_BACKOFF.delay(tries - 1))
         raise AssertionError("unreachable")
 
-    async def _internal_error(self, job: Job, stage: str, error: Exception | str, started: float, attempt: Attempt | None = None, *,
-                              maybe_delivered: bool = False) -> None:
+    async def _internal_error(
+        self, job: Job, stage: str, error: Exception | str, started: float, attempt: Attempt | None = None, *, maybe_delivered: bool = False
+    ) -> None:
         """Record an unexpected error on the job and try it again later; after too many (or past
         the ttl) give up: a job without an outcome gets an error outcome to deliver, a job whose
         delivery keeps failing ends ``dead`` with the reason. ``maybe_delivered``: a callback POST

@@ -51,13 +51,13 @@ from gateway.hookspecs import hookimpl
 from gateway.http import transport as http_transport
 from gateway.tasks import AudioPrompt, CallPrompt, Category, ImagePrompt, Message, Prompt, Task, TaskRefused, TextPrompt
 
-
 __all__ = [
     "AdapterConfigError",
     "AdapterError",
     "AudioAdapter",
     "AudioPrompt",
     "AudioRequest",
+    "Backoff",
     "CallPrompt",
     "Category",
     "GeneratedImage",

@@ -46,11 +46,16 @@ def make_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
         "routing": {"retries": 2, "backoff_initial": 0.05, "backoff_max": 0.2, "cooldown_failures": 50, "cooldown_seconds": 1},
         "delivery": {"backoff_initial": 0.1, "backoff_max": 0.5, "connect_timeout": 1, "read_timeout": 5},
         "providers": {"up": {"type": "openai", "base_url": upstream_url + "/v1", "api_key": API_KEY, "timeout": 30}},
-        "engines": [{
-            "code": "acme_text", "name": "ACME text", "category": "text", "token": ENGINE_TOKEN,
-            "route": [{"provider": "up", "model": "test-model"}],
-            "settings": {"code_alias": "ChatGPT"},
-        }],
+        "engines": [
+            {
+                "code": "acme_text",
+                "name": "ACME text",
+                "category": "text",
+                "token": ENGINE_TOKEN,
+                "route": [{"provider": "up", "model": "test-model"}],
+                "settings": {"code_alias": "ChatGPT"},
+            }
+        ],
     }
     for key, value in overrides.items():
         config[key] = value
@@ -85,7 +90,10 @@ class GatewayProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", str(self.port), "--log-level", "DEBUG", *extra_args],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=subprocess_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=subprocess_env(),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -119,13 +127,22 @@ class GatewayProcess:
     def popen(self, *args: str) -> subprocess.Popen[bytes]:
         """Another ``gateway`` command on the same config (e.g. ``worker``), logging to the same file."""
         with open(self.log_path, "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "gateway", *args, "--config", str(self.config_path)],
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=subprocess_env())
+            return subprocess.Popen(
+                [sys.executable, "-m", "gateway", *args, "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=subprocess_env(),
+            )
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "gateway", *args, "--config", str(self.config_path)],
-            capture_output=True, text=True, cwd=self.workdir, env=subprocess_env(), timeout=60,
+            capture_output=True,
+            text=True,
+            cwd=self.workdir,
+            env=subprocess_env(),
+            timeout=60,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"gateway {' '.join(args)} exited {result.returncode}: {result.stderr}")

@@ -53,12 +53,14 @@ class FakeOpenAI:
         self.pictures: list[bytes] = []  # every picture handed out, in order
         self.transcription_mode = "verbose"
         self.uploads: list[dict[str, Any]] = []
-        self.app = Starlette(routes=[
-            Route("/v1/chat/completions", self._chat, methods=["POST"]),
-            Route("/v1/images/generations", self._images, methods=["POST"]),
-            Route("/v1/audio/transcriptions", self._transcriptions, methods=["POST"]),
-            Route("/pictures/{index:int}.png", self._picture),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/images/generations", self._images, methods=["POST"]),
+                Route("/v1/audio/transcriptions", self._transcriptions, methods=["POST"]),
+                Route("/pictures/{index:int}.png", self._picture),
+            ]
+        )
 
     def script(self, *behaviours: str) -> None:
         with self._lock:
@@ -87,14 +89,15 @@ class FakeOpenAI:
         if behaviour == "drop":
             return _DroppingResponse()
         last_user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
-        return JSONResponse({
-            "id": f"chatcmpl-{len(self.requests)}",
-            "object": "chat.completion",
-            "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"echo: {last_user}"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
-        })
-
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": f"echo: {last_user}"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            }
+        )
 
     async def _images(self, request: Request) -> Any:
         body = await request.json()
@@ -137,13 +140,18 @@ class FakeOpenAI:
         if response_format == "verbose_json":
             if self.transcription_mode == "json-only":
                 return JSONResponse({"error": {"message": "response_format 'verbose_json' is not supported", "type": "invalid_request_error"}}, 400)
-            return JSONResponse({
-                "task": "transcribe", "language": "english", "duration": 75.5, "text": text,
-                "segments": [
-                    {"id": 0, "start": 0.0, "end": 61.2, "text": f" transcript of {upload.filename}"},
-                    {"id": 1, "start": 61.2, "end": 75.5, "text": f" ({len(content)} bytes)"},
-                ],
-            })
+            return JSONResponse(
+                {
+                    "task": "transcribe",
+                    "language": "english",
+                    "duration": 75.5,
+                    "text": text,
+                    "segments": [
+                        {"id": 0, "start": 0.0, "end": 61.2, "text": f" transcript of {upload.filename}"},
+                        {"id": 1, "start": 61.2, "end": 75.5, "text": f" ({len(content)} bytes)"},
+                    ],
+                }
+            )
         return JSONResponse({"text": text})
 
     async def _picture(self, request: Request) -> Response:
@@ -184,4 +192,3 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     uvicorn.run(FakeOpenAI(delay=args.delay).app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
-

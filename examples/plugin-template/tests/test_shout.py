@@ -7,10 +7,10 @@ import asyncio
 import importlib.metadata
 
 import pytest
-from gateway_shout import ShoutAdapter, prepare_task
 
 from gateway.spi import AdapterConfigError, Category, Message, Task, TaskRefused, TextPrompt, TextRequest
 from gateway.testing import make_config
+from gateway_shout import ShoutAdapter, prepare_task
 
 INSTALLED = any(ep.name == "shout" for ep in importlib.metadata.entry_points(group="gateway"))
 

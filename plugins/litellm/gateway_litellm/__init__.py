@@ -85,12 +85,25 @@ def map_error(name: str, exc: Exception, litellm: Any) -> AdapterError:
     message = f"{name}: {type(exc).__name__}: {getattr(exc, 'message', None) or exc}"[:500]
     if isinstance(exc, litellm.ContextWindowExceededError):
         return AdapterError(message, retryable=False, status=413)
-    final = (litellm.BadRequestError, litellm.AuthenticationError, litellm.PermissionDeniedError, litellm.NotFoundError,
-             litellm.UnprocessableEntityError, litellm.BudgetExceededError)
+    final = (
+        litellm.BadRequestError,
+        litellm.AuthenticationError,
+        litellm.PermissionDeniedError,
+        litellm.NotFoundError,
+        litellm.UnprocessableEntityError,
+        litellm.BudgetExceededError,
+    )
     if isinstance(exc, final):  # content policy, unsupported params and the like are BadRequestError
         return AdapterError(message, retryable=False, status=status if isinstance(status, int) else 400)
-    transient = (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError, litellm.ServiceUnavailableError,
-                 litellm.InternalServerError, litellm.BadGatewayError, litellm.APIError)
+    transient = (
+        litellm.RateLimitError,
+        litellm.Timeout,
+        litellm.APIConnectionError,
+        litellm.ServiceUnavailableError,
+        litellm.InternalServerError,
+        litellm.BadGatewayError,
+        litellm.APIError,
+    )
     if isinstance(exc, transient):
         return AdapterError(message, retryable=True, status=status if isinstance(status, int) else 503)
     return AdapterError(message, retryable=False, status=status if isinstance(status, int) else None)

@@ -10,10 +10,10 @@ import sys
 
 import httpx
 import pytest
-from gateway_litellm import LiteLLMAdapter, load_litellm
 
 from gateway.spi import AdapterError, ImageRequest, Message, TextRequest
 from gateway.testing import free_port, make_config, make_png, silence
+from gateway_litellm import LiteLLMAdapter, load_litellm
 
 TEXT = TextRequest(model="openai/gpt-4o-mini", messages=[Message("system", "Be brief."), Message("user", "hi")], temperature=0.2, max_tokens=50)
 
@@ -52,10 +52,19 @@ def _error(name: str):
     return kinds[name]()
 
 
-@pytest.mark.parametrize("kind, retryable, status", [
-    ("rate_limit", True, 429), ("timeout", True, 408), ("connection", True, 500), ("unavailable", True, 503),
-    ("auth", False, 401), ("bad_request", False, 400), ("content_policy", False, 400), ("context_window", False, 413),
-])
+@pytest.mark.parametrize(
+    "kind, retryable, status",
+    [
+        ("rate_limit", True, 429),
+        ("timeout", True, 408),
+        ("connection", True, 500),
+        ("unavailable", True, 503),
+        ("auth", False, 401),
+        ("bad_request", False, 400),
+        ("content_policy", False, 400),
+        ("context_window", False, 413),
+    ],
+)
 def test_errors_are_mapped(kind, retryable, status):
     adapter = LiteLLMAdapter("ll", {"params": {"mock_response": _error(kind)}})
     with pytest.raises(AdapterError) as err:
@@ -145,12 +154,12 @@ def test_failing_litellm_target_falls_back_to_openai_and_delivers_once(gateway, 
     assert [c.body for c in job.callbacks] == [{"result": "echo: fall back"}]
     [listed] = gw.cli_json("jobs", "list")
     attempts = gw.cli_json("jobs", "show", listed["id"])["attempts"]
-    assert [(a["target"], a["outcome"]) for a in attempts if a["kind"] == "provider"] == [
-        ("ll/openai/gpt-4o-mini", "retryable")] * 3 + [("up/test-model", "ok")]
+    assert [(a["target"], a["outcome"]) for a in attempts if a["kind"] == "provider"] == [("ll/openai/gpt-4o-mini", "retryable")] * 3 + [
+        ("up/test-model", "ok")
+    ]
     assert "Connection error" in attempts[0]["detail"]
 
 
 def test_core_never_imports_litellm():
-    code = ("import sys, gateway.app, gateway.cli, gateway.runtime, gateway_litellm; "
-            "assert 'litellm' not in sys.modules, 'imported'")
+    code = "import sys, gateway.app, gateway.cli, gateway.runtime, gateway_litellm; assert 'litellm' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

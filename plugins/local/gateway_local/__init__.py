@@ -31,6 +31,7 @@ the entire answer is removed (:func:`unwrap_quotes`); quotes inside the answer s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import queue
@@ -91,8 +92,11 @@ class LoadedModel:
     def _load(self) -> Any:
         from llama_cpp import Llama  # imported by workers only
 
-        return Llama(model_path=self.key.path, n_ctx=self.key.n_ctx, n_threads=self.key.n_threads,
-                     chat_format=self.key.chat_format, verbose=False)
+        llama = Llama(model_path=self.key.path, n_ctx=self.key.n_ctx, n_threads=self.key.n_threads, chat_format=self.key.chat_format, verbose=False)
+        # Freed before the interpreter tears llama_cpp's module down: Llama.__del__ at that point
+        # fails with "'NoneType' object is not callable" on every exit.
+        atexit.register(llama.close)
+        return llama
 
     @contextlib.contextmanager
     def context(self) -> Iterator[Any]:
@@ -173,8 +177,9 @@ class LlamaCppAdapter:
         )
         self.max_tokens = whole_option(options, "max_tokens", 512)
         key = self.key
-        self.model = InProcessModel(_models, key, lambda: LoadedModel(key), option=self.path_option, what=key.path,
-                                    load_errors=(ValueError, RuntimeError, OSError))  # llama-cpp-python: "Failed to load model from file"
+        self.model = InProcessModel(
+            _models, key, lambda: LoadedModel(key), option=self.path_option, what=key.path, load_errors=(ValueError, RuntimeError, OSError)
+        )  # llama-cpp-python: "Failed to load model from file"
 
     def load(self) -> None:
         self.model.load()
@@ -194,7 +199,9 @@ class LlamaCppAdapter:
         try:
             with model.context() as llama:
                 answer = llama.create_chat_completion(
-                    messages=[{"role": m.role, "content": m.content} for m in request.messages], logits_processor=[cancel], **arguments,
+                    messages=[{"role": m.role, "content": m.content} for m in request.messages],
+                    logits_processor=[cancel],
+                    **arguments,
                 )
         except Cancelled:
             raise AdapterError(f"{self.name}: generation cancelled", retryable=True) from None

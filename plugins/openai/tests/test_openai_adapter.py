@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from gateway_openai import OpenAIAdapter
 
 from gateway.spi import AdapterConfigError, AdapterError, Message, TextRequest
+from gateway_openai import OpenAIAdapter
 
 pytestmark = pytest.mark.anyio
 
@@ -23,8 +23,11 @@ async def test_chat_completion(upstream):
         await adapter.aclose()
     assert result.text == "echo: hi" and result.usage.total_tokens == 10
     assert upstream.requests[0] == {
-        "model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
-        "temperature": 0.2, "max_tokens": 9, "top_p": 0.5,
+        "model": "m",
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
+        "temperature": 0.2,
+        "max_tokens": 9,
+        "top_p": 0.5,
     }
     assert upstream.headers[0]["authorization"] == "Bearer sk-abcdef123" and upstream.headers[0]["x-team"] == "crm"
 
@@ -36,10 +39,19 @@ async def test_unset_sampling_options_are_not_sent(upstream):
     assert set(upstream.requests[0]) == {"model", "messages"} and "authorization" not in upstream.headers[0]
 
 
-@pytest.mark.parametrize("behaviour, retryable, status", [
-    ("500", True, 500), ("503", True, 503), ("429", True, 429), ("408", True, 408),
-    ("400", False, 400), ("401", False, 401), ("404", False, 404), ("drop", True, None),
-])
+@pytest.mark.parametrize(
+    "behaviour, retryable, status",
+    [
+        ("500", True, 500),
+        ("503", True, 503),
+        ("429", True, 429),
+        ("408", True, 408),
+        ("400", False, 400),
+        ("401", False, 401),
+        ("404", False, 404),
+        ("drop", True, None),
+    ],
+)
 async def test_error_classification(upstream, behaviour, retryable, status):
     upstream.script(behaviour)
     adapter = OpenAIAdapter("up", {"base_url": upstream.url + "/v1"})
@@ -65,13 +77,16 @@ async def test_timeout_and_connection_refused_are_retryable(upstream):
     await refused.aclose()
 
 
-@pytest.mark.parametrize("options, key", [
-    ({"base_url": "ftp://x"}, "base_url"),
-    ({"timeout": -1}, "timeout"),
-    ({"timeout": "soon"}, "timeout"),
-    ({"headers": ["x"]}, "headers"),
-    ({"model": "x"}, "model"),
-])
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        ({"base_url": "ftp://x"}, "base_url"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": "soon"}, "timeout"),
+        ({"headers": ["x"]}, "headers"),
+        ({"model": "x"}, "model"),
+    ],
+)
 def test_option_errors(options, key):
     with pytest.raises(AdapterConfigError) as err:
         OpenAIAdapter("p", options)

