@@ -151,7 +151,10 @@ class CompletionsEndpoint:
 
 
 def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
+    """The app serving ``runtime`` (one built from ``config`` if none is given), prepared: its engines
+    known and models loaded (:meth:`Runtime.prepare`, which ``gateway serve`` has run already)."""
     rt = runtime or Runtime(config)
+    rt.prepare()
 
     async def health(request: Request) -> Response:
         """200 ``{"status": "ok", "queue_depth": N}``; 503 while the queue cannot answer or a

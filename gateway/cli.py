@@ -37,12 +37,13 @@ def _mask_token(url: str, token: str) -> str:
 # -- serve / worker ---------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
-    from gateway.redaction import configure_logging
+    from gateway.redaction import Redactor, configure_logging
     from gateway.runtime import Runtime
     from gateway.server import ListenError, bind_socket, listen_url, outbound_pools, raise_file_limit, serve
 
     config = _config(args)
-    configure_logging(args.log_level)
+    redactor = Redactor()  # the runtime's, masking every log line of this process
+    configure_logging(redactor, args.log_level)
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
     file_limit = raise_file_limit()
@@ -51,8 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ListenError as exc:
         print(f"gateway serve: {exc}", file=sys.stderr)
         return 1
-    app = create_app(config, Runtime(config, with_worker=not args.no_worker))
-    runtime = app.state.runtime
+    runtime = Runtime(config, with_worker=not args.no_worker, redactor=redactor)
+    runtime.prepare()  # engine tokens and models, before the port is announced: a broken model is a config error
+    app = create_app(config, runtime)
 
     def announce() -> None:
         """Printed once the app has started and the socket accepts: the URL answers from now on."""
@@ -66,12 +68,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from gateway.redaction import configure_logging
+    from gateway.redaction import Redactor, configure_logging
     from gateway.runtime import Runtime
 
     config = _config(args)
-    configure_logging(args.log_level)
-    runtime = Runtime(config)
+    redactor = Redactor()  # the runtime's, masking every log line of this process
+    configure_logging(redactor, args.log_level)
+    runtime = Runtime(config, redactor=redactor)
+    runtime.prepare()  # models load before the worker takes jobs: a broken model is a config error
 
     async def run() -> None:
         stop = asyncio.Event()

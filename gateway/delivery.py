@@ -33,7 +33,7 @@ from gateway.bitrix import protocol
 from gateway.config import DeliverySettings
 from gateway.netguard import OutboundPolicy, URLRefused
 from gateway.outcomes import Attempt, AttemptKind, DeliveryOutcome, Outcome
-from gateway.redaction import redact
+from gateway.redaction import Redactor
 from gateway.tasks import Task
 
 log = logging.getLogger("gateway.delivery")
@@ -96,8 +96,12 @@ def callback_for(job: Deliverable) -> tuple[str, dict[str, Any]]:
 
 
 class Deliverer:
-    def __init__(self, policy: OutboundPolicy, settings: DeliverySettings, *, rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self, policy: OutboundPolicy, settings: DeliverySettings, *, rng: Callable[[], float] = random.random, redactor: Redactor | None = None
+    ) -> None:
         self.policy, self.settings = policy, settings
+        self.redactor = redactor or Redactor()
+        """Masks the runtime's secrets in the attempt details stored with a job."""
         self.backoff = Backoff(settings.backoff_initial, settings.backoff_max, rng)
         """The pause before the next callback attempt (and, in the worker, after an unexpected error)."""
         self.deferral = Backoff(settings.read_timeout, settings.read_timeout, rng)
@@ -125,7 +129,7 @@ class Deliverer:
         started = time.time()
 
         def result(outcome: DeliveryOutcome, detail: str, maybe_consumed: bool = False) -> DeliveryResult:
-            attempt = Attempt(AttemptKind.CALLBACK, host, started, time.time() - started, outcome, redact(detail)[:500])
+            attempt = Attempt(AttemptKind.CALLBACK, host, started, time.time() - started, outcome, self.redactor.redact(detail)[:500])
             return DeliveryResult(outcome, attempt, maybe_consumed)
 
         try:

@@ -5,7 +5,7 @@ deliver (outcome -> callback). :class:`TaskExecutor` takes a task and returns it
 and the attempts that led to it: ``prepare_task`` hooks, the recording's download for
 audio and call tasks, the engine's route through the adapters, hosting generated images,
 usage metrics. It never raises for a failure of the task (a refused, failed or unroutable
-task is an error outcome); the worker (:mod:`gateway.jobs.worker`) stores the outcome and
+task is an error outcome); the worker (:mod:`gateway.worker`) stores the outcome and
 hands it to delivery, and knows nothing of what happened here.
 """
 
@@ -20,18 +20,77 @@ from urllib.parse import urlsplit
 
 import pluggy
 
-from gateway.adapters import AdapterError, ImageResult, Recording, invoke
+from gateway.adapters import AdapterError, AudioRequest, ImageRequest, ImageResult, TextRequest, TextResult, Transcript
 from gateway.config import Config, EngineConfig, RouteTarget
 from gateway.files import ImageHost
+from gateway.languages import language_code
 from gateway.metrics import Metrics
 from gateway.outcomes import Attempt, AttemptKind, AttemptOutcome, ErrorReason, JobError, Outcome
 from gateway.plugins import call_hook
-from gateway.recordings import DownloadError, RecordingFetcher
-from gateway.redaction import redact
+from gateway.recordings import DownloadError, Recording, RecordingFetcher
+from gateway.redaction import Redactor
 from gateway.routing import Router
-from gateway.tasks import AudioPrompt, Task, TaskRefused
+from gateway.tasks import PROMPT_TYPES, AudioPrompt, CallPrompt, ImagePrompt, Task, TaskRefused, TextPrompt
 
 log = logging.getLogger("gateway.execution")
+
+
+async def invoke(
+    adapter: Any,
+    task: Task,
+    model: str,
+    params: Mapping[str, Any],
+    timeout: float,
+    *,
+    image_sizes: Mapping[str, str] | None = None,
+    max_images: int = 1,
+    recording: Recording | None = None,
+) -> TextResult | ImageResult | Transcript:
+    """Build the typed request for the task's prompt and call the adapter."""
+    prompt = task.prompt
+    if isinstance(prompt, TextPrompt):
+        request = TextRequest(
+            model=model,
+            messages=task.messages(),
+            temperature=task.temperature if task.temperature is not None else params.get("temperature"),
+            max_tokens=task.max_tokens if task.max_tokens is not None else params.get("max_tokens"),
+            params={k: v for k, v in params.items() if k not in ("temperature", "max_tokens")},
+            timeout=timeout,
+        )
+        text: TextResult = await adapter.complete(request)
+        return text
+    if isinstance(prompt, ImagePrompt):
+        description = f"{prompt.style}, {prompt.text}" if prompt.style and prompt.style.strip() else prompt.text
+        sizes = image_sizes or {}
+        images: ImageResult = await adapter.generate_image(
+            ImageRequest(
+                model=model,
+                prompt=description,
+                size=sizes[prompt.format or "square"],
+                n=max(1, min(prompt.images_number or 1, max_images)),
+                params=dict(params),
+                timeout=timeout,
+            )
+        )
+        return images
+    if isinstance(prompt, AudioPrompt):
+        if recording is None:
+            raise AdapterError("the recording was not downloaded", retryable=False)
+        transcript: Transcript = await adapter.transcribe(
+            AudioRequest(
+                model=model,
+                file=recording.path,
+                filename=recording.filename,
+                content_type=recording.content_type,
+                language=language_code(task.language),
+                prompt=prompt.hint,
+                timestamps=isinstance(prompt, CallPrompt),
+                params=dict(params),
+                timeout=timeout,
+            )
+        )
+        return transcript
+    raise AdapterError(f"category {task.category.value!r} is not supported by this gateway version", retryable=False)
 
 
 class TaskExecutor:
@@ -46,9 +105,12 @@ class TaskExecutor:
         metrics: Metrics,
         images: ImageHost,
         recordings: RecordingFetcher,
+        redactor: Redactor | None = None,
     ) -> None:
         self.config, self.adapters, self.router, self.pm, self.metrics = config, adapters, router, pm, metrics
         self.images, self.recordings = images, recordings
+        self.redactor = redactor or Redactor()
+        """Masks the runtime's secrets in error texts and attempt details before they are stored."""
 
     async def execute(self, task: Task) -> tuple[Outcome, list[Attempt]]:
         """The task's outcome (a result or an error) and the attempts that led to it; never raises
@@ -56,10 +118,15 @@ class TaskExecutor:
         try:
             await call_hook(self.pm.hook.prepare_task, task=task)
         except TaskRefused as exc:
-            return Outcome(error=JobError(redact(exc.message), exc.code, ErrorReason.REFUSED)), []
+            return Outcome(error=JobError(self.redactor.redact(exc.message), exc.code, ErrorReason.REFUSED)), []
         except Exception as exc:
             log.exception("job %s: a prepare_task hook failed", task.job_id)
             return Outcome(error=JobError(f"a plugin failed while preparing the task: {type(exc).__name__}", 500, ErrorReason.INTERNAL)), []
+        expected = PROMPT_TYPES[task.category]
+        if type(task.prompt) is not expected:  # a plugin replaced it: the adapters could not read it
+            message = f"a prepare_task hook replaced the {task.category.value} prompt with a {type(task.prompt).__name__}; assign a {expected.__name__} (dataclasses.replace)"
+            log.error("job %s: %s", task.job_id, message)
+            return Outcome(error=JobError(message, 500, ErrorReason.INTERNAL)), []
         engine = self.config.engine(task.engine)
         if engine is None:
             return Outcome(error=JobError(f"engine {task.engine!r} is no longer configured on this gateway", 503, ErrorReason.INTERNAL)), []
@@ -87,7 +154,7 @@ class TaskExecutor:
                     outcome, route_attempts = await self._route(task, engine, deadline, recording)
                     return outcome, attempts + route_attempts
             except DownloadError as exc:
-                message = redact(exc.message)
+                message = self.redactor.redact(exc.message)
                 ended = AttemptOutcome.RETRYABLE if exc.retryable else AttemptOutcome.FINAL
                 attempts.append(Attempt(AttemptKind.DOWNLOAD, host, started, time.time() - started, ended, message[:500]))
                 if not exc.retryable or attempt == self.config.routing.retries or not await self.router.backoff.sleep(attempt, deadline):
@@ -124,9 +191,9 @@ class TaskExecutor:
         route = await self.router.run(engine.route, call, deadline)
         for attempt in route.attempts:
             self.metrics.provider_attempts.labels(task.engine, attempt.target.split("/", 1)[0], attempt.outcome).inc()
-        attempts = [Attempt(a.kind, a.target, a.started_at, a.duration, a.outcome, redact(a.detail)) for a in route.attempts]
+        attempts = [Attempt(a.kind, a.target, a.started_at, a.duration, a.outcome, self.redactor.redact(a.detail)) for a in route.attempts]
         if route.error is not None:
-            error = JobError(redact(route.error.message), route.error.code, route.error.reason)
+            error = JobError(self.redactor.redact(route.error.message), route.error.code, route.error.reason)
             return Outcome(error=error), attempts
         assert route.target is not None
         self.metrics.count_usage(task.engine, route.target.provider, route.target.model, getattr(route.value, "usage", None))

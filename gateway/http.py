@@ -10,6 +10,10 @@ asyncio streams directly.
 
 The backend also resolves names itself, so an :class:`~gateway.netguard.OutboundPolicy`
 can check every address a name resolves to and the connection goes to the address checked.
+
+httpx's own transport takes no network backend, so :class:`Transport` is a small httpx
+transport (the documented ``AsyncBaseTransport`` extension point) over an httpcore
+connection pool built with this backend: public APIs of both libraries only.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 
 import httpcore
@@ -26,6 +30,8 @@ import httpx
 from gateway.netguard import OutboundPolicy, URLRefused
 
 SocketOption = tuple[int, int, Any]
+ClientCertificate = str | tuple[str, str] | tuple[str, str, str]  # a file, or (cert file, key file[, password]): httpx's ``cert``
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own default
 READ_LIMIT = 2**16
 
 
@@ -148,14 +154,117 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def transport(policy: OutboundPolicy | None = None, **kwargs: Any) -> httpx.AsyncHTTPTransport:
-    """An httpx transport on :class:`AsyncioBackend`; ``kwargs`` are ``AsyncHTTPTransport``'s.
+# httpcore's errors and the httpx errors they become: the table httpx's own transport uses.
+HTTPCORE_TO_HTTPX: dict[type[Exception], type[httpx.TransportError]] = {
+    httpcore.TimeoutException: httpx.TimeoutException,
+    httpcore.ConnectTimeout: httpx.ConnectTimeout,
+    httpcore.ReadTimeout: httpx.ReadTimeout,
+    httpcore.WriteTimeout: httpx.WriteTimeout,
+    httpcore.PoolTimeout: httpx.PoolTimeout,
+    httpcore.NetworkError: httpx.NetworkError,
+    httpcore.ConnectError: httpx.ConnectError,
+    httpcore.ReadError: httpx.ReadError,
+    httpcore.WriteError: httpx.WriteError,
+    httpcore.ProxyError: httpx.ProxyError,
+    httpcore.UnsupportedProtocol: httpx.UnsupportedProtocol,
+    httpcore.ProtocolError: httpx.ProtocolError,
+    httpcore.LocalProtocolError: httpx.LocalProtocolError,
+    httpcore.RemoteProtocolError: httpx.RemoteProtocolError,
+}
+
+
+def httpx_error(exc: Exception) -> httpx.TransportError | None:
+    """The httpx error an httpcore error becomes, the most specific that fits (``ReadTimeout``,
+    not ``TimeoutException``); None for any other exception (e.g. :class:`URLRefused`), which is raised as it is."""
+    for kind in type(exc).__mro__:
+        mapped = HTTPCORE_TO_HTTPX.get(kind)
+        if mapped is not None:
+            return mapped(str(exc))
+    return None
+
+
+class ResponseStream(httpx.AsyncByteStream):
+    """A response body read from the pool, its httpcore errors raised as httpx ones."""
+
+    def __init__(self, body: AsyncIterable[bytes]) -> None:
+        self._body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for part in self._body:
+                yield part
+        except Exception as exc:
+            mapped = httpx_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    async def aclose(self) -> None:
+        close = getattr(self._body, "aclose", None)
+        if close is not None:
+            await close()
+
+
+class Transport(httpx.AsyncBaseTransport):
+    """An httpx transport over an httpcore connection pool on :class:`AsyncioBackend`."""
+
+    def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(request.stream, httpx.AsyncByteStream):
+            raise TypeError("the gateway's HTTP transport serves httpx.AsyncClient only (the request body is not an async stream)")
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port, target=request.url.raw_path),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        try:
+            response = await self.pool.handle_async_request(core_request)
+        except Exception as exc:
+            mapped = httpx_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        if not isinstance(response.stream, AsyncIterable):  # httpcore's async pool always streams asynchronously
+            raise TypeError("httpcore returned a synchronous response body to an async pool")
+        return httpx.Response(status_code=response.status, headers=response.headers, stream=ResponseStream(response.stream), extensions=response.extensions)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
+def transport(
+    policy: OutboundPolicy | None = None,
+    *,
+    verify: ssl.SSLContext | str | bool = True,
+    cert: ClientCertificate | None = None,
+    trust_env: bool = True,
+    http1: bool = True,
+    http2: bool = False,
+    limits: httpx.Limits = DEFAULT_LIMITS,
+    local_address: str | None = None,
+    retries: int = 0,
+    socket_options: Iterable[SocketOption] | None = None,
+) -> Transport:
+    """An httpx transport on :class:`AsyncioBackend`; the options are ``httpx.AsyncHTTPTransport``'s
+    (no ``proxy`` or ``uds``: the gateway connects directly, so the policy checks the real peer).
 
     With ``policy``, every connection is checked against it (for URLs taken from requests);
     without, any address may be reached (for providers the administrator configured).
     """
-    http_transport = httpx.AsyncHTTPTransport(**kwargs)
-    # AsyncHTTPTransport takes no network_backend option; its pool is new and holds no
-    # connection yet, so setting the backend here is safe.
-    http_transport._pool._network_backend = AsyncioBackend(policy)
-    return http_transport
+    pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        http1=http1,
+        http2=http2,
+        local_address=local_address,
+        retries=retries,
+        socket_options=socket_options,
+        network_backend=AsyncioBackend(policy),
+    )
+    return Transport(pool)

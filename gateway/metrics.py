@@ -9,12 +9,12 @@ Final outcomes are counted by :class:`MetricsRecorder`, a default plugin that li
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway.hookspecs import hookimpl
+from gateway.outcomes import JobState
 
 ACCEPT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 END_TO_END_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
@@ -117,29 +117,20 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-FINAL_STATE: ContextVar[str | None] = ContextVar("gateway_final_state", default=None)
-"""The final state of the job whose outcome hooks are being called (set by the worker around them).
-
-The hooks do not carry the state, and ``delivered_unconfirmed`` looks like ``delivered``
-(or like the task's own failure) to them: this is how :class:`MetricsRecorder` tells it apart."""
-
-
 class MetricsRecorder:
     """Counts final outcomes through the same hooks a third-party plugin would use."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def _finish(self, task: Any, state: str) -> None:
-        if FINAL_STATE.get() == "delivered_unconfirmed":
-            state = "delivered_unconfirmed"
-        self.metrics.finished.labels(task.engine, task.category.value, state).inc()
+    def _finish(self, task: Any, state: JobState) -> None:
+        self.metrics.finished.labels(task.engine, task.category.value, JobState(state).value).inc()
         self.metrics.end_to_end.labels(task.engine, task.category.value).observe(max(0.0, time.time() - task.accepted_at))
 
     @hookimpl
-    def task_succeeded(self, task: Any, result: Any) -> None:
-        self._finish(task, "delivered")
+    def task_succeeded(self, task: Any, state: JobState) -> None:
+        self._finish(task, state)
 
     @hookimpl
-    def task_failed(self, task: Any, error: Any) -> None:
-        self._finish(task, error.reason if error.reason in ("gone", "expired", "dead") else "failed")
+    def task_failed(self, task: Any, state: JobState) -> None:
+        self._finish(task, state)

@@ -22,6 +22,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -29,7 +30,6 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from gateway import http
-from gateway.adapters import Recording
 from gateway.config import RecordingSettings
 from gateway.netguard import OutboundPolicy, URLRefused
 
@@ -52,6 +52,16 @@ _SIGNATURES: tuple[tuple[Any, str, str], ...] = (
     (lambda h: len(h) > 1 and h[0] == 0xFF and h[1] & 0xE0 == 0xE0, "mp3", "audio/mpeg"),
 )
 _EXTRA_TYPES = {"audio/mp3": "mp3", "audio/x-wav": "wav", "audio/wave": "wav", "audio/x-m4a": "m4a", "audio/webm": "webm", "audio/opus": "ogg"}
+
+
+@dataclass(frozen=True)
+class Recording:
+    """The downloaded audio of an ``audio`` or ``call`` task, in a temporary file."""
+
+    path: Path
+    filename: str
+    content_type: str
+    size: int
 
 
 class DownloadError(Exception):

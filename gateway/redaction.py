@@ -1,10 +1,11 @@
 """Keeping secrets out of logs and error messages.
 
-Two layers: the exact values the gateway knows to be secret (engine tokens, provider
-keys and headers) are registered at start-up, and patterns catch the rest (the portal's
-callback ``hash``, bearer tokens, ``api_key=...`` pairs). Every log line passes through
-:class:`RedactingFormatter`, tracebacks included; error texts stored with a job or sent
-to a portal pass through :func:`redact`.
+Two layers: the exact values a runtime knows to be secret (engine tokens, provider keys and
+headers) are added to its :class:`Redactor`, and patterns catch the rest (the portal's
+callback ``hash``, bearer tokens, ``api_key=...`` pairs). The secrets are the redactor's, not
+the process's: two runtimes in one process (tests do this) neither share nor leak each
+other's. Every log line passes through :class:`RedactingFormatter`, tracebacks included;
+error texts stored with a job or sent to a portal pass through :meth:`Redactor.redact`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import re
 import sys
 
 MASK = "***"
-_secrets: set[str] = set()
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MIN_SECRET_LENGTH = 6
+"""Shorter values are not registered: they would mask too many innocent words."""
 _PATTERNS = [
     (re.compile(r"(hash=)[^&\s\"']+"), r"\1" + MASK),
     (re.compile(r"(/engines/[^/\s]+/)[^/\s]+(/completions)"), r"\1" + MASK + r"\2"),
@@ -25,30 +28,50 @@ _PATTERNS = [
 ]
 
 
-def add_secret(value: str | None) -> None:
-    """Register a value that must never be printed. Short values are ignored (too many false hits)."""
-    if value and len(value) >= 6:
-        _secrets.add(value)
+class Redactor:
+    """The secrets of one runtime, masked (with the patterns) in every text it is given.
 
+    A component built without one gets an empty redactor: the patterns still apply."""
 
-def redact(text: str) -> str:
-    for secret in sorted(_secrets, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, MASK)
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def add(self, value: str | None) -> None:
+        """Register a value that must never be printed. Short values are ignored (too many false hits)."""
+        if value and len(value) >= MIN_SECRET_LENGTH:
+            self._secrets.add(value)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._secrets
+
+    def redact(self, text: str) -> str:
+        for secret in sorted(self._secrets, key=len, reverse=True):  # longest first: a secret containing another is masked whole
+            if secret in text:
+                text = text.replace(secret, MASK)
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
 
 
 class RedactingFormatter(logging.Formatter):
+    """Masks a formatted log line with its redactor. A formatter rather than a :class:`logging.Filter`:
+    the traceback text exists only once the record is formatted, and it must be masked too."""
+
+    def __init__(self, redactor: Redactor, fmt: str = LOG_FORMAT) -> None:
+        super().__init__(fmt)
+        self.redactor = redactor
+
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        return self.redactor.redact(super().format(record))
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Route every logger (uvicorn's too) through one redacting handler on stderr."""
+def configure_logging(redactor: Redactor, level: str = "INFO") -> None:
+    """Route every logger (uvicorn's too) through one handler on stderr that masks ``redactor``'s secrets.
+
+    Logging is process-wide, so this is called once per process (``gateway serve``/``gateway worker``)
+    with the redactor of the runtime that process runs."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

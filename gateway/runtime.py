@@ -1,6 +1,8 @@
 """The composition root: config -> plugins, adapters, queue, router, delivery and worker.
 
 Used by the HTTP app (``gateway serve``) and by a worker-only process (``gateway worker``).
+Building a :class:`Runtime` only wires objects; :meth:`Runtime.prepare` does what touches the
+disk or takes long (generated engine tokens, loading models), before the server starts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import pluggy
 
-from gateway.adapters import AdapterConfigError, AdapterRegistry
+from gateway.adapters import AdapterConfigError
 from gateway.config import Config, ConfigError
 from gateway.delivery import Deliverer
 from gateway.engines import EngineDirectory
@@ -21,14 +23,15 @@ from gateway.execution import TaskExecutor
 from gateway.files import ImageHost, LocalFileStore
 from gateway.jobs.backends import job_queue
 from gateway.jobs.queue import JobQueue
-from gateway.jobs.worker import Worker
 from gateway.metrics import Metrics
 from gateway.netguard import OutboundPolicy
 from gateway.plugins import call_hook, call_registration_hook, default_plugins, get_plugin_manager
 from gateway.recordings import RecordingFetcher
-from gateway.redaction import add_secret
+from gateway.redaction import Redactor
+from gateway.registry import AdapterRegistry
 from gateway.routing import Router
 from gateway.supervision import Supervisor
+from gateway.worker import Worker
 
 log = logging.getLogger("gateway")
 FILE_RETENTION_INTERVAL = 300.0
@@ -36,16 +39,15 @@ FILE_RETENTION_INTERVAL = 300.0
 SECRET_OPTION_WORDS = ("key", "token", "secret", "password", "auth")
 
 
-def register_config_secrets(config: Config, engines: EngineDirectory) -> None:
-    for engine in engines:
-        add_secret(engine.token)
+def register_provider_secrets(config: Config, redactor: Redactor) -> None:
+    """Provider options that look secret (keys, tokens, headers) are masked wherever the runtime writes."""
     for provider in config.providers.values():
         for key, value in provider.options.items():
             if isinstance(value, str) and any(word in key.lower() for word in SECRET_OPTION_WORDS):
-                add_secret(value)
+                redactor.add(value)
             if key == "headers" and isinstance(value, dict):
                 for header_value in value.values():
-                    add_secret(str(header_value))
+                    redactor.add(str(header_value))
 
 
 def load_adapter_registry(pm: pluggy.PluginManager) -> AdapterRegistry:
@@ -115,21 +117,33 @@ def load_adapters(config: Config, adapters: dict[str, Any]) -> None:
         log.info("provider %s: ready in %.1f s", name, time.monotonic() - started)
 
 
+class RuntimeNotPrepared(RuntimeError):
+    """Something needed what :meth:`Runtime.prepare` provides before it ran."""
+
+
 class Runtime:
-    def __init__(self, config: Config, *, with_worker: bool = True) -> None:
+    """Every object one gateway process needs, wired from its config.
+
+    Construction reads nothing but the config and writes nothing; adapters are built (so a bad
+    option is a :class:`ConfigError` here) but their models are loaded by :meth:`prepare`."""
+
+    def __init__(self, config: Config, *, with_worker: bool = True, redactor: Redactor | None = None) -> None:
         self.config = config
+        self.with_worker = with_worker
+        self.redactor = redactor or Redactor()
+        """This runtime's secrets: ``gateway serve``/``gateway worker`` hand the same one to the process's logging."""
+        register_provider_secrets(config, self.redactor)
         self.metrics = Metrics()
         self.pm = get_plugin_manager(default_plugins(self.metrics))
         self.registry = load_adapter_registry(self.pm)
         self.adapters = build_adapters(config, self.registry)
-        self.engines = EngineDirectory(config)
-        register_config_secrets(config, self.engines)
+        self._engines: EngineDirectory | None = None
         self.policy = OutboundPolicy(config.security.allowed_portals, config.security.allow_private_networks)
-        self.loops = Supervisor(self.metrics)
+        self.loops = Supervisor(self.metrics, redactor=self.redactor)
         """The background loops of this process (queue flusher, worker): ``/-/health`` reports the ones down."""
         self.queue: JobQueue = job_queue(config.queue, supervisor=self.loops)
         self.router = Router(config.routing)
-        self.deliverer = Deliverer(self.policy, config.delivery)
+        self.deliverer = Deliverer(self.policy, config.delivery, redactor=self.redactor)
         self.files = LocalFileStore(Path(config.data_dir) / "files")
         self.images = ImageHost(
             self.files,
@@ -141,10 +155,9 @@ class Runtime:
         self.recordings = RecordingFetcher(self.policy, config.audio, Path(config.data_dir) / "recordings")
         self.worker: Worker | None = None
         if with_worker:
-            load_adapters(config, self.adapters)
             self.worker = Worker(
                 queue=self.queue,
-                executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images, self.recordings),
+                executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images, self.recordings, self.redactor),
                 deliverer=self.deliverer,
                 pm=self.pm,
                 metrics=self.metrics,
@@ -153,9 +166,36 @@ class Runtime:
                 poll_interval=config.queue.poll_interval,
                 retention_seconds=config.queue.retention_days * 86400,
                 supervisor=self.loops,
+                redactor=self.redactor,
             )
 
+    @property
+    def prepared(self) -> bool:
+        return self._engines is not None
+
+    @property
+    def engines(self) -> EngineDirectory:
+        """The engines with their tokens, known once :meth:`prepare` has run."""
+        if self._engines is None:
+            raise RuntimeNotPrepared("the runtime's engines are known after Runtime.prepare(): call it before serving")
+        return self._engines
+
+    def prepare(self) -> None:
+        """The side effects of starting, before the port is announced: engine tokens are read or
+        generated (``data_dir/engine-tokens.json``) and, with a worker, adapters load their models,
+        so a missing or corrupt model stops the gateway with a :class:`ConfigError`. Runs once;
+        later calls do nothing."""
+        if self._engines is not None:
+            return
+        engines = EngineDirectory(self.config)
+        for engine in engines:
+            self.redactor.add(engine.token)
+        if self.with_worker:
+            load_adapters(self.config, self.adapters)
+        self._engines = engines
+
     async def start(self, app: Any = None) -> None:
+        self.prepare()  # done already by ``gateway serve``/``gateway worker``; here for embedders that only start
         await self.queue.open()
         await call_hook(self.pm.hook.startup, app=app, config=self.config)
         await self.deliverer.open()

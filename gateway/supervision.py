@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from gateway.redaction import redact
+from gateway.redaction import Redactor
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -33,8 +33,17 @@ STABLE_AFTER = 60.0
 class Supervisor:
     """Runs named loops as tasks, restarts the ones that raise, and says which are down."""
 
-    def __init__(self, metrics: Metrics | None = None, *, restart_initial: float = RESTART_INITIAL, restart_max: float = RESTART_MAX) -> None:
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        *,
+        restart_initial: float = RESTART_INITIAL,
+        restart_max: float = RESTART_MAX,
+        redactor: Redactor | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.redactor = redactor or Redactor()
+        """Masks the runtime's secrets in the reason a loop is down (``/-/health`` shows it)."""
         self.restart_initial, self.restart_max = restart_initial, restart_max
         self._down: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -73,7 +82,7 @@ class Supervisor:
                 except Exception as exc:
                     if time.monotonic() - started >= STABLE_AFTER:
                         pause = self.restart_initial
-                    reason = redact(f"{type(exc).__name__}: {exc}")[:300]
+                    reason = self.redactor.redact(f"{type(exc).__name__}: {exc}")[:300]
                     self._down[name] = reason
                     if self.metrics is not None:
                         self.metrics.loop_restarts.labels(name).inc()

@@ -17,12 +17,12 @@ from gateway.delivery import Deliverer, DeliveryResult, PortalLanes, portal_host
 from gateway.hookspecs import hookimpl
 from gateway.jobs.model import FINAL_STATES, Attempt, Job, JobState, Outcome, new_job_id
 from gateway.jobs.sqlite import QueueStoreError, SQLiteJobQueue
-from gateway.jobs.worker import MAX_INTERNAL_ERRORS, WRITE_TRIES, Worker
 from gateway.metrics import Metrics, MetricsRecorder
 from gateway.netguard import OutboundPolicy
 from gateway.plugins import get_plugin_manager
 from gateway.supervision import Supervisor
 from gateway.tasks import Category, Task, TextPrompt
+from gateway.worker import MAX_INTERNAL_ERRORS, WRITE_TRIES, Worker
 from tests.harness import make_config
 
 pytestmark = pytest.mark.anyio
@@ -87,14 +87,6 @@ class ScriptedDeliverer(Deliverer):
 
 def answer(outcome: str, detail: str = "", maybe_consumed: bool = False) -> DeliveryResult:
     return DeliveryResult(outcome, Attempt("callback", "portal.test", time.time(), 0.01, outcome, detail), maybe_consumed)
-
-
-@pytest.fixture
-async def queue(tmp_path):
-    q = SQLiteJobQueue(tmp_path / "q.sqlite3")
-    await q.open()
-    yield q
-    await q.close()
 
 
 @pytest.fixture

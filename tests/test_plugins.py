@@ -82,6 +82,28 @@ def test_hooks_fire_once_per_outcome_and_may_be_async(tmp_path, upstream, portal
     assert kinds == [("failed", ("refused", 451)), ("succeeded", "echo: hello")]
 
 
+class PromptReplacer:
+    """A plugin written for the old string prompts: it assigns a str."""
+
+    @hookimpl
+    def prepare_task(self, task):
+        task.prompt = task.prompt.text.upper()
+
+
+def test_a_prepare_task_hook_that_replaces_the_typed_prompt_gets_a_clear_error(tmp_path, upstream, portal):
+    config = load_config(config_file(tmp_path, make_config(upstream.url)))
+    app = create_app(config)
+    app.state.runtime.pm.register(PromptReplacer())
+    engine = app.state.runtime.engines.get("acme_text")
+    with LoopbackServer(app) as server:
+        job_hash, body = portal.new_request(prompt="hello")
+        assert portal.send(engine.completions_url.replace(config.public_url, server.url), body).status_code == 202
+        [callback] = portal.wait(job_hash, 10).delivered
+    assert callback.kind == "error" and callback.body["code"] == 500
+    assert callback.body["message"].startswith("a prepare_task hook replaced the text prompt with a str; assign a TextPrompt")
+    assert upstream.requests == []
+
+
 def test_load_plugins_env_selects_plugins(tmp_path, monkeypatch, upstream):
     path = config_file(tmp_path, make_config(upstream.url))
     monkeypatch.setenv("GATEWAY_LOAD_PLUGINS", "")
@@ -164,7 +186,8 @@ def test_startup_shutdown_and_routes(tmp_path, upstream):
     "value, number, whole", [(30, 30.0, 30), ("30", 30.0, 30), (2.5, 2.5, None), ("0", None, None), (True, None, None), ("x", None, None), (-1, None, None)]
 )
 def test_provider_option_readers(value, number, whole):
-    from gateway.adapters import AdapterConfigError, number_option, whole_option
+    from gateway.adapter_options import number_option, whole_option
+    from gateway.adapters import AdapterConfigError
 
     for read, expected in ((number_option, number), (whole_option, whole)):
         if expected is None:
@@ -177,7 +200,8 @@ def test_provider_option_readers(value, number, whole):
 
 @pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("false", False), (" TRUE ", True), ("no", None), (0, None)])
 def test_provider_flag_option(value, expected):
-    from gateway.adapters import AdapterConfigError, flag_option
+    from gateway.adapter_options import flag_option
+    from gateway.adapters import AdapterConfigError
 
     if expected is None:
         with pytest.raises(AdapterConfigError) as err:

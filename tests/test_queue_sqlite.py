@@ -17,14 +17,6 @@ def make_job(ttl: float = 100.0) -> Job:
     return Job(task, "http://p/cb?hash=a", "http://p/err?hash=a")
 
 
-@pytest.fixture
-async def queue(tmp_path):
-    q = SQLiteJobQueue(tmp_path / "q.sqlite3")
-    await q.open()
-    yield q
-    await q.close()
-
-
 async def test_enqueue_is_idempotent(queue):
     first, created = await queue.enqueue(make_job(), "key-1", lease_owner=None, lease_seconds=5)
     again, created_again = await queue.enqueue(make_job(), "key-1", lease_owner=None, lease_seconds=5)

@@ -23,12 +23,12 @@ from gateway.delivery import Deliverer
 from gateway.hookspecs import hookimpl
 from gateway.jobs.model import Job, new_job_id
 from gateway.jobs.sqlite import SQLiteJobQueue
-from gateway.jobs.worker import Worker
 from gateway.metrics import Metrics
 from gateway.netguard import OutboundPolicy
 from gateway.outcomes import Attempt, AttemptKind, DeliveryOutcome, JobError, JobState, Outcome
 from gateway.plugins import get_plugin_manager
 from gateway.tasks import Category, Task, TextPrompt
+from gateway.worker import Worker
 
 pytestmark = pytest.mark.anyio
 LEASE = 30.0
@@ -55,14 +55,6 @@ def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(time, "time", fake)
     return fake
-
-
-@pytest.fixture
-async def queue(tmp_path):
-    q = SQLiteJobQueue(tmp_path / "q.sqlite3")
-    await q.open()
-    yield q
-    await q.close()
 
 
 class Hooks:

@@ -16,7 +16,7 @@ import httpx
 
 from gateway import http
 from gateway.backoff import Backoff
-from gateway.redaction import add_secret
+from gateway.redaction import Redactor
 
 RATE_LIMIT_ERRORS = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT"}
 
@@ -42,13 +42,17 @@ class PortalClient:
         retries: int = 4,
         backoff: float = 1.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
+        """``redactor``: the one masking this process's log lines, told the webhook's secret (the
+        ``/rest/<user>/<secret>/`` pattern masks it in any case)."""
         parts = urlsplit(webhook)
         if parts.scheme not in ("http", "https") or not parts.hostname or "/rest/" not in parts.path:
             raise ValueError("the portal webhook must look like https://<portal>/rest/<user>/<secret>/")
         self.webhook = webhook if webhook.endswith("/") else webhook + "/"
-        for segment in parts.path.split("/rest/", 1)[1].split("/"):
-            add_secret(segment)  # the user id is short and skipped; the secret is masked everywhere
+        if redactor is not None:
+            for segment in parts.path.split("/rest/", 1)[1].split("/"):
+                redactor.add(segment)  # the user id is short and skipped; the secret is masked everywhere
         self.host = parts.hostname
         self.retries, self.backoff = retries, Backoff(backoff)
         self._client = httpx.AsyncClient(transport=transport or http.transport(), timeout=timeout, follow_redirects=False)

@@ -1,1 +1,3 @@
-"""Jobs: the durable record of every accepted request, the queue that holds them and the worker."""
+"""Jobs: the durable record of every accepted request and the queue that holds it (SQLite today).
+
+The queue knows nothing of HTTP, routing or files; ``gateway.worker`` drives jobs through it."""

@@ -20,15 +20,19 @@ What is here:
 - ``http_transport``: the httpx transport the core uses (outbound policy, asyncio streams);
 - helpers for in-process models on the CPU (``InProcessModel``: load once, share, run off the
   event loop; ``SharedModels``; background thread and process pools);
+- what the outcome hooks receive: ``HostedImages`` (an image task's result), ``JobError``
+  with its ``ErrorReason``, and the final ``JobState``;
 - ``Backoff``: the gateway's retry schedule (exponential, equal jitter), for a plugin's own retries.
 """
 
+from gateway.adapter_options import check_known_options, flag_option, number_option, whole_option
 from gateway.adapters import (
     AdapterConfigError,
     AdapterError,
     AudioAdapter,
     AudioRequest,
     GeneratedImage,
+    HostedImages,
     ImageAdapter,
     ImageRequest,
     ImageResult,
@@ -38,17 +42,13 @@ from gateway.adapters import (
     TextResult,
     Transcript,
     Usage,
-    check_known_options,
-    flag_option,
-    images_from_openai,
-    number_option,
-    transcript_from_openai,
-    whole_option,
 )
 from gateway.backoff import Backoff
 from gateway.cpu import InProcessModel, SharedModels, background_processes, background_threads, stop_processes
 from gateway.hookspecs import hookimpl
 from gateway.http import transport as http_transport
+from gateway.openai_shapes import images_from_openai, transcript_from_openai
+from gateway.outcomes import ErrorReason, JobError, JobState
 from gateway.tasks import AudioPrompt, CallPrompt, Category, ImagePrompt, Message, Prompt, Task, TaskRefused, TextPrompt
 
 __all__ = [
@@ -60,12 +60,16 @@ __all__ = [
     "Backoff",
     "CallPrompt",
     "Category",
+    "ErrorReason",
     "GeneratedImage",
+    "HostedImages",
     "ImageAdapter",
     "ImagePrompt",
     "ImageRequest",
     "ImageResult",
     "InProcessModel",
+    "JobError",
+    "JobState",
     "Message",
     "Prompt",
     "Segment",

@@ -180,7 +180,7 @@ def start_up_error(config: dict[str, Any], workdir: Path) -> ConfigError:
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     try:
-        Runtime(load_config(path))
+        Runtime(load_config(path)).prepare()
     except ConfigError as exc:
         return exc
     raise AssertionError(f"{path} started without a configuration error")

@@ -34,10 +34,10 @@ from gateway.backoff import Backoff
 from gateway.delivery import Deliverer, DeliveryResult, PortalLanes, delivery_url, portal_host
 from gateway.jobs.model import Job
 from gateway.jobs.queue import JobQueue, QueueStoreError
-from gateway.metrics import FINAL_STATE, Metrics
+from gateway.metrics import Metrics
 from gateway.outcomes import Attempt, AttemptKind, AttemptOutcome, DeliveryOutcome, ErrorReason, JobError, JobState, Outcome
 from gateway.plugins import notify
-from gateway.redaction import redact
+from gateway.redaction import Redactor
 from gateway.supervision import Supervisor
 from gateway.tasks import Task
 
@@ -83,11 +83,14 @@ class Worker:
         poll_interval: float,
         retention_seconds: float = 7 * 86400,
         supervisor: Supervisor | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.queue, self.executor, self.deliverer, self.pm, self.metrics = queue, executor, deliverer, pm, metrics
         self.concurrency, self.lease_seconds, self.poll_interval = concurrency, lease_seconds, poll_interval
         self.retention_seconds = retention_seconds
         self.supervisor = supervisor or Supervisor(metrics)
+        self.redactor = redactor or Redactor()
+        """Masks the runtime's secrets in the error texts stored with a job."""
         self.lanes = PortalLanes(deliverer.settings.max_in_flight_per_portal)
         self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -361,7 +364,7 @@ class Worker:
         delivery keeps failing ends ``dead`` with the reason. ``maybe_delivered``: a callback POST
         may have reached the portal, remembered so that a retry's data:false means delivered.
         Never raises (but for cancellation)."""
-        reason = error if isinstance(error, str) else redact(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+        reason = error if isinstance(error, str) else self.redactor.redact(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
         if isinstance(error, Exception):
             log.error("job %s: unexpected error while %s: %s", job.id, STAGES[stage], reason, exc_info=error)
         self.metrics.job_errors.labels(stage).inc()
@@ -396,22 +399,18 @@ class Worker:
             log.warning("job %s: the lease was lost before the final state %s could be recorded%s; another worker has the job", job.id, state.value, taken)
             return
         log.info("job %s engine=%s final=%s", job.id, job.engine, state.value)
-        token = FINAL_STATE.set(state.value)
-        try:
-            await self._announce(job, state, detail)
-        finally:
-            FINAL_STATE.reset(token)
+        await self._announce(job, state, detail)
 
     async def _announce(self, job: Job, state: JobState, detail: str) -> None:
         """``task_succeeded`` or ``task_failed`` for a job that just became final."""
         outcome = job.outcome
         delivered = state in (JobState.DELIVERED, JobState.DELIVERED_UNCONFIRMED)
         if delivered and outcome is not None and outcome.result is not None:
-            await notify(self.pm, "task_succeeded", task=job.task, result=result_from_json(outcome.result))
+            await notify(self.pm, "task_succeeded", task=job.task, result=result_from_json(outcome.result), state=state)
             return
         if (delivered or state is JobState.FAILED) and outcome is not None and outcome.error is not None:
             error = outcome.error
         else:
             code = outcome.error.code if outcome is not None and outcome.error is not None else 0
             error = JobError(detail, code, state.value)
-        await notify(self.pm, "task_failed", task=job.task, error=error)
+        await notify(self.pm, "task_failed", task=job.task, error=error, state=state)
