@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port, make_config
-from tests.speech import silence
+from gateway.testing import free_port, make_config, silence
 
 pytestmark = pytest.mark.e2e
 AUDIO_TOKEN = "audio-token-0123456789abcdef"

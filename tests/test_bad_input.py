@@ -12,8 +12,7 @@ import pytest
 from gateway.bitrix.protocol import encode_like_php
 from gateway.bitrix.simulator import PortalEmulator
 from gateway.loopback import LoopbackServer
-from gateway.testing import FakeOpenAI
-from tests.harness import ENGINE_TOKEN, GatewayProcess, make_config
+from gateway.testing import ENGINE_TOKEN, FakeOpenAI, GatewayProcess, make_config
 
 pytestmark = pytest.mark.e2e
 LIMIT = 8192

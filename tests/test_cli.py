@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import ENGINE_TOKEN, make_config
+from gateway.testing import ENGINE_TOKEN, make_config
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from gateway.jobs.model import Job, new_job_id
 from gateway.jobs.sqlite import SQLiteJobQueue
 from gateway.loopback import LoopbackServer
 from gateway.tasks import Category, Task, TextPrompt
-from tests.harness import make_config
+from gateway.testing import make_config
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness import API_KEY, ENGINE_TOKEN, make_config
+from gateway.testing import API_KEY, ENGINE_TOKEN, make_config
 
 pytestmark = pytest.mark.e2e
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.harness import ENGINE_TOKEN, make_config
+from gateway.testing import ENGINE_TOKEN, make_config
 
 pytestmark = pytest.mark.e2e
 

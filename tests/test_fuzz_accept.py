@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from gateway.bitrix.protocol import encode_like_php
 from gateway.bitrix.simulator import PortalEmulator
 from gateway.loopback import LoopbackServer
-from gateway.testing import FakeOpenAI
-from tests.harness import ENGINE_TOKEN, GatewayProcess, make_config
+from gateway.testing import ENGINE_TOKEN, FakeOpenAI, GatewayProcess, make_config
 from tests.strategies import encode, mutated_bodies, raw_bodies
 
 pytestmark = pytest.mark.e2e

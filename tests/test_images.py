@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway.files import LocalFileStore, image_extension
-from tests.harness import make_config
+from gateway.testing import make_config
 
 pytestmark = pytest.mark.e2e
 

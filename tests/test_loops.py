@@ -22,8 +22,8 @@ from gateway.netguard import OutboundPolicy
 from gateway.plugins import get_plugin_manager
 from gateway.supervision import Supervisor
 from gateway.tasks import Category, Task, TextPrompt
+from gateway.testing import make_config
 from gateway.worker import MAX_INTERNAL_ERRORS, WRITE_TRIES, Worker
-from tests.harness import make_config
 
 pytestmark = pytest.mark.anyio
 FAST = DeliverySettings(connect_timeout=1, read_timeout=2, backoff_initial=0.01, backoff_max=0.05, max_in_flight_per_portal=2)

@@ -19,7 +19,7 @@ from gateway.config import ConfigError, load_config
 from gateway.loopback import LoopbackServer
 from gateway.plugins import PluginError, call_hook, default_plugins, get_plugin_manager, list_plugins, notify
 from gateway.runtime import Runtime, load_adapter_registry
-from tests.harness import make_config
+from gateway.testing import make_config
 
 
 def config_file(tmp_path: Path, config: dict) -> Path:

@@ -11,8 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness import GatewayProcess, _env, make_config
-from tests.speech import silence
+from gateway.testing import GatewayProcess, make_config, silence, subprocess_env
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +49,7 @@ def test_sigterm_lets_running_jobs_finish(gateway, portal, upstream):
 
 
 def test_jobs_cut_off_by_shutdown_resume_at_once_after_restart(gateway, portal, upstream):
-    from tests.harness import make_config
+    from gateway.testing import make_config
 
     config = make_config(upstream.url, workers={"concurrency": 4, "shutdown_grace": 0.2})
     config["queue"]["lease_seconds"] = 30  # resuming must not wait for the lease to run out
@@ -71,7 +70,7 @@ def test_jobs_cut_off_by_shutdown_resume_at_once_after_restart(gateway, portal, 
 
 
 def test_finished_jobs_are_deleted_after_their_retention(gateway, portal, upstream):
-    from tests.harness import make_config
+    from gateway.testing import make_config
 
     config = make_config(upstream.url)
     config["queue"]["retention_days"] = 1 / 86400  # one second
@@ -146,7 +145,7 @@ def test_stop_leaves_no_process_behind_and_no_leaked_semaphore(tmp_path, portal,
         [sys.executable, "-c", SUBREAPER, str(gw.log_path), sys.executable, "-m", "gateway", "serve", "--config", str(gw.config_path), "--port", str(gw.port)],
         stdout=subprocess.PIPE,
         cwd=tmp_path,
-        env=_env(),
+        env=subprocess_env(),
         text=True,
     )
     try:

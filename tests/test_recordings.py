@@ -13,7 +13,7 @@ import pytest
 from gateway.config import RecordingSettings
 from gateway.netguard import OutboundPolicy
 from gateway.recordings import DownloadError, RecordingFetcher, sniff_audio
-from tests.harness import free_port
+from gateway.testing import free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -7,7 +7,7 @@ from gateway.bitrix.rest import PortalClient, PortalError, PortalUnreachable
 from gateway.config import EngineConfig, RouteTarget
 from gateway.engines import Engine
 from gateway.tasks import Category
-from tests.harness import free_port
+from gateway.testing import free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -41,7 +41,7 @@ from gateway.server import (
     guarded_protocol,
     outbound_pools,
 )
-from tests.harness import make_config
+from gateway.testing import make_config
 
 HALF_HEAD = b"POST /x HTTP/1.1\r\nHost: a\r\n"  # the request line and one header, never the blank line
 
