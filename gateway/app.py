@@ -130,10 +130,7 @@ class CompletionsEndpoint:
         job = Job(task, parsed.callback_url, parsed.error_callback_url)
         accepted_counter, latency_histogram = self._engine_metrics(code, task.category.value)
         try:
-            if rt.worker is not None:  # stored leased to this process's worker when it has a free slot
-                stored, created = await rt.worker.admit(job, parsed.idempotency_key)
-            else:
-                stored, created = await rt.queue.enqueue(job, parsed.idempotency_key, lease_owner=None, lease_seconds=rt.config.queue.lease_seconds)
+            stored, created = await rt.submit(job, parsed.idempotency_key)
         except QueueItemError as exc:  # this request's values, not the queue: retrying will not help
             log.warning("could not store a request for engine %s: %s", code, exc)
             raise ProtocolError(422, "invalid_field", f"the request cannot be stored: {exc}") from None

@@ -22,6 +22,7 @@ from gateway.engines import EngineDirectory
 from gateway.execution import TaskExecutor
 from gateway.files import ImageHost, LocalFileStore
 from gateway.jobs.backends import job_queue
+from gateway.jobs.model import Job
 from gateway.jobs.queue import JobQueue
 from gateway.metrics import Metrics
 from gateway.netguard import OutboundPolicy
@@ -193,6 +194,16 @@ class Runtime:
         if self.with_worker:
             load_adapters(self.config, self.adapters)
         self._engines = engines
+
+    async def submit(self, job: Job, idempotency_key: str) -> tuple[Job, bool]:
+        """Store an accepted job durably: ``(job, True)``, or ``(existing job, False)`` for a repeated request.
+
+        With a worker in this process the job is stored already leased to it when it has a free
+        slot (no claim round trip); without one (``serve --no-worker``) it waits in the queue
+        for ``gateway worker`` processes. Raises the queue's errors."""
+        if self.worker is not None:
+            return await self.worker.admit(job, idempotency_key)
+        return await self.queue.enqueue(job, idempotency_key, lease_owner=None, lease_seconds=self.config.queue.lease_seconds)
 
     async def start(self, app: Any = None) -> None:
         self.prepare()  # done already by ``gateway serve``/``gateway worker``; here for embedders that only start
