@@ -1,4 +1,7 @@
-"""A pluggable model gateway for Bitrix24 AI engines."""
+"""A pluggable model gateway for Bitrix24 AI engines.
+
+Plugins import from :mod:`gateway.spi` (their contract) and test with :mod:`gateway.testing`;
+the few names below are kept here for plugins written before ``gateway.spi`` existed."""
 
 from gateway.hookspecs import hookimpl
 from gateway.tasks import Category, Task, TaskRefused

@@ -177,3 +177,16 @@ def test_the_architecture_doc_shows_the_layers_of_this_test():
     doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     for name, _ in LAYERS:
         assert f"**{name}**" in doc, f"docs/architecture.md does not describe the layer {name!r}"
+
+
+def test_the_module_map_gives_each_module_the_layer_of_this_test():
+    """The ``(layer)`` at the end of each module's line in the doc is the layer declared above."""
+    section = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8").split("## Module map", 1)[1]
+    wrong = []
+    for path, tag in re.findall(r"^\s*-\s*`(gateway/[\w./]+\.py)`.*\(([a-z ]+)\)\s*$", section, re.MULTILINE):
+        module = module_name(ROOT / path)
+        index = LAYER_OF.get(module)
+        layer = LAYERS[index][0] if index is not None else None
+        if layer is not None and tag not in layer:  # "entry points" and "tools" both name the last layer
+            wrong.append(f"{path}: the doc says ({tag}), the layer is {layer!r}")
+    assert not wrong, wrong

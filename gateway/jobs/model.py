@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, JobError, JobState, Outcome
-from gateway.tasks import Task
+from gateway.tasks import Category, Task
 
 __all__ = ["FINAL_STATES", "PENDING_STATES", "Attempt", "Job", "JobError", "JobState", "Outcome", "new_job_id"]
 
@@ -51,8 +51,8 @@ class Job:
         return self.task.engine
 
     @property
-    def category(self) -> str:
-        return self.task.category.value
+    def category(self) -> Category:
+        return self.task.category
 
     @property
     def accepted_at(self) -> float:
