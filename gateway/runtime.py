@@ -115,6 +115,14 @@ def load_adapters(config: Config, adapters: dict[str, Any]) -> None:
             load()
         except AdapterConfigError as exc:
             raise ConfigError(config.path, f"providers.{name}.{exc.key}", exc.message, "check the file, or point the option at a working one") from None
+        except Exception as exc:  # a plugin's bug or a library's error: still one clear line, not a traceback
+            log.debug("provider %s: load() failed", name, exc_info=exc)
+            raise ConfigError(
+                config.path,
+                f"providers.{name}",
+                f"the adapter failed to load: {type(exc).__name__}: {str(exc)[:300]}",
+                "check this provider's options; run with --log-level DEBUG for the plugin's traceback",
+            ) from None
         log.info("provider %s: ready in %.1f s", name, time.monotonic() - started)
 
 

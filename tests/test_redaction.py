@@ -69,6 +69,8 @@ class FakeAdapter:
 
     def load(self) -> None:
         FakeAdapter.loads.append(self.name)
+        if self.broken == "bug":
+            raise OSError("mmap failed")
         if self.broken:
             raise AdapterConfigError("model_path", "the model file is corrupt")
 
@@ -119,6 +121,14 @@ def test_a_broken_model_is_a_config_error_when_prepared(fake_adapter_config):
     with pytest.raises(ConfigError) as err:
         runtime.prepare()
     assert err.value.key == "providers.up.model_path"
+
+
+def test_any_other_load_failure_is_a_config_error_naming_the_provider(fake_adapter_config):
+    """Not a traceback at start-up: one line naming the provider and what failed."""
+    runtime = Runtime(fake_adapter_config("bug", broken="bug"))
+    with pytest.raises(ConfigError) as err:
+        runtime.prepare()
+    assert err.value.key == "providers.up" and err.value.problem == "the adapter failed to load: OSError: mmap failed"
 
 
 def test_two_runtimes_keep_their_secrets_apart(fake_adapter_config):
