@@ -134,13 +134,13 @@ class Deliverer:
 
         try:
             # Parsed and checked by the same code as at accept: a URL accepted then is sent as checked.
-            target = protocol.parse_outbound_url(url, "callback URL")
-            self.policy.check_url(str(target))
+            origin = protocol.parse_outbound_url(url, "callback URL")
+            self.policy.check_url(str(origin))
             _, body = callback_for(job)
             timeout = max(0.1, min(self.settings.read_timeout, job.deadline - started))
             request = self._client.build_request(
                 "POST",
-                target,
+                url,
                 content=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"},
                 timeout=timeout,
