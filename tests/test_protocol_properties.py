@@ -51,7 +51,10 @@ def _assert_storable_and_sendable(request: Any) -> None:
         assert url.scheme in ("http", "https") and url.host
         assert url.port is None or 1 <= url.port <= 65535
     # Delivery parses the stored strings again: they must parse to the same URLs.
-    for sent, origin in ((request.callback_url, dict(request.outbound_urls)["callbackUrl"]), (request.error_callback_url, dict(request.outbound_urls)["errorCallbackUrl"])):
+    for sent, origin in (
+        (request.callback_url, dict(request.outbound_urls)["callbackUrl"]),
+        (request.error_callback_url, dict(request.outbound_urls)["errorCallbackUrl"]),
+    ):
         full = httpx.URL(sent)
         assert (full.scheme, full.host, full.port) == (origin.scheme, origin.host, origin.port)
 
