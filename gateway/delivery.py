@@ -72,10 +72,10 @@ class DeliveryResult:
 
 
 def portal_host(url: str) -> str:
-    """The host name a callback URL points at (the metric label and the lane), as accept parsed
-    it; "?" if it cannot be parsed."""
+    """The host name a portal's URL points at (the lane, the metric label, an attempt's target),
+    as accept parsed it; "?" if it cannot be parsed."""
     try:
-        return protocol.parse_outbound_url(url, "callback URL").host
+        return protocol.parse_outbound_url(url, "URL").host
     except protocol.ProtocolError:
         return "?"
 
@@ -85,14 +85,14 @@ def delivery_url(job: Deliverable) -> str:
     return job.callback_url if job.outcome is None or job.outcome.result is not None else job.error_callback_url
 
 
-def callback_for(job: Deliverable) -> tuple[str, dict[str, Any]]:
-    """The URL and JSON body that carry this job's stored outcome to the portal."""
+def callback_body(job: Deliverable) -> dict[str, Any]:
+    """The JSON body that carries this job's stored outcome to the portal (to :func:`delivery_url`)."""
     assert job.outcome is not None, "delivery starts only after the outcome is stored"
     if job.outcome.result is not None:
-        return job.callback_url, protocol.success_body(result_from_json(job.outcome.result), job.task.category)
+        return protocol.success_body(result_from_json(job.outcome.result), job.task.category)
     error = job.outcome.error
     assert error is not None
-    return job.error_callback_url, protocol.error_body(error.message, error.code)
+    return protocol.error_body(error.message, error.code)
 
 
 class Deliverer:
@@ -125,18 +125,22 @@ class Deliverer:
         """One callback POST; never raises (but for cancellation)."""
         assert self._client is not None
         url = delivery_url(job)
-        host = portal_host(url)
         started = time.time()
+        try:  # parsed and checked by the same code as at accept: a URL accepted then is sent as checked
+            origin: httpx.URL | None = protocol.parse_outbound_url(url, "callback URL")
+        except protocol.ProtocolError as exc:
+            origin, unusable = None, exc.message
+        host = origin.host if origin is not None else "?"
 
         def result(outcome: DeliveryOutcome, detail: str, maybe_consumed: bool = False) -> DeliveryResult:
             attempt = Attempt(AttemptKind.CALLBACK, host, started, time.time() - started, outcome, self.redactor.redact(detail)[:500])
             return DeliveryResult(outcome, attempt, maybe_consumed)
 
+        if origin is None:
+            return result(DeliveryOutcome.REFUSED, f"the callback cannot be sent: {unusable}")
         try:
-            # Parsed and checked by the same code as at accept: a URL accepted then is sent as checked.
-            origin = protocol.parse_outbound_url(url, "callback URL")
             self.policy.check_url(str(origin))
-            _, body = callback_for(job)
+            body = callback_body(job)
             timeout = max(0.1, min(self.settings.read_timeout, job.deadline - started))
             request = self._client.build_request(
                 "POST",
@@ -145,8 +149,6 @@ class Deliverer:
                 headers={"Content-Type": "application/json"},
                 timeout=timeout,
             )
-        except protocol.ProtocolError as exc:
-            return result(DeliveryOutcome.REFUSED, f"the callback cannot be sent: {exc.message}")
         except URLRefused as exc:
             return result(DeliveryOutcome.REFUSED, f"callback URL refused: {exc}")
         except Exception as exc:  # deterministic: the same URL and outcome fail the same way every time

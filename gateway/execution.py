@@ -16,12 +16,12 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import pluggy
 
 from gateway.adapters import AdapterError, AudioRequest, ImageRequest, ImageResult, TextRequest, TextResult, Transcript
 from gateway.config import Config, EngineConfig, RouteTarget
+from gateway.delivery import portal_host
 from gateway.files import ImageHost
 from gateway.languages import language_code
 from gateway.metrics import Metrics
@@ -137,7 +137,7 @@ class TaskExecutor:
 
     async def _with_recording(self, task: Task, prompt: AudioPrompt, engine: EngineConfig, deadline: float) -> tuple[Outcome, list[Attempt]]:
         """Download the recording once (retrying transient failures), then run the route on it."""
-        host = urlsplit(prompt.file_url).hostname or "?"
+        host = portal_host(prompt.file_url)
         attempts: list[Attempt] = []
         for attempt in range(self.config.routing.retries + 1):
             started = time.time()

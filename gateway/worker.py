@@ -20,6 +20,7 @@ under a :class:`~gateway.supervision.Supervisor`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -148,11 +149,8 @@ class Worker:
         retry get ``data:false``, the cut-off POST most likely reached the portal."""
         self._stopping = True
         await self.supervisor.stop("worker-dispatch")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        # A job that finishes its model work during the grace period starts its delivery: wait for that too.
-        while (running := [*self._inflight.values(), *self._deliveries.values()]) and loop.time() < deadline:
-            await asyncio.wait(running, timeout=deadline - loop.time())
+        with contextlib.suppress(TimeoutError):  # settle() waits for a delivery that starts during the grace too
+            await asyncio.wait_for(self.settle(), grace)
         held = {**self._inflight, **self._deliveries}
         unfinished = [job_id for job_id, task in held.items() if not task.done()]
         maybe_sent = {job_id for job_id in unfinished if job_id in self._maybe_sent}  # read before cancelling clears it
@@ -336,8 +334,8 @@ class Worker:
             await self._internal_error(job, "deliver", delivery.attempt.detail, delivery.attempt.started_at, delivery.attempt, maybe_delivered=unconfirmed)
         else:
             maybe_delivered = unconfirmed or delivery.maybe_consumed
-            next_at = time.time() + self.deliverer.backoff.delay(job.delivery_attempts)
-            if next_at >= job.deadline:
+            next_at = self.deliverer.backoff.next_at(job.delivery_attempts, job.deadline)
+            if next_at is None:
                 detail = f"the ttl passed while delivery failed: {delivery.attempt.detail}{maybe_reached_note(maybe_delivered)}"
                 await self._finish(job, JobState.EXPIRED, detail, [delivery.attempt])
             else:
@@ -371,8 +369,8 @@ class Worker:
         attempt = attempt or Attempt(AttemptKind.INTERNAL, stage, started, time.time() - started, AttemptOutcome.ERROR, reason[:500])
         errors = job.internal_errors + 1
         try:
-            next_at = time.time() + self.deliverer.backoff.delay(errors - 1)
-            if errors < MAX_INTERNAL_ERRORS and next_at < job.deadline:
+            next_at = self.deliverer.backoff.next_at(errors - 1, job.deadline)
+            if errors < MAX_INTERNAL_ERRORS and next_at is not None:
                 if await self.queue.retry_later(job.id, self.owner, next_at, attempt, maybe_delivered=maybe_delivered):
                     job.internal_errors = errors
                     log.info("job %s: unexpected error %d of at most %d; trying again in %.1f s", job.id, errors, MAX_INTERNAL_ERRORS, next_at - time.time())
