@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from gateway.backoff import Backoff
 from gateway.redaction import Redactor
 
 if TYPE_CHECKING:
@@ -70,7 +71,8 @@ class Supervisor:
             await task
 
     async def _supervise(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        pause = self.restart_initial
+        schedule = Backoff(self.restart_initial, self.restart_max)  # its ceiling: doubling, no jitter (one loop, nothing to spread)
+        restarts = 0
         try:
             while True:
                 started = time.monotonic()
@@ -81,14 +83,15 @@ class Supervisor:
                     raise
                 except Exception as exc:
                     if time.monotonic() - started >= STABLE_AFTER:
-                        pause = self.restart_initial
+                        restarts = 0
+                    pause = schedule.ceiling(restarts)
                     reason = self.redactor.redact(f"{type(exc).__name__}: {exc}")[:300]
                     self._down[name] = reason
                     if self.metrics is not None:
                         self.metrics.loop_restarts.labels(name).inc()
                     log.error("background loop %s stopped (%s); restarting in %.1f s", name, reason, pause, exc_info=exc)
                     await asyncio.sleep(pause)
-                    pause = min(pause * 2, self.restart_max)
+                    restarts += 1
                     self._down.pop(name, None)
                     log.info("background loop %s restarted", name)
         finally:

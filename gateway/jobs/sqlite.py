@@ -149,6 +149,15 @@ def _begin_waiting(conn: sqlite3.Connection, timeout: float) -> None:
             pause = min(pause * 2, 0.05)
 
 
+def _update_held(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], job_id: str, attempts: list[Attempt]) -> bool:
+    """Run an UPDATE that applies only while the caller holds the job's lease; record the
+    attempts with it. False (and nothing recorded) if the lease was lost."""
+    applied = conn.execute(sql, params).rowcount == 1
+    if applied:
+        _insert_attempts(conn, job_id, attempts)
+    return applied
+
+
 def _row_to_job(row: sqlite3.Row, attempts: list[Attempt] | None = None) -> Job:
     """A job from its row; the task (engine, category, times) from its JSON, the columns are for SQL."""
     return Job(
@@ -453,40 +462,40 @@ class SQLiteJobQueue:
 
     async def store_outcome(self, job_id: str, owner: str, outcome: Outcome, attempts: list[Attempt]) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
+            return _update_held(
+                conn,
                 f"UPDATE jobs SET outcome = ?, state = {DELIVERING} WHERE id = ? AND lease_owner = ? AND state = {RUNNING}",
                 (json.dumps(outcome.to_json()), job_id, owner),
+                job_id,
+                attempts,
             )
-            if cursor.rowcount == 1:
-                _insert_attempts(conn, job_id, attempts)
-            return cursor.rowcount == 1
 
         return await self._run(op)
 
     async def reschedule(self, job_id: str, owner: str, next_at: float, attempt: Attempt, *, maybe_delivered: bool = False) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
+            return _update_held(
+                conn,
                 "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL,"
                 " delivery_attempts = delivery_attempts + 1, detail = ?, maybe_delivered = max(maybe_delivered, ?)"
                 f" WHERE id = ? AND lease_owner = ? AND state = {DELIVERING}",
                 (next_at, _clean(attempt.detail), int(maybe_delivered), job_id, owner),
+                job_id,
+                [attempt],
             )
-            if cursor.rowcount == 1:
-                _insert_attempts(conn, job_id, [attempt])
-            return cursor.rowcount == 1
 
         return await self._run(op)
 
     async def retry_later(self, job_id: str, owner: str, next_at: float, attempt: Attempt, *, maybe_delivered: bool = False) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
+            return _update_held(
+                conn,
                 "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL, internal_errors = internal_errors + 1, detail = ?,"
                 f" maybe_delivered = max(maybe_delivered, ?) WHERE id = ? AND lease_owner = ? AND state IN ({RUNNING}, {DELIVERING})",
                 (next_at, _clean(attempt.detail), int(maybe_delivered), job_id, owner),
+                job_id,
+                [attempt],
             )
-            if cursor.rowcount == 1:
-                _insert_attempts(conn, job_id, [attempt])
-            return cursor.rowcount == 1
 
         return await self._run(op)
 
@@ -507,14 +516,14 @@ class SQLiteJobQueue:
 
         def op(conn: sqlite3.Connection) -> bool:
             callbacks = sum(1 for a in attempts if a.kind == AttemptKind.CALLBACK)
-            cursor = conn.execute(
+            return _update_held(
+                conn,
                 f"UPDATE jobs SET state = ?, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL,"
                 f" delivery_attempts = delivery_attempts + ? WHERE id = ? AND lease_owner = ? AND {_PENDING_SQL}",
                 (state.value, _clean(detail, 1000), time.time(), callbacks, job_id, owner),
+                job_id,
+                attempts,
             )
-            if cursor.rowcount == 1:
-                _insert_attempts(conn, job_id, attempts)
-            return cursor.rowcount == 1
 
         return await self._run(op)
 
