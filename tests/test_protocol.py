@@ -321,3 +321,15 @@ def test_offsets(seconds, text):
 )
 def test_language_names(name, code):
     assert language_code(name) == code
+
+
+def test_a_bad_value_too_deep_or_too_large_to_show_is_still_named():
+    """The error message shows the bad value; one nested past the recursion limit (the JSON decoder
+    stops near it, and the accept path runs deeper in the stack), or holding a huge integer, cannot be repr()'d."""
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    for bad in (deep, [10**5000]):
+        body = {**portal_body(category="image"), "prompt": {"prompt": "a cat", "format": bad}}
+        with pytest.raises(ProtocolError, match=r"prompt\.format: must be one of square, portrait, landscape, got a list too deep or too large to show"):
+            parse(body, Category.IMAGE)

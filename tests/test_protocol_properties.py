@@ -11,7 +11,16 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.bitrix.protocol import MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TTL_RANGE, ProtocolError, parse_completion_request, parse_outbound_url
+from gateway.bitrix.protocol import (
+    MAX_TOKENS_RANGE,
+    TEMPERATURE_RANGE,
+    TTL_RANGE,
+    ProtocolError,
+    parse_completion_request,
+    parse_outbound_url,
+    read_callback_answer,
+)
+from gateway.outcomes import DeliveryOutcome
 from gateway.tasks import Category
 from tests.strategies import json_values, mutated_bodies, urls
 
@@ -112,3 +121,20 @@ def test_an_accepted_url_is_one_httpx_and_the_resolver_accept(text):
     host = url.raw_host.decode("ascii")
     if not host.startswith("["):
         host.encode("idna")  # what the resolver does with the name: must not raise either
+
+
+answers = st.one_of(
+    json_values.map(lambda v: json.dumps(v, allow_nan=True).encode()),
+    st.fixed_dictionaries({"status": json_values, "data": json_values, "errors": json_values}).map(lambda v: json.dumps(v, allow_nan=True).encode()),
+    st.integers(1, 3000).map(lambda n: b'{"status":"error","errors":' + b"[" * n + b"]" * n + b"}"),
+    st.integers(1, 5000).map(lambda n: b'{"status":"error","errors":[' + b"9" * n + b"]}"),
+    st.binary(max_size=200),
+)
+
+
+@PROPERTY_SETTINGS
+@given(st.integers(100, 599), answers)
+def test_any_portal_answer_is_classified_never_raised(status, body):
+    """The portal's answer to a callback comes from outside too: whatever it is, it gets an outcome."""
+    answer = read_callback_answer(status, body)
+    assert answer.outcome in set(DeliveryOutcome) and len(answer.detail) <= 400

@@ -90,7 +90,10 @@ def _show(value: Any) -> str:
     """A short, safe rendering of a bad value for an error message."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
         return "a number of more than 18 digits"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested about 1,000 deep, or holding an integer of 4,300+ digits
+        return f"a {type(value).__name__} too deep or too large to show"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -417,7 +420,7 @@ def read_callback_answer(status: int, body: bytes) -> PortalAnswer:
         return PortalAnswer(DeliveryOutcome.REJECTED, f"portal refused the callback with HTTP {status}")
     try:
         answer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return PortalAnswer(DeliveryOutcome.RETRY, f"portal answered HTTP {status} with a body that is not JSON")
     if not isinstance(answer, Mapping):
         return PortalAnswer(DeliveryOutcome.RETRY, "portal answered with JSON that is not an object")
@@ -425,6 +428,13 @@ def read_callback_answer(status: int, body: bytes) -> PortalAnswer:
         if answer.get("data") is True:
             return PortalAnswer(DeliveryOutcome.DELIVERED, "portal answered data:true (it took the callback)")
         return PortalAnswer(DeliveryOutcome.GONE, "portal answered data:false (job unknown, already consumed or expired)")
-    errors = answer.get("errors") or []
-    messages = "; ".join(str(e.get("message", e)) if isinstance(e, Mapping) else str(e) for e in errors)[:300]
-    return PortalAnswer(DeliveryOutcome.REJECTED, f"portal answered status {answer.get('status')!r}: {messages or 'no detail'}")
+    errors = answer.get("errors")
+    items = errors if isinstance(errors, list) else [errors] if errors else []
+    messages = "; ".join(_error_message(e) for e in items[:10])[:300]
+    return PortalAnswer(DeliveryOutcome.REJECTED, f"portal answered status {_show(answer.get('status'))}: {messages or 'no detail'}")
+
+
+def _error_message(error: Any) -> str:
+    """One entry of the portal's ``errors``: its ``message`` when it has one (any shape, shown safely)."""
+    message = error.get("message", error) if isinstance(error, Mapping) else error
+    return message if isinstance(message, str) else _show(message)
