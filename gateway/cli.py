@@ -15,6 +15,7 @@ from typing import Any
 from gateway import __version__
 from gateway.config import Config, ConfigError, find_config_path, load_config
 from gateway.jobs.model import JobState
+from gateway.jobs.queue import QueueStoreError
 from gateway.plugins import PluginError
 
 EXIT_CONFIG = 2
@@ -58,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def announce() -> None:
         """Printed once the app has started and the socket accepts: the URL answers from now on."""
-        print(f"gateway {__version__}: serving on {listen_url(sock)} (public URL {config.public_url}), queue {config.queue.path}", flush=True)
+        print(f"gateway {__version__}: serving on {listen_url(sock)} (public URL {config.public_url}), queue {config.queue.location}", flush=True)
         for engine in runtime.engines:
             print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
         print("  full completions URLs, token included: gateway engines list", flush=True)
@@ -83,7 +84,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await runtime.start()
-        print(f"gateway worker {__version__}: processing jobs from {config.queue.path}", flush=True)
+        print(f"gateway worker {__version__}: processing jobs from {config.queue.location}", flush=True)
         await stop.wait()
         await runtime.stop()
 
@@ -93,7 +94,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 # -- engines / plugins --------------------------------------------------------------------
 def cmd_engines_list(args: argparse.Namespace) -> int:
-    from gateway.engines import EngineDirectory, tokens_path
+    from gateway.stores import engine_directory, token_store
 
     config = _config(args)
     engines = [
@@ -105,13 +106,13 @@ def cmd_engines_list(args: argparse.Namespace) -> int:
             "route": [t.label for t in e.config.route],
             "settings": dict(e.config.settings),
         }
-        for e in EngineDirectory(config)
+        for e in engine_directory(config)
     ]
     if args.json:
         print(json.dumps(engines, indent=2, ensure_ascii=False))
         return 0
     # Every command on this config reads and writes here (relative paths are taken from the config's folder).
-    print(f"data: {config.data_dir} (tokens in {tokens_path(config)}, queue {config.queue.path})")
+    print(f"data: {config.data_dir} (tokens in {token_store(config).where}, queue {config.queue.location})")
     if not engines:
         print(f"no engines in {config.path}")
     for e in engines:
@@ -120,9 +121,9 @@ def cmd_engines_list(args: argparse.Namespace) -> int:
 
 
 def _selected_engines(config: Config, codes: list[str] | None) -> list[Any]:
-    from gateway.engines import EngineDirectory
+    from gateway.stores import engine_directory
 
-    engines = list(EngineDirectory(config))
+    engines = list(engine_directory(config))
     if not codes:
         return engines
     unknown = [code for code in codes if code not in {e.code for e in engines}]
@@ -324,9 +325,9 @@ def _describe_result(result: dict[str, Any]) -> str:
 
 def _with_queue(config: Config, action: Any) -> Any:
     """``await action(queue)`` on the configured queue; None when no job was ever stored."""
-    from gateway.jobs.backends import job_queue
+    from gateway.stores import job_queue
 
-    if not Path(config.queue.path).exists():
+    if config.queue.backend == "sqlite" and not Path(config.queue.path).exists():
         return None
 
     async def run() -> Any:
@@ -359,7 +360,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     config = _config(args)
     job = _with_queue(config, lambda q: q.get(args.id))
     if job is None:
-        print(f"no job {args.id!r} in {config.queue.path}", file=sys.stderr)
+        print(f"no job {args.id!r} in {config.queue.location}", file=sys.stderr)
         return 1
     summary = _job_summary(job)
     summary["attempts"] = [
@@ -382,12 +383,57 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- db -----------------------------------------------------------------------------------
+def _postgres_only(config: Config, command: str) -> None:
+    if config.queue.backend != "postgres":
+        raise ConfigError(
+            config.path,
+            "queue.backend",
+            f"`gateway db {command}` manages the shared PostgreSQL schema; this config uses {config.queue.backend!r}",
+            "the embedded SQLite queue creates and upgrades its schema by itself when it opens; set `queue: {backend: postgres, dsn: ...}` to use PostgreSQL",
+        )
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from gateway.postgres import schema
+    from gateway.postgres.database import run_on_database
+
+    config = _config(args)
+    _postgres_only(config, "migrate")
+    applied = run_on_database(config.queue, schema.migrate, "migrating the schema", migrate=False)
+    for m in applied:
+        print(f"applied {m.version:04d} {m.name}")
+    print(f"{config.queue.location}: schema at version {schema.LATEST}" + ("" if applied else " (nothing to apply)"))
+    return 0
+
+
+def cmd_db_status(args: argparse.Namespace) -> int:
+    from gateway.postgres import schema
+    from gateway.postgres.database import run_on_database
+
+    config = _config(args)
+    _postgres_only(config, "status")
+    statuses = run_on_database(config.queue, schema.status, "reading the schema version", migrate=False)
+    rows: list[dict[str, Any]] = [{"version": m.version, "name": m.name, "applied_at": m.applied_at.isoformat() if m.applied_at else None} for m in statuses]
+    pending = [row for row in rows if row["applied_at"] is None]
+    if args.json:
+        print(json.dumps({"database": config.queue.location, "latest": schema.LATEST, "pending": len(pending), "migrations": rows}, indent=2))
+        return 0
+    print(f"{config.queue.location}: {len(rows) - len(pending)} of {len(rows)} migration(s) applied")
+    for row in rows:
+        print(f"  {row['version']:04d}  {'applied ' + row['applied_at'] if row['applied_at'] else 'pending'}  {row['name']}")
+    if pending:
+        print("run `gateway db migrate` (or start any node: it migrates at start)")
+    return 0
+
+
 # -- simulate ---------------------------------------------------------------------------
 def cmd_simulate(args: argparse.Namespace) -> int:
     from gateway.bitrix.simulator import PortalEmulator
     from gateway.demo import CALLBACK_REFUSED_HINT, exchange, portal_prompt
-    from gateway.engines import EngineDirectory, completions_path
+    from gateway.engines import completions_path
     from gateway.loopback import LoopbackServer
+    from gateway.stores import engine_directory
 
     config = _config(args)
     audio: bytes | None = None
@@ -397,7 +443,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"--audio {args.audio}: cannot read the recording ({exc.strerror or exc}); pass the path of an audio file", file=sys.stderr)
             return EXIT_CONFIG
-    engine = next((e for e in EngineDirectory(config) if e.code == args.engine), None)
+    engine = next((e for e in engine_directory(config) if e.code == args.engine), None)
     if engine is None:
         print(f"no engine {args.engine!r} in {config.path}; engines: {', '.join(e.code for e in config.engines) or 'none'}", file=sys.stderr)
         return EXIT_CONFIG
@@ -510,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_show)
 
+    db = sub.add_parser("db", help="the shared PostgreSQL database's schema").add_subparsers(dest="db_command", required=True)
+    p = db.add_parser("migrate", parents=[common], help="apply pending schema migrations (nodes also do this at start)")
+    p.set_defaults(func=cmd_db_migrate)
+    p = db.add_parser("status", parents=[common], help="applied and pending schema migrations")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_db_status)
+
     p = sub.add_parser("simulate", parents=[common], help="send one request through a running gateway from a portal emulator")
     p.add_argument("--engine", required=True)
     p.add_argument("--prompt", default="Write a short greeting for our clients", help="text and image engines")
@@ -537,5 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginError as exc:
         print(f"plugin error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except QueueStoreError as exc:
+        print(f"storage error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -1,8 +1,9 @@
 """Engines as the portal sees them: codes, secret tokens and completions URLs.
 
-An engine without a ``token`` in the config gets a random one, generated once and kept
-in ``data_dir/engine-tokens.json`` (mode 0600), so the embedded default runs without
-any secret to invent while the URL stays stable across restarts.
+An engine without a ``token`` in the config gets a random one, generated once and kept in a
+:class:`TokenStore`: ``data_dir/engine-tokens.json`` (mode 0600) on the embedded default, the
+shared database with PostgreSQL (every node serves the same URLs). So the embedded default runs
+without any secret to invent while the URL stays stable across restarts.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from gateway.config import Config, EngineConfig
 
@@ -36,9 +38,22 @@ def completions_path(code: str, token: str) -> str:
     return f"/engines/{code}/{token}/completions"
 
 
+class TokenStore(Protocol):
+    """Where engines without a configured ``token`` keep the one generated for them."""
+
+    where: str
+    """Told to the user (``gateway engines list``): a file, or the shared database."""
+
+    def load(self, codes: Sequence[str]) -> dict[str, str]:
+        """The generated token of each code, generating the missing ones: once, for every process
+        that shares this store (the completions URLs must not change between restarts or nodes)."""
+        ...
+
+
 class EngineDirectory:
-    def __init__(self, config: Config) -> None:
-        generated = _load_or_generate_tokens(config)
+    def __init__(self, config: Config, store: TokenStore) -> None:
+        missing = [engine.code for engine in config.engines if not engine.token]
+        generated = store.load(missing) if missing else {}
         self._engines: dict[str, Engine] = {}
         for engine in config.engines:
             token = engine.token or generated[engine.code]
@@ -61,24 +76,32 @@ class EngineDirectory:
 
 
 def tokens_path(config: Config) -> Path:
-    """Where generated engine tokens are kept (``gateway engines list`` shows it)."""
+    """Where the embedded default keeps generated engine tokens."""
     return Path(config.data_dir) / TOKENS_FILE
 
 
-def _load_or_generate_tokens(config: Config) -> dict[str, str]:
-    missing = [e.code for e in config.engines if not e.token]
-    if not missing:
-        return {}
-    path = tokens_path(config)
-    tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    if all(code in tokens for code in missing):
+class FileTokenStore:
+    """Generated tokens in a JSON file (mode 0600) in ``data_dir``: the embedded default."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+
+    def load(self, codes: Sequence[str]) -> dict[str, str]:
+        tokens: dict[str, str] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if all(code in tokens for code in codes):
+            return tokens
+        for code in codes:
+            tokens.setdefault(code, new_engine_token())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(tokens, handle, indent=2)
+        os.replace(tmp, self.path)
         return tokens
-    for code in missing:
-        tokens.setdefault(code, secrets.token_urlsafe(24))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(tokens, handle, indent=2)
-    os.replace(tmp, path)
-    return tokens
+
+
+def new_engine_token() -> str:
+    """192 random bits, URL-safe: the secret part of a completions URL."""
+    return secrets.token_urlsafe(24)

@@ -6,8 +6,9 @@ keeps the bytes itself and serves them at ``{public_url}/files/<id>.<ext>``: ids
 192 random bits, files are checked to be real PNG, JPEG or WebP images before they are
 stored, and they are deleted after ``files.retention_days``.
 
-Storage sits behind :class:`FileStore`, so an S3-compatible store can replace the local
-directory without touching the rest.
+Storage sits behind :class:`FileStore`: a folder of ``data_dir`` on the embedded default, the
+shared database with PostgreSQL (:mod:`gateway.postgres.files`: any node serves any file); an
+S3-compatible store could replace either without touching the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -41,24 +43,47 @@ def image_extension(data: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """A hosted file to serve: on local disk (``path``, sent without reading it into memory) or
+    its bytes (``data``, from the shared database)."""
+
+    content_type: str
+    path: Path | None = None
+    data: bytes | None = None
+
+
+def file_id(name: str) -> str | None:
+    """The extension of a well-formed stored name (``<32 characters>.<ext>``), else None: no
+    separators, no dots but the extension's, so no traversal and no lookup of junk."""
+    match = NAME_RE.match(name)
+    return match.group(1) if match else None
+
+
+def new_file_name(extension: str) -> str:
+    return f"{secrets.token_urlsafe(24)}.{extension}"  # 24 bytes: 192 bits, 32 characters
+
+
 class FileStore(Protocol):
     async def put(self, data: bytes, extension: str) -> str:
         """Store the bytes; returns the public file name ``<id>.<ext>``."""
         ...
 
-    def path(self, name: str) -> Path | None:
-        """Where a stored file is, or None for a name that is not a stored file."""
+    async def read(self, name: str) -> StoredFile | None:
+        """The stored file of that name, or None for a name that is not a stored file."""
         ...
 
     async def delete_older_than(self, cutoff: float) -> int: ...
 
 
 class LocalFileStore:
+    """Files in a folder of ``data_dir``: the embedded default (one machine)."""
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
 
     async def put(self, data: bytes, extension: str) -> str:
-        name = f"{secrets.token_urlsafe(24)}.{extension}"  # 24 bytes: 192 bits, 32 characters
+        name = new_file_name(extension)
 
         def write() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -69,11 +94,12 @@ class LocalFileStore:
         await asyncio.to_thread(write)
         return name
 
-    def path(self, name: str) -> Path | None:
-        if not NAME_RE.match(name):  # no separators, no dots but the extension's: no traversal
+    async def read(self, name: str) -> StoredFile | None:
+        extension = file_id(name)
+        if extension is None:
             return None
         path = self.root / name
-        return path if path.is_file() else None
+        return StoredFile(CONTENT_TYPES[extension], path=path) if path.is_file() else None
 
     async def delete_older_than(self, cutoff: float) -> int:
         def sweep() -> int:

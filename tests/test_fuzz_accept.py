@@ -24,13 +24,18 @@ pytestmark = pytest.mark.e2e
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, PortalEmulator, httpx.Client]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, PortalEmulator, httpx.Client]]:
+    """The gateway on each backend: a value one database takes and the other refuses is a 4xx on both."""
     upstream, portal = FakeOpenAI(), PortalEmulator()
+    queue = {"backend": "sqlite", "lease_seconds": 2, "poll_interval": 0.1}
+    if request.param == "postgres":
+        server = request.getfixturevalue("postgres_server").start()  # started again if a test stopped it
+        queue = {"backend": "postgres", "dsn": server.create_database(), "lease_seconds": 2, "poll_interval": 0.5}
     with LoopbackServer(upstream.app) as up, LoopbackServer(portal.app) as portal_server:
         portal.url = portal_server.url
         # Short ttl default and quick delivery retries: accepted oddities end soon.
-        config = make_config(up.url, limits={"max_body_bytes": 65536, "default_ttl": 30})
+        config = make_config(up.url, limits={"max_body_bytes": 65536, "default_ttl": 30}, queue=queue)
         gw = GatewayProcess(config, tmp_path_factory.mktemp("fuzz")).start()
         try:
             with httpx.Client(base_url=gw.url, timeout=10) as client:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 
 import httpx
 import pytest
@@ -113,19 +112,6 @@ def test_unknown_and_traversing_file_names_are_404(gateway, upstream):
         "/files/.hidden.png",
     ):
         assert httpx.get(gw.url + path).status_code == 404, path
-
-
-def test_store_and_cleanup(tmp_path):
-    import asyncio
-
-    store = LocalFileStore(tmp_path / "files")
-    old = asyncio.run(store.put(b"\x89PNG\r\n\x1a\nold", "png"))
-    new = asyncio.run(store.put(b"\x89PNG\r\n\x1a\nnew", "png"))
-    past = time.time() - 31 * 86400
-    os.utime(tmp_path / "files" / old, (past, past))
-    assert asyncio.run(store.delete_older_than(time.time() - 30 * 86400)) == 1
-    assert store.path(old) is None and store.path(new) is not None
-    assert store.path("../files/" + new) is None
 
 
 def test_image_signatures():

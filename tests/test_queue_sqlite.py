@@ -1,13 +1,27 @@
+"""What only the SQLite queue does: group commit, the file and its lock, schema upgrades, the flusher.
+The queue contract both backends keep is tested in tests/test_queue_contract.py."""
+
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from gateway.jobs.model import Attempt, Job, JobError, JobState, Outcome, new_job_id
+from gateway.jobs.model import Job, new_job_id
 from gateway.jobs.sqlite import QueueStoreError, SQLiteJobQueue
 from gateway.tasks import Category, Task, TextPrompt
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def sqlite_queue(tmp_path: Path) -> AsyncIterator[SQLiteJobQueue]:
+    """An open SQLite queue in a temporary folder, closed after the test."""
+    q = SQLiteJobQueue(tmp_path / "q.sqlite3")
+    await q.open()
+    yield q
+    await q.close()
 
 
 def make_job(ttl: float = 100.0) -> Job:
@@ -15,64 +29,6 @@ def make_job(ttl: float = 100.0) -> Job:
     job_id = new_job_id()
     task = Task(job_id=job_id, engine="e", category=Category.TEXT, prompt=TextPrompt("p"), accepted_at=now, deadline=now + ttl)
     return Job(task, "http://p/cb?hash=a", "http://p/err?hash=a")
-
-
-async def test_enqueue_is_idempotent(queue):
-    first, created = await queue.enqueue(make_job(), "key-1", lease_owner=None, lease_seconds=5)
-    again, created_again = await queue.enqueue(make_job(), "key-1", lease_owner=None, lease_seconds=5)
-    assert created and not created_again and again.id == first.id
-    assert await queue.depth() == 1
-
-
-async def test_claim_lease_expiry_and_resume(queue):
-    job, _ = await queue.enqueue(make_job(), "k", lease_owner=None, lease_seconds=5)
-    [claimed] = await queue.claim("w1", 10, lease_seconds=0.2)
-    assert claimed.id == job.id and claimed.state is JobState.RUNNING
-    assert await queue.claim("w2", 10, lease_seconds=5) == []
-    await asyncio.sleep(0.25)  # w1 died: its lease runs out
-    [resumed] = await queue.claim("w2", 10, lease_seconds=5)
-    assert resumed.id == job.id
-    assert not await queue.store_outcome(job.id, "w1", Outcome(result={"kind": "text", "text": "x"}), [])  # w1 lost it
-    assert await queue.store_outcome(job.id, "w2", Outcome(result={"kind": "text", "text": "x"}), [])
-
-
-async def test_local_lease_at_enqueue(queue):
-    job, _ = await queue.enqueue(make_job(), "k", lease_owner="w1", lease_seconds=5)
-    assert job.state is JobState.RUNNING
-    assert await queue.claim("w2", 10, lease_seconds=5) == []
-
-
-async def test_outcome_then_final_state_once(queue):
-    job, _ = await queue.enqueue(make_job(), "k", lease_owner="w1", lease_seconds=5)
-    outcome = Outcome(error=JobError("boom", 503))
-    attempt = Attempt("provider", "up/m", time.time(), 0.1, "retryable", "HTTP 500")
-    assert await queue.store_outcome(job.id, "w1", outcome, [attempt])
-    callback = Attempt("callback", "p", time.time(), 0.01, "delivered")
-    assert await queue.finish(job.id, "w1", JobState.FAILED, "done", [callback])
-    assert not await queue.finish(job.id, "w1", JobState.DELIVERED, "again", [])
-    stored = await queue.get(job.id)
-    assert stored.state is JobState.FAILED and stored.outcome.error.code == 503
-    assert [a.kind for a in stored.attempts] == ["provider", "callback"] and stored.delivery_attempts == 1
-    assert await queue.depth() == 0
-
-
-async def test_reschedule_releases_and_delays(queue):
-    job, _ = await queue.enqueue(make_job(), "k", lease_owner="w1", lease_seconds=5)
-    await queue.store_outcome(job.id, "w1", Outcome(result={"kind": "text", "text": "x"}), [])
-    await queue.reschedule(job.id, "w1", time.time() + 0.2, Attempt("callback", "p", time.time(), 0.0, "retry", "HTTP 503"))
-    assert await queue.claim("w2", 10, 5) == []
-    await asyncio.sleep(0.25)
-    [again] = await queue.claim("w2", 10, 5)
-    assert again.state is JobState.DELIVERING and again.delivery_attempts == 1
-    assert not again.interrupted_delivery  # released, not abandoned
-
-
-async def test_abandoned_delivery_is_flagged(queue):
-    job, _ = await queue.enqueue(make_job(), "k", lease_owner="w1", lease_seconds=0.1)
-    await queue.store_outcome(job.id, "w1", Outcome(result={"kind": "text", "text": "x"}), [])
-    await asyncio.sleep(0.15)
-    [again] = await queue.claim("w2", 10, 5)
-    assert again.interrupted_delivery
 
 
 async def test_concurrent_enqueues_share_commits_and_survive_reopen(tmp_path):
@@ -93,15 +49,6 @@ async def test_unwritable_location_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(QueueStoreError, match="cannot"):
         await SQLiteJobQueue(blocker / "q.sqlite3").open()
-
-
-async def test_prune_deletes_only_old_final_jobs(queue):
-    old, _ = await queue.enqueue(make_job(), "old", lease_owner="w", lease_seconds=5)
-    await queue.finish(old.id, "w", JobState.EXPIRED, "gone", [Attempt("callback", "p", 0.0, 0.0, "retry")])
-    pending, _ = await queue.enqueue(make_job(), "pending", lease_owner=None, lease_seconds=5)
-    assert await queue.prune(time.time() - 3600, 10) == 0  # finished just now: kept
-    assert await queue.prune(time.time() + 1, 10) == 1
-    assert await queue.get(old.id) is None and (await queue.get(pending.id)) is not None
 
 
 async def test_close_finishes_the_batch_being_committed(tmp_path):
@@ -131,28 +78,8 @@ async def test_close_finishes_the_batch_being_committed(tmp_path):
     await reopened.close()
 
 
-def make_job_with(callback_url: str, ttl: float = 100.0) -> Job:
-    job = make_job(ttl)
-    job.callback_url = callback_url
-    return job
-
-
-async def test_a_job_sqlite_cannot_encode_fails_alone_and_the_queue_goes_on(queue):
-    """A lone surrogate in a URL (JSON "\\ud800") cannot be encoded for SQLite: that enqueue
-    fails with a clear error, the others of its batch are stored, and later ones too."""
-    bad = asyncio.ensure_future(queue.enqueue(make_job_with("http://p/cb?hash=\ud800"), "bad", lease_owner=None, lease_seconds=5))
-    same_batch = asyncio.ensure_future(queue.enqueue(make_job(), "same-batch", lease_owner=None, lease_seconds=5))
-    with pytest.raises(QueueStoreError, match="this job cannot be stored: UnicodeEncodeError") as caught:
-        await asyncio.wait_for(bad, 5)
-    assert type(caught.value).__name__ == "QueueItemError"  # the job, not the queue: the accept path may answer 4xx
-    _, created = await asyncio.wait_for(same_batch, 5)
-    later, created_later = await asyncio.wait_for(queue.enqueue(make_job(), "later", lease_owner=None, lease_seconds=5), 5)
-    assert created and created_later
-    assert await asyncio.wait_for(queue.depth(), 5) == 2
-    assert (await queue.get(later.id)).state is JobState.QUEUED
-
-
-async def test_an_unexpected_error_in_a_batch_rolls_it_back_and_the_queue_goes_on(queue, monkeypatch):
+async def test_an_unexpected_error_in_a_batch_rolls_it_back_and_the_queue_goes_on(sqlite_queue, monkeypatch):
+    queue = sqlite_queue
     """Not a sqlite3.Error: the batch's callers get QueueStoreError, nothing of it is kept, the next batch works."""
     import gateway.jobs.sqlite as sqlite_queue
 
@@ -198,62 +125,6 @@ async def test_a_flusher_that_dies_is_restarted_and_callers_get_an_error(tmp_pat
     await asyncio.wait_for(q.close(), 5)
 
 
-async def test_an_unreadable_stored_job_is_marked_dead_not_claimed_forever(tmp_path):
-    import sqlite3
-
-    path = tmp_path / "q.sqlite3"
-    q = SQLiteJobQueue(path)
-    await q.open()
-    broken, _ = await q.enqueue(make_job(), "broken", lease_owner=None, lease_seconds=5)
-    fine, _ = await q.enqueue(make_job(), "fine", lease_owner=None, lease_seconds=5)
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("UPDATE jobs SET task = '{not json' WHERE id = ?", (broken.id,))
-    other.close()
-    claimed = await asyncio.wait_for(q.claim("w", 10, 5), 5)
-    assert [job.id for job in claimed] == [fine.id]
-    stored = await q.get(fine.id)
-    assert stored.state is JobState.RUNNING
-    row = await q._run(lambda conn: conn.execute("SELECT state, detail, finished_at FROM jobs WHERE id = ?", (broken.id,)).fetchone())
-    assert row["state"] == "dead" and row["detail"].startswith("the stored job cannot be read: JSONDecodeError") and row["finished_at"]
-    await q.close()
-
-
-async def test_separate_claim_limits_for_running_and_delivering(queue):
-    to_deliver = []
-    for i in range(3):
-        job, _ = await queue.enqueue(make_job(), f"d{i}", lease_owner="w1", lease_seconds=5)
-        await queue.store_outcome(job.id, "w1", Outcome(result={"kind": "text", "text": "x"}), [])
-        to_deliver.append(job.id)
-    await queue.release("w1", to_deliver)
-    for i in range(3):
-        await queue.enqueue(make_job(), f"r{i}", lease_owner=None, lease_seconds=5)
-    claimed = await queue.claim("w2", 1, 5, delivery_limit=2)
-    assert sorted(job.state.value for job in claimed) == ["delivering", "delivering", "running"]
-    assert [job.state for job in await queue.claim("w2", 0, 5, delivery_limit=5)] == [JobState.DELIVERING]
-
-
-async def test_internal_errors_deferrals_and_unconfirmed_deliveries_are_remembered(queue):
-    job, _ = await queue.enqueue(make_job(), "k", lease_owner="w1", lease_seconds=5)
-    failure = Attempt("internal", "execute", time.time(), 0.0, "error", "RuntimeError: \ud800 in a message")
-    assert await queue.retry_later(job.id, "w1", time.time(), failure)  # a running job: the model work is retried
-    [again] = await queue.claim("w2", 10, 5)
-    assert again.internal_errors == 1 and again.state is JobState.RUNNING and not again.interrupted_delivery
-    await queue.store_outcome(job.id, "w2", Outcome(result={"kind": "text", "text": "x"}), [])
-    timed_out = Attempt("callback", "p", time.time(), 5.0, "retry", "ReadTimeout")
-    assert await queue.reschedule(job.id, "w2", time.time(), timed_out, maybe_delivered=True)
-    [again] = await queue.claim("w3", 10, 5)
-    assert again.maybe_delivered and again.delivery_attempts == 1
-    assert await queue.reschedule(job.id, "w3", time.time(), Attempt("callback", "p", time.time(), 0.0, "retry", "HTTP 503"))
-    assert await queue.defer(job.id, "w4", time.time()) is False  # not its lease
-    [again] = await queue.claim("w4", 10, 5)
-    assert again.maybe_delivered  # a later plain failure does not erase it
-    assert await queue.defer(job.id, "w4", time.time() + 60)
-    assert await queue.claim("w5", 10, 5) == []
-    stored = await queue.get(job.id)
-    assert [a.kind for a in stored.attempts] == ["internal", "callback", "callback"]
-    assert stored.attempts[0].detail == "RuntimeError: \\ud800 in a message"  # stored escaped, not a failed write
-
-
 async def test_a_database_from_before_the_new_columns_is_upgraded(tmp_path):
     import sqlite3
 
@@ -274,23 +145,6 @@ async def test_a_database_from_before_the_new_columns_is_upgraded(tmp_path):
     await q.close()
 
 
-async def test_release_defer_and_retry_later_keep_a_maybe_delivered_mark(queue):
-    """Releasing a lease clears its owner, which is how a claim tells a crash: the mark must go to the row instead."""
-    ids = []
-    for key in ("cut-off", "waiting", "deferred", "retried"):
-        job, _ = await queue.enqueue(make_job(), key, lease_owner="w1", lease_seconds=5)
-        await queue.store_outcome(job.id, "w1", Outcome(result={"kind": "text", "text": "x"}), [])
-        ids.append(job.id)
-    cut_off, waiting, deferred, retried = ids
-    await queue.release("w1", [cut_off, waiting], maybe_delivered={cut_off})
-    assert await queue.defer(deferred, "w1", time.time(), maybe_delivered=True)
-    assert await queue.retry_later(
-        retried, "w1", time.time(), Attempt("internal", "deliver", time.time(), 0.0, "error", "QueueStoreError"), maybe_delivered=True
-    )
-    claimed = {job.id: (job.maybe_delivered, job.interrupted_delivery) for job in await queue.claim("w2", 0, 5, delivery_limit=10)}
-    assert claimed == {cut_off: (True, False), waiting: (False, False), deferred: (True, False), retried: (True, False)}
-
-
 class FailingBegin:
     """Stands in for the queue's connection: ``BEGIN IMMEDIATE`` raises ``error`` once, all else goes to the real one."""
 
@@ -308,7 +162,8 @@ class FailingBegin:
 
 
 @pytest.mark.parametrize(("message", "waits"), [("disk I/O error", False), ("database is locked", True)])
-async def test_only_a_held_lock_is_waited_for(queue, monkeypatch, message, waits):
+async def test_only_a_held_lock_is_waited_for(sqlite_queue, monkeypatch, message, waits):
+    queue = sqlite_queue
     import sqlite3
 
     import gateway.jobs.sqlite as sqlite_queue

@@ -22,11 +22,16 @@ MAKE = shutil.which("make")
 needs_make = pytest.mark.skipif(MAKE is None, reason="make is not installed")
 
 
-def fake_system(tmp_path: Path, *, espeak: bool, apt: bool) -> tuple[Path, Path]:
-    """A PATH holding only fake espeak-ng / apt-get / sudo (logging their arguments) and the real `id`."""
+def fake_system(tmp_path: Path, *, espeak: bool, apt: bool, postgres: bool = True) -> tuple[Path, Path]:
+    """A PATH holding only fake espeak-ng / apt-get / sudo (logging their arguments) and the real `id`;
+    PostgreSQL's server in ``tmp_path/pglib/<version>/bin`` (``PG_LIB``, passed by :func:`make`) with ``postgres``."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     os.symlink(shutil.which("id") or "/usr/bin/id", bin_dir / "id")
+    if postgres:
+        (tmp_path / "pglib" / "15" / "bin").mkdir(parents=True)
+        (tmp_path / "pglib" / "15" / "bin" / "initdb").write_text("#!/bin/sh\n")
+        (tmp_path / "pglib" / "15" / "bin" / "initdb").chmod(0o755)
     tools = (["espeak-ng"] if espeak else []) + (["apt-get"] if apt else [])
     for tool in tools:
         (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
@@ -37,7 +42,11 @@ def fake_system(tmp_path: Path, *, espeak: bool, apt: bool) -> tuple[Path, Path]
 
 
 def make(*args: str, path: str) -> subprocess.CompletedProcess[str]:
+    """``make`` with that PATH; with a fake system's PATH, PostgreSQL is looked for (and configured) beside it."""
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    if os.pathsep not in path and Path(path).name == "bin":  # fake_system's
+        fake = Path(path).parent
+        args = (*args, f"PG_LIB={fake / 'pglib'}", f"PG_COMMON_CONF={fake / 'etc-postgresql-common'}")
     return subprocess.run([MAKE, "-C", str(ROOT), *args], capture_output=True, text=True, env={**env, "PATH": path}, timeout=60)
 
 
@@ -50,8 +59,8 @@ def test_make_test_installs_espeak_ng_when_missing(tmp_path):
     assert calls == ["apt-get update -qq", "apt-get install -y -qq --no-install-recommends espeak-ng"]
     # ... and `make test` (which .ci/run calls) runs that step before the suite
     plan = make("-n", "test", path=os.environ["PATH"]).stdout
-    assert "apt-get install -y -qq --no-install-recommends espeak-ng" in plan
-    assert plan.index("espeak-ng") < plan.index("-m pytest")
+    assert "apt-get install -y -qq --no-install-recommends $missing" in plan  # espeak-ng and/or postgresql
+    assert plan.index("command -v espeak-ng") < plan.index("-m pytest")
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
 
 
@@ -60,6 +69,20 @@ def test_espeak_ng_present_installs_nothing(tmp_path):
     bin_dir, log = fake_system(tmp_path, espeak=True, apt=True)
     result = make("system-packages", path=str(bin_dir))
     assert result.returncode == 0 and not log.exists()
+
+
+@needs_make
+def test_make_test_installs_postgresql_without_a_system_cluster_when_missing(tmp_path):
+    bin_dir, log = fake_system(tmp_path, espeak=True, apt=True, postgres=False)
+    conf = tmp_path / "etc-postgresql-common" / "createcluster.conf"
+    for tool in ("mkdir", "tee"):
+        os.symlink(shutil.which(tool) or f"/usr/bin/{tool}", bin_dir / tool)
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\nif [ -f {conf} ]; then c=" (conf written)"; fi\necho "apt-get $*$c" >> {log}\n')
+    result = make("system-packages", path=str(bin_dir))
+    assert result.returncode == 0, result.stderr
+    calls = [line for line in log.read_text().splitlines() if not line.startswith("sudo ")]
+    assert calls == ["apt-get update -qq (conf written)", "apt-get install -y -qq --no-install-recommends postgresql (conf written)"]
+    assert conf.read_text() == "create_main_cluster = false\n"  # written before the package could create a cluster
 
 
 @needs_make

@@ -1,6 +1,6 @@
 """The job state machine in-process: the worker and delivery against a fake clock, a mock portal
-(``httpx.MockTransport`` behind the real :class:`~gateway.delivery.Deliverer`) and a real SQLite
-queue in ``tmp_path``.
+(``httpx.MockTransport`` behind the real :class:`~gateway.delivery.Deliverer`) and a real queue:
+each test runs on SQLite and on PostgreSQL (the ``queue`` fixture of tests/conftest.py).
 
 No loop runs and nothing sleeps: a test claims with :meth:`Worker.claim_once`, waits for the
 jobs it holds with :meth:`Worker.settle`, and moves the clock itself. Every transition is

@@ -22,8 +22,9 @@ import httpx
 from gateway.bitrix.registration import registration_params
 from gateway.bitrix.simulator import Callback, PortalEmulator
 from gateway.config import Config
-from gateway.engines import Engine, EngineDirectory, completions_path
+from gateway.engines import Engine, completions_path
 from gateway.loopback import LoopbackServer
+from gateway.stores import engine_directory
 from gateway.tasks import Category
 
 SPEECH = Path(__file__).with_name("speech.wav")
@@ -129,7 +130,7 @@ class Demo:
         return True
 
     def _requests(self) -> int:
-        engines = list(EngineDirectory(self.config))
+        engines = list(engine_directory(self.config))
         emulator = PortalEmulator()
         failures = 0
         with LoopbackServer(emulator.app) as server:

@@ -1,4 +1,4 @@
-"""The queue protocol every backend implements (SQLite embedded; others later).
+"""The queue protocol every backend implements (SQLite embedded, PostgreSQL for many nodes).
 
 Workers claim jobs with a lease. A worker renews the leases of the jobs it holds; a job
 whose lease runs out (its worker died) can be claimed again. Every state change names
@@ -7,6 +7,7 @@ the lease owner, so a worker that lost its lease cannot overwrite another's prog
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from gateway.jobs.model import Job
@@ -25,6 +26,12 @@ class JobQueue(Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called when another process may have queued a job, so that a worker
+        claims at once instead of at its next poll (PostgreSQL: ``LISTEN/NOTIFY``). A backend
+        without such a signal (SQLite) never calls it: its workers poll."""
+        ...
 
     async def enqueue(self, job: Job, idempotency_key: str, *, lease_owner: str | None, lease_seconds: float) -> tuple[Job, bool]:
         """Store a job durably before returning; ``(existing_job, False)`` if the key is known.

@@ -23,7 +23,8 @@ a :class:`~gateway.supervision.Supervisor` besides, which restarts it should it 
 from __future__ import annotations
 
 import asyncio
-import json
+import concurrent.futures
+import functools
 import logging
 import sqlite3
 import time
@@ -33,9 +34,9 @@ from typing import Any, TypeVar
 
 from gateway.jobs.model import Job
 from gateway.jobs.queue import QueueItemError, QueueStoreError
+from gateway.jobs.rows import job_from_row, outcome_json, storable, task_json
 from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, AttemptKind, JobState, Outcome, stored_attempt
 from gateway.supervision import Supervisor
-from gateway.tasks import Task
 
 log = logging.getLogger("gateway.queue")
 T = TypeVar("T")
@@ -120,12 +121,6 @@ def _add_columns(conn: sqlite3.Connection) -> None:
                 raise
 
 
-def _clean(text: str, limit: int = 500) -> str:
-    """Text safe to store: a lone surrogate (from an exception message quoting input) is escaped, not fatal."""
-    text = text[:limit]
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _locked(exc: sqlite3.OperationalError) -> bool:
     """True when another connection holds the lock (worth waiting for), not for I/O, full or corrupt."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -158,28 +153,10 @@ def _update_held(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], jo
     return applied
 
 
-def _row_to_job(row: sqlite3.Row, attempts: list[Attempt] | None = None) -> Job:
-    """A job from its row; the task (engine, category, times) from its JSON, the columns are for SQL."""
-    return Job(
-        task=Task.from_json(json.loads(row["task"])),
-        callback_url=row["callback_url"],
-        error_callback_url=row["error_callback_url"],
-        state=JobState(row["state"]),
-        outcome=Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None,
-        delivery_attempts=row["delivery_attempts"],
-        next_at=row["next_at"],
-        finished_at=row["finished_at"],
-        detail=row["detail"],
-        attempts=attempts or [],
-        maybe_delivered=bool(row["maybe_delivered"]),
-        internal_errors=row["internal_errors"],
-    )
-
-
 def _insert_attempts(conn: sqlite3.Connection, job_id: str, attempts: list[Attempt]) -> None:
     conn.executemany(
         "INSERT INTO attempts (job_id, kind, target, started_at, duration, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(job_id, _clean(a.kind), _clean(a.target), a.started_at, a.duration, _clean(a.outcome), _clean(a.detail)) for a in attempts],
+        [(job_id, storable(a.kind), storable(a.target), a.started_at, a.duration, storable(a.outcome), storable(a.detail)) for a in attempts],
     )
 
 
@@ -202,7 +179,7 @@ def _insert_chunk(conn: sqlite3.Connection, chunk: list[_Op]) -> list[Result]:
     results: list[Result] = []
     for op, row in zip(chunk, rows, strict=True):
         existing = stored[row[1]]
-        results.append((op, None if existing["id"] == row[0] else _row_to_job(existing), None))
+        results.append((op, None if existing["id"] == row[0] else job_from_row(existing), None))
     return results
 
 
@@ -244,7 +221,7 @@ def _insert_many(conn: sqlite3.Connection, ops: list[_Op]) -> list[Result]:
             except Exception as exc:
                 if _database_failed(exc):
                     raise
-                results.append((op, None, QueueItemError(f"this job cannot be stored: {type(exc).__name__}: {_clean(str(exc), 200)}")))
+                results.append((op, None, QueueItemError(f"this job cannot be stored: {type(exc).__name__}: {storable(str(exc), 200)}")))
     return results
 
 
@@ -258,6 +235,7 @@ class SQLiteJobQueue:
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def open(self) -> None:
         def setup() -> sqlite3.Connection:
@@ -285,6 +263,9 @@ class SQLiteJobQueue:
         await self._flusher
         self._conn.close()
         self._conn = self._flusher = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
     async def _flush_forever(self) -> None:
         """Run queued operations batch by batch; wait when there are none (pending ones first:
@@ -323,7 +304,7 @@ class SQLiteJobQueue:
                     if _database_failed(exc):
                         raise  # the database failed, not the operation
                     results.append((op, None, exc))
-            await asyncio.to_thread(conn.execute, "COMMIT")  # the fsync, off the event loop
+            await self._off_loop(conn.execute, "COMMIT")  # the fsync, off the event loop
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -332,7 +313,7 @@ class SQLiteJobQueue:
                 failure = QueueStoreError(f"queue database {self.path}: {exc}")
             else:
                 log.error("queue batch of %d operation(s) failed unexpectedly; rolled back", len(batch), exc_info=exc)
-                failure = QueueStoreError(f"queue database {self.path}: unexpected {type(exc).__name__}: {_clean(str(exc), 200)}")
+                failure = QueueStoreError(f"queue database {self.path}: unexpected {type(exc).__name__}: {storable(str(exc), 200)}")
             results = [(op, None, failure) for op in batch]
         _settle(results)
 
@@ -356,7 +337,16 @@ class SQLiteJobQueue:
         except sqlite3.OperationalError as exc:
             if not _locked(exc):
                 raise  # I/O error, disk full, corrupt: waiting would not help
-            await asyncio.to_thread(_begin_waiting, conn, LOCK_TIMEOUT)
+            await self._off_loop(_begin_waiting, conn, LOCK_TIMEOUT)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call (a COMMIT's fsync, a wait for the write lock) on this queue's own thread.
+
+        Not the event loop's shared pool: queues waiting there for another's write lock could take
+        every thread of it, and the COMMIT that would free the lock would wait behind them."""
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-queue")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(fn, *args))
 
     def _submit(self, op: _Op) -> asyncio.Future[Any]:
         """Queue an operation for the flusher; its future holds the answer or the error."""
@@ -369,12 +359,12 @@ class SQLiteJobQueue:
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         return self._submit(_Op(asyncio.get_running_loop().create_future(), fn=fn))
 
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Processes sharing the file have no signal to send each other: their workers poll."""
+
     async def enqueue(self, job: Job, idempotency_key: str, *, lease_owner: str | None, lease_seconds: float) -> tuple[Job, bool]:
         now = time.time()
-        try:
-            task = json.dumps(job.task.to_json())
-        except (TypeError, ValueError) as exc:
-            raise QueueItemError(f"this job cannot be stored: its task is not JSON: {exc}") from None
+        task = task_json(job)
         row = (
             job.id,
             idempotency_key,
@@ -413,9 +403,9 @@ class SQLiteJobQueue:
             jobs = []
             for row in rows:
                 try:
-                    job = _row_to_job(row)
+                    job = job_from_row(row)
                 except Exception as exc:  # one unreadable row must not block every claim after it
-                    detail = _clean(f"the stored job cannot be read: {type(exc).__name__}: {exc}")
+                    detail = storable(f"the stored job cannot be read: {type(exc).__name__}: {exc}")
                     log.error("job %s: %s; marked dead", row["id"], detail)
                     conn.execute(
                         f"UPDATE jobs SET state = {DEAD}, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
@@ -465,7 +455,7 @@ class SQLiteJobQueue:
             return _update_held(
                 conn,
                 f"UPDATE jobs SET outcome = ?, state = {DELIVERING} WHERE id = ? AND lease_owner = ? AND state = {RUNNING}",
-                (json.dumps(outcome.to_json()), job_id, owner),
+                (outcome_json(outcome), job_id, owner),
                 job_id,
                 attempts,
             )
@@ -479,7 +469,7 @@ class SQLiteJobQueue:
                 "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL,"
                 " delivery_attempts = delivery_attempts + 1, detail = ?, maybe_delivered = max(maybe_delivered, ?)"
                 f" WHERE id = ? AND lease_owner = ? AND state = {DELIVERING}",
-                (next_at, _clean(attempt.detail), int(maybe_delivered), job_id, owner),
+                (next_at, storable(attempt.detail), int(maybe_delivered), job_id, owner),
                 job_id,
                 [attempt],
             )
@@ -492,7 +482,7 @@ class SQLiteJobQueue:
                 conn,
                 "UPDATE jobs SET next_at = ?, lease_owner = NULL, lease_until = NULL, internal_errors = internal_errors + 1, detail = ?,"
                 f" maybe_delivered = max(maybe_delivered, ?) WHERE id = ? AND lease_owner = ? AND state IN ({RUNNING}, {DELIVERING})",
-                (next_at, _clean(attempt.detail), int(maybe_delivered), job_id, owner),
+                (next_at, storable(attempt.detail), int(maybe_delivered), job_id, owner),
                 job_id,
                 [attempt],
             )
@@ -520,7 +510,7 @@ class SQLiteJobQueue:
                 conn,
                 f"UPDATE jobs SET state = ?, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL,"
                 f" delivery_attempts = delivery_attempts + ? WHERE id = ? AND lease_owner = ? AND {_PENDING_SQL}",
-                (state.value, _clean(detail, 1000), time.time(), callbacks, job_id, owner),
+                (state.value, storable(detail, 1000), time.time(), callbacks, job_id, owner),
                 job_id,
                 attempts,
             )
@@ -536,7 +526,7 @@ class SQLiteJobQueue:
                 stored_attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"])
                 for r in conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY seq", (job_id,))
             ]
-            return _row_to_job(row, attempts)
+            return job_from_row(row, attempts)
 
         return await self._run(op)
 
@@ -546,7 +536,7 @@ class SQLiteJobQueue:
                 rows = conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
             else:
                 rows = conn.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state.value, limit))
-            return [_row_to_job(row) for row in rows]
+            return [job_from_row(row) for row in rows]
 
         return await self._run(op)
 

@@ -3,6 +3,8 @@
 Fixtures for the core's tests and every plugin's: an OpenAI-compatible ``upstream`` stub,
 the ``portal`` emulator and ``gateway``, a factory of gateway subprocesses configured to
 use both. All of them serve real sockets on 127.0.0.1 and stop at the end of the test.
+``postgres_server`` is one throw-away PostgreSQL cluster for the whole run and ``postgres_dsn``
+a fresh database in it per test (:mod:`gateway.testing.postgres`; PostgreSQL must be installed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 
 from gateway.bitrix.simulator import PortalEmulator
 from gateway.loopback import LoopbackServer
+from gateway.testing.postgres import PostgresServer
 from gateway.testing.runner import GatewayProcess, make_config
 from gateway.testing.upstream import FakeOpenAI
 
@@ -64,3 +67,25 @@ def gateway(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[Callable[..., Gate
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL cluster for the run (127.0.0.1, a free port, trust auth), removed at the end.
+    Fails (does not skip) when PostgreSQL is not installed: the message says how to install it."""
+    server = PostgresServer()
+    with server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """The DSN of a fresh, empty database in :func:`postgres_server`, dropped after the test.
+    A test that stopped the server gets it started again first."""
+    postgres_server.start()
+    dsn = postgres_server.create_database()
+    yield dsn
+    if postgres_server.running():
+        postgres_server.drop_database(dsn.rsplit("/", 1)[1])
+    else:
+        postgres_server.start()  # the next test finds it running

@@ -65,11 +65,13 @@ def make_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
 class GatewayProcess:
     """One gateway subprocess on its own port and folder (config, queue, log); see :meth:`start`."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, config: dict[str, Any], workdir: Path, *, public_url: str | None = None) -> None:
+        """``public_url``: the URL the gateway announces (default: its own port); nodes behind one
+        load balancer share one, so their completions URLs are identical."""
         self.workdir = workdir
         self.port = free_port()
         config = dict(config)
-        config["public_url"] = f"http://127.0.0.1:{self.port}"
+        config["public_url"] = public_url or f"http://127.0.0.1:{self.port}"
         config.setdefault("data_dir", str(workdir / "var"))
         self.config = config
         self.config_path = workdir / "gateway.yaml"

@@ -1,0 +1,61 @@
+"""A job as a database row, the same for every SQL backend (SQLite, PostgreSQL).
+
+The task and the outcome are stored as JSON text (not PostgreSQL's ``jsonb``, which refuses
+``\\u0000``, a character a portal's prompt may well contain); the other columns are what the
+queue's statements select and order by.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from gateway.jobs.model import Job
+from gateway.jobs.queue import QueueItemError
+from gateway.outcomes import Attempt, JobState, Outcome
+from gateway.tasks import Task
+
+
+class Row(Protocol):
+    """A row read by name: ``sqlite3.Row`` and ``asyncpg.Record`` both are."""
+
+    def __getitem__(self, key: str) -> Any: ...
+
+
+def storable(text: str, limit: int = 500) -> str:
+    """Text any backend can store: cut to ``limit``; a lone surrogate (from an exception message
+    quoting input) is escaped and a NUL (which PostgreSQL's text refuses) replaced, never fatal."""
+    text = text[:limit]
+    if text.isascii():
+        return text.replace("\x00", "\\x00") if "\x00" in text else text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def task_json(job: Job) -> str:
+    """The task as stored; a task that is not JSON fails this one job (:class:`QueueItemError`)."""
+    try:
+        return json.dumps(job.task.to_json())
+    except (TypeError, ValueError) as exc:
+        raise QueueItemError(f"this job cannot be stored: its task is not JSON: {exc}") from None
+
+
+def outcome_json(outcome: Outcome) -> str:
+    return json.dumps(outcome.to_json())
+
+
+def job_from_row(row: Row, attempts: list[Attempt] | None = None) -> Job:
+    """A job from its row; the task (engine, category, times) from its JSON, the columns are for SQL."""
+    return Job(
+        task=Task.from_json(json.loads(row["task"])),
+        callback_url=row["callback_url"],
+        error_callback_url=row["error_callback_url"],
+        state=JobState(row["state"]),
+        outcome=Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None,
+        delivery_attempts=row["delivery_attempts"],
+        next_at=row["next_at"],
+        finished_at=row["finished_at"],
+        detail=row["detail"],
+        attempts=attempts or [],
+        maybe_delivered=bool(row["maybe_delivered"]),
+        internal_errors=row["internal_errors"],
+    )

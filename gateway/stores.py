@@ -1,0 +1,69 @@
+"""The stores a configuration names: the one place that turns ``queue.backend`` into a job queue,
+a file store and an engine-token store.
+
+- ``sqlite`` (the embedded default, one machine): the queue file, and hosted files and generated
+  tokens in ``data_dir``;
+- ``postgres`` (any number of nodes): all three in the shared database, through one connection
+  pool per process; each node's ``data_dir`` keeps only what is its own (downloaded recordings).
+
+``gateway serve``/``worker`` (the runtime) and the CLI commands get their stores here, so a new
+backend is added once. The PostgreSQL modules (and their driver) are imported only when named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import Config, QueueSettings
+from gateway.engines import EngineDirectory, FileTokenStore, TokenStore, tokens_path
+from gateway.files import FileStore, LocalFileStore
+from gateway.jobs.queue import JobQueue
+from gateway.jobs.sqlite import SQLiteJobQueue
+from gateway.supervision import Supervisor
+
+
+def job_queue(settings: QueueSettings, *, supervisor: Supervisor | None = None) -> JobQueue:
+    """The configured queue alone, not opened yet (``await queue.open()``; ``close()`` when done).
+    ``supervisor`` restarts its background loops and reports them to ``/-/health``."""
+    return Stores.for_queue(settings, Path(), supervisor=supervisor).queue
+
+
+@dataclass(frozen=True)
+class Stores:
+    """A process's job queue and file store. The queue's ``open()``/``close()`` open and close what
+    they share (the PostgreSQL pool), so the file store is usable while the queue is open."""
+
+    queue: JobQueue
+    files: FileStore
+
+    @classmethod
+    def for_config(cls, config: Config, *, supervisor: Supervisor | None = None) -> Stores:
+        return cls.for_queue(config.queue, Path(config.data_dir) / "files", supervisor=supervisor)
+
+    @classmethod
+    def for_queue(cls, settings: QueueSettings, files_dir: Path, *, supervisor: Supervisor | None = None) -> Stores:
+        if settings.backend == "postgres":
+            from gateway.postgres.database import Database
+            from gateway.postgres.files import PostgresFileStore
+            from gateway.postgres.queue import PostgresJobQueue
+
+            database = Database(settings)
+            return cls(PostgresJobQueue(database, supervisor=supervisor), PostgresFileStore(database))
+        if settings.backend == "sqlite":
+            return cls(SQLiteJobQueue(settings.path, supervisor=supervisor), LocalFileStore(files_dir))
+        raise ValueError(f"unknown queue backend {settings.backend!r}")  # the config refuses it first
+
+
+def token_store(config: Config) -> TokenStore:
+    """Where generated engine tokens live for this configuration."""
+    if config.queue.backend == "postgres":
+        from gateway.postgres.tokens import PostgresTokenStore
+
+        return PostgresTokenStore(config.queue)
+    return FileTokenStore(tokens_path(config))
+
+
+def engine_directory(config: Config) -> EngineDirectory:
+    """The configured engines with their tokens (generated ones read from, or added to, the token store)."""
+    return EngineDirectory(config, token_store(config))
