@@ -8,7 +8,7 @@ that matches the task's category; the adapter answers with a typed result or rai
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -204,6 +204,28 @@ class AdapterConfigError(Exception):
 @runtime_checkable
 class TextAdapter(Protocol):
     async def complete(self, request: TextRequest) -> TextResult: ...
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """A piece of a streamed answer: text as the model produced it, and at the end the usage and why it stopped."""
+
+    text: str = ""
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    """``stop``, ``length`` or another reason, on the last chunk (when the provider says)."""
+
+
+@runtime_checkable
+class StreamingTextAdapter(Protocol):
+    """A text adapter that can also stream (optional: the OpenAI-compatible API answers in one chunk otherwise).
+
+    ``stream`` is an async generator of :class:`TextChunk`. An :class:`AdapterError` raised before
+    the first chunk lets the route fall back to its next target; after it, the error ends the stream.
+    Closing the generator (``aclose``, as when the client disconnects) must stop the provider's
+    call: close the HTTP response, or tell the local generation to stop."""
+
+    def stream(self, request: TextRequest) -> AsyncIterator[TextChunk]: ...
 
 
 @runtime_checkable

@@ -66,10 +66,26 @@ class Metrics:
         self.duplicates = Counter("gateway_jobs_duplicate", "Repeated requests for a job already accepted", ["engine"], registry=r)
         self.rejected = Counter("gateway_requests_rejected", "Completions requests refused with an error status", ["reason"], registry=r)
         self.finished = Counter("gateway_jobs_finished", "Jobs that reached a final state", ["engine", "category", "state"], registry=r)
-        self.provider_attempts = Counter("gateway_provider_attempts", "Calls to route targets", ["engine", "provider", "outcome"], registry=r)
+        self.provider_attempts = Counter(
+            "gateway_provider_attempts", "Calls to route targets, by surface (portal, openai)", ["engine", "provider", "outcome", "surface"], registry=r
+        )
         self.delivery_attempts = Counter("gateway_delivery_attempts", "Callback POSTs to portals", ["engine", "category", "outcome"], registry=r)
-        self.tokens = Counter("gateway_tokens", "Tokens providers reported, by type (prompt, completion)", ["engine", "provider", "model", "type"], registry=r)
-        self.cost = Counter("gateway_cost_usd", "What provider calls cost, in US dollars, where the adapter knows", ["engine", "provider", "model"], registry=r)
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens providers reported, by type (prompt, completion)", ["engine", "provider", "model", "type", "surface"], registry=r
+        )
+        self.cost = Counter(
+            "gateway_cost_usd", "What provider calls cost, in US dollars, where the adapter knows", ["engine", "provider", "model", "surface"], registry=r
+        )
+        self.openai_requests = Counter(
+            "gateway_openai_requests", "Requests to the OpenAI-compatible API, by endpoint and HTTP status", ["endpoint", "status"], registry=r
+        )
+        self.openai_latency = Histogram(
+            "gateway_openai_latency_seconds",
+            "Time to the answer's first byte on the OpenAI-compatible API (streams: the first chunk)",
+            ["endpoint"],
+            buckets=END_TO_END_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs not yet in a final state", registry=r)
         self.accept_latency = Histogram(
             "gateway_accept_latency_seconds", "Time to answer a completions POST", ["engine", "category"], buckets=ACCEPT_BUCKETS, registry=r
@@ -102,16 +118,16 @@ class Metrics:
             "gateway_job_internal_errors", "Unexpected errors while running or delivering a job (each recorded on the job and retried)", ["stage"], registry=r
         )
 
-    def count_usage(self, engine: str, provider: str, model: str, usage: Any) -> None:
+    def count_usage(self, engine: str, provider: str, model: str, usage: Any, surface: str = "portal") -> None:
         """Add a result's :class:`~gateway.adapters.Usage` (counted when produced: the call was paid for)."""
         if usage is None:
             return
         if usage.prompt_tokens:
-            self.tokens.labels(engine, provider, model, "prompt").inc(usage.prompt_tokens)
+            self.tokens.labels(engine, provider, model, "prompt", surface).inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            self.tokens.labels(engine, provider, model, "completion").inc(usage.completion_tokens)
+            self.tokens.labels(engine, provider, model, "completion", surface).inc(usage.completion_tokens)
         if usage.cost_usd:
-            self.cost.labels(engine, provider, model).inc(usage.cost_usd)
+            self.cost.labels(engine, provider, model, surface).inc(usage.cost_usd)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

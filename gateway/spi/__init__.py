@@ -10,8 +10,9 @@ What is here:
 - ``hookimpl``: marks a plugin's hook implementations (the hooks are in ``gateway.hookspecs``);
 - the task a plugin's hooks receive and its typed prompt (``TextPrompt``, ``ImagePrompt``,
   ``AudioPrompt``, ``CallPrompt``);
-- adapter protocols (``TextAdapter``, ``ImageAdapter``, ``AudioAdapter``), and the typed
-  requests and results they exchange;
+- adapter protocols (``TextAdapter``, ``ImageAdapter``, ``AudioAdapter``, and the optional
+  ``StreamingTextAdapter`` whose ``stream`` yields ``TextChunk``), and the typed requests and
+  results they exchange;
 - the errors a plugin raises: ``AdapterError`` (a call failed; ``retryable`` says whether
   trying again may help), ``AdapterConfigError`` (a provider option is wrong), ``TaskRefused``
   (a guardrail in ``prepare_task`` turns a task down);
@@ -37,7 +38,9 @@ from gateway.adapters import (
     ImageRequest,
     ImageResult,
     Segment,
+    StreamingTextAdapter,
     TextAdapter,
+    TextChunk,
     TextRequest,
     TextResult,
     Transcript,
@@ -74,9 +77,11 @@ __all__ = [
     "Prompt",
     "Segment",
     "SharedModels",
+    "StreamingTextAdapter",
     "Task",
     "TaskRefused",
     "TextAdapter",
+    "TextChunk",
     "TextPrompt",
     "TextRequest",
     "TextResult",

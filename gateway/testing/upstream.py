@@ -9,6 +9,12 @@ behaviours with :meth:`FakeOpenAI.script` to make the next requests fail:
 (close the connection in the middle of the answer), ``"json:{...}"`` (answer 200 with
 that body), ``"ok"`` (a normal answer).
 
+A chat completion with ``stream: true`` answers server-sent events, a word of the answer per
+chunk (``stream_delay`` seconds apart), with the usage last when ``stream_options.include_usage``
+asks for it. ``"slowstream:N:D"`` streams N chunks D seconds apart; ``"streamfail"`` sends two
+chunks and then drops the connection. :attr:`FakeOpenAI.streams` counts streams
+``finished`` and ``cancelled`` (the client closed the connection before the end).
+
 Transcriptions (``/v1/audio/transcriptions``, multipart) record their form fields and the
 uploaded file in :attr:`FakeOpenAI.uploads` and answer ``transcript of <name> (<n> bytes)``,
 with timed segments for ``verbose_json``; ``transcription_mode = "json-only"`` makes the
@@ -32,7 +38,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -53,6 +59,8 @@ class FakeOpenAI:
         self.pictures: list[bytes] = []  # every picture handed out, in order
         self.transcription_mode = "verbose"
         self.uploads: list[dict[str, Any]] = []
+        self.stream_delay = 0.0
+        self.streams = {"started": 0, "finished": 0, "cancelled": 0}
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -89,6 +97,14 @@ class FakeOpenAI:
         if behaviour == "drop":
             return _DroppingResponse()
         last_user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+        if body.get("stream"):
+            words = f"echo: {last_user}".split(" ")
+            pause = self.stream_delay
+            if behaviour.startswith("slowstream:"):
+                count, pause_text = behaviour.split(":")[1:3]
+                words, pause = [f"w{i} " for i in range(int(count))], float(pause_text)
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(self._stream(body.get("model"), words, pause, usage, fail=behaviour == "streamfail"), media_type="text/event-stream")
         return JSONResponse(
             {
                 "id": f"chatcmpl-{len(self.requests)}",
@@ -98,6 +114,32 @@ class FakeOpenAI:
                 "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
             }
         )
+
+    async def _stream(self, model: Any, words: list[str], pause: float, usage: bool, *, fail: bool) -> Any:
+        def event(body: dict[str, Any]) -> bytes:
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        base = {"id": f"chatcmpl-s{len(self.requests)}", "object": "chat.completion.chunk", "created": 0, "model": model}
+        with self._lock:
+            self.streams["started"] += 1
+        try:
+            for i, word in enumerate(words):
+                if i and pause:
+                    await asyncio.sleep(pause)
+                if fail and i == 2:
+                    raise DroppedConnection("scripted drop mid-stream")
+                text = word if i == len(words) - 1 or word.endswith(" ") else word + " "
+                yield event({**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+            yield event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            if usage:
+                yield event({**base, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}})
+            yield b"data: [DONE]\n\n"
+            with self._lock:
+                self.streams["finished"] += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            with self._lock:
+                self.streams["cancelled"] += 1
+            raise
 
     async def _images(self, request: Request) -> Any:
         body = await request.json()

@@ -19,7 +19,9 @@ loop: never at start-up and never on the accept path (it takes seconds and about
 ``LITELLM_LOCAL_MODEL_COST_MAP=True`` keeps it from fetching its price list at import.
 Its own retries are off (the gateway's routing owns retries and fallbacks) and none of
 its logging callbacks are used. Token usage and litellm's cost figure are attached to
-every result.
+every result. Text streams too (``stream``, for the gateway's OpenAI-compatible API:
+``acompletion(stream=True)`` with the usage in its last chunk); closing the stream closes
+litellm's, and with it the provider's connection.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from gateway.spi import (
@@ -36,6 +38,7 @@ from gateway.spi import (
     AudioRequest,
     ImageRequest,
     ImageResult,
+    TextChunk,
     TextRequest,
     TextResult,
     Transcript,
@@ -131,14 +134,39 @@ class LiteLLMAdapter:
         except Exception as exc:
             raise map_error(self.name, exc, litellm) from None
 
-    async def complete(self, request: TextRequest) -> TextResult:
+    def _chat_arguments(self, request: TextRequest) -> dict[str, Any]:
         arguments = self._arguments(request.model, request.params, request.timeout)
         arguments["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         if request.temperature is not None:
             arguments["temperature"] = request.temperature
         if request.max_tokens is not None:
             arguments["max_tokens"] = request.max_tokens
+        return arguments
+
+    async def stream(self, request: TextRequest) -> AsyncIterator[TextChunk]:
+        """``acompletion(stream=True)`` chunk by chunk; closing it closes litellm's stream."""
+        arguments = {**self._chat_arguments(request), "stream": True, "stream_options": {"include_usage": True}}
         litellm, response = await self._call("acompletion", **arguments)
+        try:
+            async for chunk in response:
+                choices = getattr(chunk, "choices", None) or []
+                delta = getattr(choices[0], "delta", None) if choices else None
+                text = getattr(delta, "content", None)
+                finish = getattr(choices[0], "finish_reason", None) if choices else None
+                usage = _usage(chunk, None)
+                if text or finish or usage:
+                    yield TextChunk(text if isinstance(text, str) else "", usage, finish if isinstance(finish, str) else None)
+        except AdapterError:
+            raise
+        except Exception as exc:
+            raise map_error(self.name, exc, litellm) from None
+        finally:
+            close = getattr(response, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def complete(self, request: TextRequest) -> TextResult:
+        litellm, response = await self._call("acompletion", **self._chat_arguments(request))
         try:
             text = response.choices[0].message.content
         except (AttributeError, IndexError):

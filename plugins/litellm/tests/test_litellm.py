@@ -111,8 +111,8 @@ def test_text_end_to_end_imports_litellm_only_at_the_first_job(gateway, portal, 
     usage = shown["result"]["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (7, 3, 10) and usage["cost_usd"] > 0
     metrics = httpx.get(gw.url + "/metrics").text
-    assert 'gateway_tokens_total{engine="acme_text",model="openai/gpt-4o-mini",provider="ll",type="prompt"} 7.0' in metrics
-    assert 'gateway_cost_usd_total{engine="acme_text",model="openai/gpt-4o-mini",provider="ll"}' in metrics
+    assert 'gateway_tokens_total{engine="acme_text",model="openai/gpt-4o-mini",provider="ll",surface="portal",type="prompt"} 7.0' in metrics
+    assert 'gateway_cost_usd_total{engine="acme_text",model="openai/gpt-4o-mini",provider="ll",surface="portal"}' in metrics
     assert "sk-litellm-SECRET" not in gw.logs()
 
 

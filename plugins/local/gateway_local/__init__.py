@@ -27,17 +27,23 @@ SmolLM2 answers ``"Smart Cup, Happy Cups"`` (measured: 6 answers in 30, at tempe
 The prompt is built from the GGUF's own ChatML template and ends at the assistant's turn, so
 the quotes are the model's habit, not a prompt artefact: one pair of matching quotes around
 the entire answer is removed (:func:`unwrap_quotes`); quotes inside the answer stay.
+
+Text streams too (``stream``, for the gateway's OpenAI-compatible API): tokens are handed from
+the generation thread to the event loop as they come. Closing the stream (a client that went
+away) stops the generation at its next token and frees the context. A streamed answer is
+sent as generated: its quotes cannot be taken off once the first token is out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import importlib.util
 import queue
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,7 @@ from gateway.spi import (
     AdapterError,
     InProcessModel,
     SharedModels,
+    TextChunk,
     TextRequest,
     TextResult,
     Usage,
@@ -187,7 +194,7 @@ class LlamaCppAdapter:
     async def complete(self, request: TextRequest) -> TextResult:
         return await self.model.run(lambda model, stop: self._generate(model, request, stop))  # stop: the generation ends at its next token
 
-    def _generate(self, model: LoadedModel, request: TextRequest, stop: threading.Event) -> TextResult:
+    def _arguments(self, request: TextRequest, stop: threading.Event) -> dict[str, Any]:
         def cancel(input_ids: Any, scores: Any) -> Any:
             if stop.is_set():
                 raise Cancelled
@@ -196,13 +203,62 @@ class LlamaCppAdapter:
         arguments: dict[str, Any] = {"max_tokens": request.max_tokens or self.max_tokens, **request.params}
         if request.temperature is not None:
             arguments["temperature"] = request.temperature
+        arguments["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        arguments["logits_processor"] = [cancel]
+        return arguments
+
+    async def stream(self, request: TextRequest) -> AsyncIterator[TextChunk]:
+        """Tokens as the generation thread makes them; leaving early stops the generation."""
+        loop = asyncio.get_running_loop()
+        handed: asyncio.Queue[TextChunk | AdapterError | None] = asyncio.Queue()
+
+        def put(item: TextChunk | AdapterError | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody reads any more
+                loop.call_soon_threadsafe(handed.put_nowait, item)
+
+        work = asyncio.ensure_future(self.model.run(lambda model, stop: self._generate_stream(model, request, stop, put)))
+        try:
+            while (item := await handed.get()) is not None:
+                if isinstance(item, AdapterError):
+                    raise item
+                yield item
+        finally:
+            work.cancel()  # sets the generation's stop event: it ends at its next token, if it still runs
+
+    def _generate_stream(self, model: LoadedModel, request: TextRequest, stop: threading.Event, put: Callable[[TextChunk | AdapterError | None], None]) -> None:
+        """In a model thread: the generation's tokens, then its usage, then None; an error instead, as an :class:`AdapterError`."""
+        try:
+            tokens = 0
+            arguments = self._arguments(request, stop)
+            del arguments["logits_processor"]  # raising in it is swallowed by the sampler's callback when streaming: checked per token here
+            with model.context() as llama:
+                parts = llama.create_chat_completion(stream=True, **arguments)
+                for part in parts:
+                    if stop.is_set():
+                        parts.close()  # ends llama.cpp's generation loop
+                        raise Cancelled
+                    choice = part["choices"][0]
+                    text = choice.get("delta", {}).get("content") or ""
+                    tokens += 1 if text else 0
+                    if text or choice.get("finish_reason"):
+                        put(TextChunk(text, None, choice.get("finish_reason")))
+                prompt = max(0, int(llama.n_tokens) - tokens)  # the context holds the prompt and the answer
+            put(TextChunk("", Usage(prompt, tokens, prompt + tokens)))
+        except Cancelled:
+            put(AdapterError(f"{self.name}: generation cancelled", retryable=True))
+        except ValueError as exc:
+            put(AdapterError(f"{self.name}: {exc}", retryable=False, status=413 if "context window" in str(exc) else None))
+        except TypeError as exc:
+            put(AdapterError(f"{self.name}: a route parameter is not one create_chat_completion accepts: {exc}", retryable=False))
+        except Exception as exc:  # the thread must always end the stream, or the reader would wait for ever
+            put(AdapterError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=False))
+        finally:
+            put(None)
+
+    def _generate(self, model: LoadedModel, request: TextRequest, stop: threading.Event) -> TextResult:
         try:
             with model.context() as llama:
-                answer = llama.create_chat_completion(
-                    messages=[{"role": m.role, "content": m.content} for m in request.messages],
-                    logits_processor=[cancel],
-                    **arguments,
-                )
+                answer = llama.create_chat_completion(**self._arguments(request, stop))
         except Cancelled:
             raise AdapterError(f"{self.name}: generation cancelled", retryable=True) from None
         except ValueError as exc:  # "Requested tokens (...) exceed context window of ..."

@@ -189,3 +189,48 @@ def test_the_local_model_answer_arrives_without_the_quotes_it_wraps_it_in():
     request = TextRequest(model="m", messages=[Message("user", "Write a slogan for a coffee shop")], max_tokens=40, temperature=0)
     text = asyncio.run(adapter.complete(request)).text
     assert text and text[0] not in QUOTE_PAIRS and text[-1] not in QUOTE_PAIRS.values(), text
+
+
+@pytest.mark.e2e
+def test_the_openai_api_serves_the_local_model_whole_and_streamed(gateway, upstream):
+    import openai
+
+    key = "sk-gw-local-0123456789abcdefSECRET"
+    config = local_config(upstream.url)
+    config["api_keys"] = [{"name": "local", "secret": key, "engines": ["acme_text"]}]
+    gw = gateway(config)
+    api = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = api.chat.completions.create(model="acme_text", messages=messages, temperature=0, max_tokens=24)
+    assert len(whole.choices[0].message.content.split()) >= 2 and 0 < whole.usage.completion_tokens <= 24
+    chunks = list(
+        api.chat.completions.create(model="acme_text", messages=messages, temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True})
+    )
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3  # token by token, not one block
+    assert chunks[-1].usage.completion_tokens == len(pieces) and chunks[-1].usage.prompt_tokens > 5
+    assert upstream.requests == []
+
+
+def test_a_stream_closed_early_stops_the_local_generation():
+    adapter = LlamaCppAdapter("local", {k: v for k, v in LOCAL.items() if k != "type"})
+    model = adapter.model.load()
+    llama = model.free.get()
+    eos = llama.token_eos()
+    model.free.put(llama)
+    # the end-of-text token banned: left alone, the generation would run its 1000 tokens
+    request = TextRequest(model="m", messages=[Message("user", "Count in words.")], temperature=0, max_tokens=1000, params={"logit_bias": {eos: -100.0}})
+
+    async def three_tokens_then_close() -> None:
+        stream = adapter.stream(request)
+        count = 0
+        async for _ in stream:
+            count += 1
+            if count == 3:
+                break
+        await stream.aclose()
+
+    asyncio.run(asyncio.wait_for(three_tokens_then_close(), 120))
+    llama = model.free.get()  # waits until the generation has stopped and given its context back
+    model.free.put(llama)
+    assert llama.n_tokens < 100  # the prompt and a few tokens, not 1000

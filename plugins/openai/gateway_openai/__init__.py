@@ -2,7 +2,10 @@
 server (vLLM, Ollama, llama.cpp server, LocalAI, Groq, speaches, ...): ``/chat/completions``
 for text, ``/images/generations`` for images (``b64_json`` and ``url`` answers alike),
 ``/audio/transcriptions`` for audio and call (multipart upload; ``verbose_json`` for timed
-segments, and plain ``json`` from then on for a server that refuses it).
+segments, and plain ``json`` from then on for a server that refuses it). Text streams too
+(``stream``, for the gateway's OpenAI-compatible API): server-sent events read as they come,
+with ``stream_options.include_usage`` (dropped from then on for a server that refuses it);
+closing the stream closes the upstream connection, which stops the generation.
 
 Provider options (``providers.<name>`` in the gateway config)::
 
@@ -19,7 +22,7 @@ Provider options (``providers.<name>`` in the gateway config)::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -30,6 +33,7 @@ from gateway.spi import (
     AudioRequest,
     ImageRequest,
     ImageResult,
+    TextChunk,
     TextRequest,
     TextResult,
     Transcript,
@@ -57,6 +61,13 @@ def _upstream_message(response: httpx.Response) -> str:
     return str(message or response.text or response.reason_phrase)[:300]
 
 
+def _usage(data: Any) -> Usage | None:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    return Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens"))
+
+
 class OpenAIAdapter:
     """One provider: a pooled client shared by every job routed to it."""
 
@@ -73,6 +84,8 @@ class OpenAIAdapter:
             headers["Authorization"] = f"Bearer {options['api_key']}"
         self.name = name
         self.verbose_json = flag_option(options, "verbose_json", True)
+        self.stream_usage = True
+        """Ask streams for their usage (``stream_options``); False once the server refused it."""
         pool_size = whole_option(options, "max_connections", 100)
         # Keep every connection alive between bursts: reopening them costs more than holding them.
         limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
@@ -96,12 +109,7 @@ class OpenAIAdapter:
         except httpx.TransportError as exc:
             raise AdapterError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from None
         if response.status_code >= 400:
-            retryable = response.status_code >= 500 or response.status_code in RETRYABLE_STATUS
-            raise AdapterError(
-                f"{self.name}: HTTP {response.status_code}: {_upstream_message(response)}",
-                retryable=retryable,
-                status=response.status_code,
-            )
+            raise self._status_error(response)
         try:
             data = response.json()
         except ValueError:
@@ -110,7 +118,11 @@ class OpenAIAdapter:
             raise AdapterError(f"{self.name}: the answer is not a JSON object", retryable=True, status=response.status_code)
         return data
 
-    async def complete(self, request: TextRequest) -> TextResult:
+    def _status_error(self, response: httpx.Response) -> AdapterError:
+        retryable = response.status_code >= 500 or response.status_code in RETRYABLE_STATUS
+        return AdapterError(f"{self.name}: HTTP {response.status_code}: {_upstream_message(response)}", retryable=retryable, status=response.status_code)
+
+    def _chat_body(self, request: TextRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": request.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
@@ -120,18 +132,62 @@ class OpenAIAdapter:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
-        data = await self._post("chat/completions", request.timeout, json=body)
+        return body
+
+    async def complete(self, request: TextRequest) -> TextResult:
+        data = await self._post("chat/completions", request.timeout, json=self._chat_body(request))
         try:
             text = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise AdapterError(f"{self.name}: the answer has no choices[0].message.content", retryable=True) from None
         if not isinstance(text, str) or not text:
             raise AdapterError(f"{self.name}: the model returned no text", retryable=True)
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
-        return TextResult(
-            text=text,
-            usage=Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens")) if usage else None,
-        )
+        return TextResult(text=text, usage=_usage(data))
+
+    async def stream(self, request: TextRequest) -> AsyncIterator[TextChunk]:
+        """The answer as the server streams it; leaving the loop early closes the connection."""
+        body = {**self._chat_body(request), "stream": True}
+        if self.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        timeout = httpx.Timeout(request.timeout, connect=min(request.timeout, 5.0))
+        try:
+            async with self.client.stream("POST", "chat/completions", json=body, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    error = self._status_error(response)
+                    if response.status_code == 400 and "stream_options" in error.message and self.stream_usage:
+                        self.stream_usage = False  # this server streams without usage: stop asking
+                        error = AdapterError(error.message, retryable=True, status=400)
+                    raise error
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        raise AdapterError(f"{self.name}: a stream event is not JSON", retryable=True) from None
+                    if not isinstance(event, dict):
+                        raise AdapterError(f"{self.name}: a stream event is not a JSON object", retryable=True)
+                    if event.get("error"):
+                        error_body = event["error"]
+                        message = error_body.get("message") if isinstance(error_body, dict) else error_body
+                        raise AdapterError(f"{self.name}: stream error: {str(message)[:300]}", retryable=True)
+                    choices = event.get("choices")
+                    choice: dict[str, Any] = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+                    delta = choice.get("delta")
+                    content = delta.get("content") if isinstance(delta, dict) else None
+                    text = content if isinstance(content, str) else ""
+                    finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
+                    usage = _usage(event)
+                    if text or finish or usage:
+                        yield TextChunk(text, usage, finish)
+        except httpx.TimeoutException as exc:
+            raise AdapterError(f"{self.name}: timed out ({type(exc).__name__})", retryable=True) from None
+        except httpx.TransportError as exc:
+            raise AdapterError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from None
 
     async def generate_image(self, request: ImageRequest) -> ImageResult:
         body: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "n": request.n, "size": request.size, **request.params}
