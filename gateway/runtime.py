@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pluggy
 
@@ -20,8 +21,7 @@ from gateway.config import Config, ConfigError
 from gateway.delivery import Deliverer
 from gateway.engines import EngineDirectory
 from gateway.execution import TaskExecutor
-from gateway.files import ImageHost, LocalFileStore
-from gateway.jobs.backends import job_queue
+from gateway.files import ImageHost
 from gateway.jobs.model import Job
 from gateway.jobs.queue import JobQueue
 from gateway.metrics import Metrics
@@ -31,6 +31,7 @@ from gateway.recordings import RecordingFetcher
 from gateway.redaction import Redactor
 from gateway.registry import AdapterRegistry
 from gateway.routing import Router
+from gateway.stores import Stores, engine_directory
 from gateway.supervision import Supervisor
 from gateway.worker import Worker
 
@@ -142,6 +143,10 @@ class Runtime:
         self.redactor = redactor or Redactor()
         """This runtime's secrets: ``gateway serve``/``gateway worker`` hand the same one to the process's logging."""
         register_provider_secrets(config, self.redactor)
+        if config.queue.dsn:
+            self.redactor.add(config.queue.dsn)  # and its password alone, should a driver quote only that
+            if password := urlsplit(config.queue.dsn).password:
+                self.redactor.add(password)
         self.metrics = Metrics()
         self.pm = get_plugin_manager(default_plugins(self.metrics))
         self.registry = load_adapter_registry(self.pm)
@@ -150,10 +155,11 @@ class Runtime:
         self.policy = OutboundPolicy(config.security.allowed_portals, config.security.allow_private_networks)
         self.loops = Supervisor(self.metrics, redactor=self.redactor)
         """The background loops of this process (queue flusher, worker): ``/-/health`` reports the ones down."""
-        self.queue: JobQueue = job_queue(config.queue, supervisor=self.loops)
+        stores = Stores.for_config(config, supervisor=self.loops)
+        self.queue: JobQueue = stores.queue
+        self.files = stores.files
         self.router = Router(config.routing)
         self.deliverer = Deliverer(self.policy, config.delivery, redactor=self.redactor)
-        self.files = LocalFileStore(Path(config.data_dir) / "files")
         self.images = ImageHost(
             self.files,
             config.public_url,
@@ -162,11 +168,13 @@ class Runtime:
             retention_days=config.files.retention_days,
         )
         self.recordings = RecordingFetcher(self.policy, config.audio, Path(config.data_dir) / "recordings")
+        self.executor = TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images, self.recordings, self.redactor)
+        """Runs tasks: the worker's queued jobs, and the OpenAI-compatible API's requests (with or without a worker)."""
         self.worker: Worker | None = None
         if with_worker:
             self.worker = Worker(
                 queue=self.queue,
-                executor=TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images, self.recordings, self.redactor),
+                executor=self.executor,
                 deliverer=self.deliverer,
                 pm=self.pm,
                 metrics=self.metrics,
@@ -191,12 +199,12 @@ class Runtime:
 
     def prepare(self) -> None:
         """The side effects of starting, before the port is announced: engine tokens are read or
-        generated (``data_dir/engine-tokens.json``) and, with a worker, adapters load their models,
+        generated (``data_dir/engine-tokens.json``, or the shared database, migrated first) and, with a worker, adapters load their models,
         so a missing or corrupt model stops the gateway with a :class:`ConfigError`. Runs once;
         later calls do nothing."""
         if self._engines is not None:
             return
-        engines = EngineDirectory(self.config)
+        engines = engine_directory(self.config)
         for engine in engines:
             self.redactor.add(engine.token)
         if self.with_worker:

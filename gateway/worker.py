@@ -25,7 +25,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import pluggy
@@ -44,7 +44,9 @@ from gateway.tasks import Task
 
 log = logging.getLogger("gateway.worker")
 
-PRUNE_BATCH = 500
+PRUNE_BATCH = 1000
+PRUNE_BACKLOG_PAUSE = 0.5
+"""Seconds between batches while a backlog of expired jobs is deleted: up to 2,000 jobs/s a process."""
 PRUNE_INTERVAL = 300.0
 DELIVERY_FAILURE_STATES = {DeliveryOutcome.GONE: JobState.GONE, DeliveryOutcome.REJECTED: JobState.DEAD, DeliveryOutcome.REFUSED: JobState.DEAD}
 MAX_INTERNAL_ERRORS = 5
@@ -52,10 +54,12 @@ MAX_INTERNAL_ERRORS = 5
 DELIVERY_CAPACITY = 512
 """Deliveries one process holds at a time (in flight or waiting in a portal's lane); more stay in the queue."""
 STAGES = {"execute": "running the task", "deliver": "delivering the outcome"}
-WRITE_TRIES = 4
-"""Tries of the queue write that records a callback POST's answer: failing it would POST the outcome again."""
-WRITE_BACKOFF = Backoff(0.05)
-"""Seconds before the second try of that write, doubled for each next one."""
+WRITE_TRIES = 7
+"""Tries of a queue write that records finished work (a stored outcome, a callback POST's answer):
+failing it would run the model or POST the outcome again."""
+WRITE_BACKOFF = Backoff(0.05, maximum=2.0)
+"""Seconds before the second try of that write, doubled for each next one: the tries span about
+3 s, long enough for a database restart or failover to be over before the work is given up."""
 
 
 def maybe_reached_note(maybe_delivered: bool) -> str:
@@ -101,6 +105,8 @@ class Worker:
         self._maybe_sent: set[str] = set()
         """Jobs held here whose callback may have reached the portal: a POST started (or a crash cut one off)."""
         self._reserved = 0
+        """Slots taken but not in ``_inflight``: a job being stored by :meth:`admit`, a synchronous request (:meth:`model_slot`)."""
+        self._slot_freed = asyncio.Event()
         self._wake = asyncio.Event()
         self._backlog = False
         self._stopping = False
@@ -134,8 +140,44 @@ class Worker:
         self._backlog = True
         self._wake.set()
 
+    # -- synchronous requests (the OpenAI-compatible API) ------------------------------
+    @contextlib.asynccontextmanager
+    async def model_slot(self, timeout: float) -> AsyncIterator[bool]:
+        """Hold one of the ``concurrency`` model-work slots for a request served while its client
+        waits (no queue): it counts against the same limit as queued jobs, which are claimed into
+        the slots left. Yields False when no slot freed up within ``timeout`` seconds (or the
+        worker is stopping); the caller then answers "busy"."""
+        deadline = time.monotonic() + timeout
+        while self._stopping or len(self._inflight) + self._reserved >= self.concurrency:
+            remaining = deadline - time.monotonic()
+            if self._stopping or remaining <= 0:
+                yield False
+                return
+            freed = asyncio.ensure_future(self._slot_freed.wait())
+            try:  # a running job ends, or another request gives its slot back
+                await asyncio.wait([freed, *self._inflight.values()], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                freed.cancel()
+        self._reserved += 1
+        try:
+            yield True
+        finally:
+            self._reserved -= 1
+            self._slot_freed.set()
+            self._slot_freed = asyncio.Event()
+            if self._backlog:
+                self._wake.set()  # queued jobs may take the slot
+
     # -- lifecycle ------------------------------------------------------------------
+    def wake_at(self, when: float) -> None:
+        """Claim again at Unix time ``when``: a job this worker put back (a retry, a deferral) falls due
+        then, and waiting for it costs no poll. Should this process stop first, the poll of any
+        process finds the job."""
+        loop = asyncio.get_running_loop()
+        loop.call_at(loop.time() + max(0.0, when - time.time()), self.wake)
+
     async def start(self) -> None:
+        self.queue.subscribe(self.wake)
         self.supervisor.start("worker-dispatch", self._dispatch)
         self.supervisor.start("worker-heartbeat", self._heartbeat)
         self.supervisor.start("worker-retention", self._retention)
@@ -187,6 +229,9 @@ class Worker:
             return []
         try:
             jobs = await self.queue.claim(self.owner, max(free, 0), self.lease_seconds, delivery_limit=max(free_deliveries, 0))
+        except QueueStoreError as exc:  # the database is away (a restart, a failover): one line, no traceback
+            log.warning("claiming jobs failed: %s; retrying", exc)
+            return []
         except Exception:
             log.exception("claiming jobs failed; retrying")
             return []
@@ -209,6 +254,8 @@ class Worker:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
                 await self.queue.renew(self.owner, [*self._inflight, *self._deliveries], self.lease_seconds)
+            except QueueStoreError as exc:
+                log.warning("lease renewal failed: %s; retrying", exc)
             except Exception:
                 log.exception("lease renewal failed; retrying")
 
@@ -224,7 +271,7 @@ class Worker:
                     log.info("deleted %d job(s) past their retention", deleted)
             except Exception:
                 log.exception("job retention failed; trying again later")
-            pause = self.lease_seconds / 3 if deleted == PRUNE_BATCH else min(PRUNE_INTERVAL, self.retention_seconds)
+            pause = PRUNE_BACKLOG_PAUSE if deleted == PRUNE_BATCH else min(PRUNE_INTERVAL, self.retention_seconds)
 
     def _start(self, job: Job) -> None:
         """A job this worker now holds: to a model slot, or straight to delivery if its outcome is stored."""
@@ -259,7 +306,8 @@ class Worker:
                 await self._finish(job, JobState.EXPIRED, "the ttl passed before the task could run", [])
                 return
             outcome, attempts = await self.executor.execute(job.task)
-            if not await self.queue.store_outcome(job.id, self.owner, outcome, attempts):
+            # A result is worth waiting for: the database may be back within a lease (a restart, a failover).
+            if not await self._write(job, lambda: self.queue.store_outcome(job.id, self.owner, outcome, attempts), patience=self.lease_seconds):
                 log.warning("job %s: lease lost while running; another worker has it", job.id)
                 return
             job.outcome, job.state = outcome, JobState.DELIVERING
@@ -298,7 +346,9 @@ class Worker:
                 self.metrics.delivery_deferred.labels(host).inc()
                 pause = self.deliverer.deferral.delay(0)
                 log.debug("job %s: %d callbacks to %s are in flight or waiting; delivery deferred by %.1f s", job.id, self.lanes.users(host), host, pause)
-                await self.queue.defer(job.id, self.owner, min(time.time() + pause, job.deadline), maybe_delivered=job.interrupted_delivery)
+                until = min(time.time() + pause, job.deadline)
+                if await self.queue.defer(job.id, self.owner, until, maybe_delivered=job.interrupted_delivery):
+                    self.wake_at(until)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -339,20 +389,24 @@ class Worker:
                 detail = f"the ttl passed while delivery failed: {delivery.attempt.detail}{maybe_reached_note(maybe_delivered)}"
                 await self._finish(job, JobState.EXPIRED, detail, [delivery.attempt])
             else:
-                await self._write(job, lambda: self.queue.reschedule(job.id, self.owner, next_at, delivery.attempt, maybe_delivered=maybe_delivered))
+                if await self._write(job, lambda: self.queue.reschedule(job.id, self.owner, next_at, delivery.attempt, maybe_delivered=maybe_delivered)):
+                    self.wake_at(next_at)
 
-    async def _write(self, job: Job, write: Callable[[], Awaitable[bool]]) -> bool:
-        """A queue write that records a callback POST's answer, tried ``WRITE_TRIES`` times: if it
-        failed for good, the job would be POSTed again (a portal that said data:true answers data:false)."""
-        for tries in range(1, WRITE_TRIES + 1):
+    async def _write(self, job: Job, write: Callable[[], Awaitable[bool]], *, patience: float = 0.0) -> bool:
+        """A queue write that records finished work, tried ``WRITE_TRIES`` times and, with ``patience``,
+        for at least that many seconds: if it failed for good, the task would run again or the job be
+        POSTed again (a portal that said data:true answers data:false)."""
+        started = time.monotonic()
+        tries = 0
+        while True:
+            tries += 1
             try:
                 return await write()
             except QueueStoreError as exc:
-                if tries == WRITE_TRIES:
+                if tries >= WRITE_TRIES and time.monotonic() - started >= patience:
                     raise
-                log.warning("job %s: recording the callback's answer failed (%s); trying again", job.id, exc)
+                log.warning("job %s: recording its progress failed (%s); trying again", job.id, exc)
                 await asyncio.sleep(WRITE_BACKOFF.delay(tries - 1))
-        raise AssertionError("unreachable")
 
     async def _internal_error(
         self, job: Job, stage: str, error: Exception | str, started: float, attempt: Attempt | None = None, *, maybe_delivered: bool = False
@@ -363,7 +417,9 @@ class Worker:
         may have reached the portal, remembered so that a retry's data:false means delivered.
         Never raises (but for cancellation)."""
         reason = error if isinstance(error, str) else self.redactor.redact(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
-        if isinstance(error, Exception):
+        if isinstance(error, QueueStoreError):  # the database is away: one line, it is not this job's bug
+            log.warning("job %s: the queue could not be written while %s: %s", job.id, STAGES[stage], reason)
+        elif isinstance(error, Exception):
             log.error("job %s: unexpected error while %s: %s", job.id, STAGES[stage], reason, exc_info=error)
         self.metrics.job_errors.labels(stage).inc()
         attempt = attempt or Attempt(AttemptKind.INTERNAL, stage, started, time.time() - started, AttemptOutcome.ERROR, reason[:500])
@@ -373,6 +429,7 @@ class Worker:
             if errors < MAX_INTERNAL_ERRORS and next_at is not None:
                 if await self.queue.retry_later(job.id, self.owner, next_at, attempt, maybe_delivered=maybe_delivered):
                     job.internal_errors = errors
+                    self.wake_at(next_at)
                     log.info("job %s: unexpected error %d of at most %d; trying again in %.1f s", job.id, errors, MAX_INTERNAL_ERRORS, next_at - time.time())
                 return
             gave_up = f"gave up after {errors} unexpected error(s)" if errors >= MAX_INTERNAL_ERRORS else "the ttl leaves no time to try again"
@@ -387,6 +444,8 @@ class Worker:
             await self._finish(job, JobState.DEAD, f"{gave_up} while {STAGES[stage]}: {reason}{maybe_reached_note(maybe_delivered)}", [attempt])
         except asyncio.CancelledError:
             raise
+        except QueueStoreError as exc:
+            log.warning("job %s: the error could not be recorded (%s); the job resumes when its lease runs out", job.id, exc)
         except Exception:
             log.exception("job %s: the error could not be recorded; the job resumes when its lease runs out", job.id)
 

@@ -60,7 +60,13 @@ def test_misspelled_key_suggests_the_right_one(tmp_path):
         ),
         ("limits: {max_body_bytes: lots}", "limits.max_body_bytes"),
         ("security: {allow_private_networks: maybe}", "security.allow_private_networks"),
-        ("queue: {backend: postgres}", "queue.backend"),
+        ("queue: {backend: redis}", "queue.backend"),
+        ("queue: {backend: postgres}", "queue.dsn"),
+        ("queue: {backend: postgres, dsn: 'mysql://db/gateway'}", "queue.dsn"),
+        ("queue: {backend: postgres, dsn: 'postgresql://db:99999/gateway'}", "queue.dsn"),
+        ("queue: {backend: postgres, dsn: 'postgresql:///gateway'}", "queue.dsn"),
+        ("queue: {backend: postgres, dsn: 'postgresql://db/gateway', path: q.sqlite3}", "queue.path"),
+        ("queue: {backend: postgres, dsn: 'postgresql://db/gateway', pool_size: 1}", "queue.pool_size"),
         ("public_url: gw.example.com", "public_url"),
     ],
 )
@@ -70,6 +76,18 @@ def test_invalid_values_are_reported_with_their_key(tmp_path, snippet, key):
         load_config(write(tmp_path, text), environ={})
     assert err.value.key == key
     assert err.value.fix
+
+
+def test_a_postgres_queue_takes_its_dsn_from_the_environment_and_never_prints_the_password(tmp_path):
+    text = "queue: {backend: postgres, dsn: '${GATEWAY_QUEUE_DSN}'}\n"
+    dsn = "postgresql://gateway:Pa55-SECRET-word@db1:5432,db2:5433/gateway?target_session_attrs=read-write"
+    config = load_config(write(tmp_path, text), environ={"GATEWAY_QUEUE_DSN": dsn})
+    assert config.queue.backend == "postgres" and config.queue.dsn == dsn
+    assert config.queue.poll_interval == 5.0  # LISTEN/NOTIFY wakes workers; the poll is a safety net
+    assert "SECRET" not in config.queue.location and "db1:5432,db2:5433/gateway" in config.queue.location
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "queue: {backend: postgres, dsn: 'postgresql://u:Pa55-SECRET-word@db:0/x'}\n"), environ={})
+    assert err.value.key == "queue.dsn" and "SECRET" not in str(err.value)
 
 
 def test_interpolated_booleans_and_numbers(tmp_path):
@@ -112,6 +130,15 @@ def test_the_embedded_default_keeps_its_data_beside_it(monkeypatch, tmp_path):
     config = load_config(root / "examples" / "gateway.yaml", environ={})
     assert config.data_dir == root / "examples" / "var"
     assert config.portal_webhook_variable == "BITRIX24_WEBHOOK"  # unset: only the portal commands need it
+
+
+def test_the_cluster_example_needs_its_database_url_and_names_the_variable(monkeypatch, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    with pytest.raises(ConfigError) as err:
+        load_config(root / "examples" / "cluster.yaml", environ={"OPENAI_API_KEY": "k"})
+    assert err.value.key == "queue.dsn" and "GATEWAY_QUEUE_DSN" in str(err.value)
+    config = load_config(root / "examples" / "cluster.yaml", environ={"OPENAI_API_KEY": "k", "GATEWAY_QUEUE_DSN": "postgresql://gw:pw@db:5432/gateway"})
+    assert config.queue.backend == "postgres" and config.queue.location == "PostgreSQL db:5432/gateway"
 
 
 def test_unset_webhook_variable_leaves_the_portal_unset(tmp_path):
