@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -22,12 +23,15 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.bitrix.protocol import ProtocolError, parse_completion_request
 from gateway.config import Config
+from gateway.engines import Engine
 from gateway.jobs.model import Job, new_job_id
 from gateway.jobs.queue import QueueItemError, QueueStoreError
 from gateway.netguard import URLRefused
 from gateway.openai_api.routes import OpenAIEndpoints
 from gateway.plugins import call_registration_hook, list_plugins
 from gateway.runtime import Runtime
+from gateway.tenants.events import MAX_EVENT_BYTES
+from gateway.tenants.model import Tenant, TenantStatus
 
 log = logging.getLogger("gateway.accept")
 ACCEPTED = {"result": "OK"}
@@ -52,6 +56,48 @@ def _engine_path(request: Request) -> str:
     if not code.isprintable() or len(code) > 64:  # percent-decoded from the URL: no forged log lines
         code = repr(code[:64])
     return f"/engines/{code}/…/completions"
+
+
+def check_tenant_request(tenant: Tenant, data: Any, urls: Any) -> None:
+    """A request on an installed portal's URL: its ``auth`` (when the portal sends one) must name
+    that portal, and its callbacks and files must be on that portal's domain."""
+    auth = data.get("auth") if isinstance(data, dict) else None
+    if isinstance(auth, dict) and str(auth.get("member_id") or "") != tenant.member_id:
+        raise ProtocolError(403, "wrong_portal", "the request's auth names another portal than this URL's")
+    for name, url in urls:
+        if netloc_of(str(url)) != tenant.domain:
+            code_name = "file_not_allowed" if name == "prompt.file" else "callback_not_allowed"
+            raise ProtocolError(422, code_name, f"{name}: not on this portal's domain")
+
+
+def netloc_of(url: str) -> str:
+    """``host[:port]`` of a URL, lower-case, without the scheme's default port (as a tenant's domain is kept)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    return host if port is None or port == {"http": 80, "https": 443}.get(parts.scheme) else f"{host}:{port}"
+
+
+async def app_events(request: Request) -> Response:
+    """Install and uninstall events from portals (app mode); 404 when app mode is off."""
+    rt: Runtime = request.app.state.runtime
+    if rt.tenants is None:
+        return JSONResponse({"error": "not_found", "error_description": "app mode is off (no `app:` in the configuration)"}, 404)
+    try:
+        body = await read_limited_body(request, MAX_EVENT_BYTES)
+    except ProtocolError as exc:
+        return JSONResponse({"error": exc.code, "error_description": exc.message}, exc.status)
+    except ClientDisconnect:
+        return Response(status_code=400)
+    try:
+        answer = await rt.tenants.handle_event(body)
+    except QueueStoreError as exc:
+        log.error("app event could not be stored: %s", exc)
+        return JSONResponse({"error": "unavailable", "error_description": "the gateway cannot store the event right now"}, 503)
+    except Exception:  # a bug: logged with its traceback here, a plain answer there
+        log.exception("internal error while handling an app event")
+        return JSONResponse({"error": "internal_error", "error_description": "the gateway failed to handle the event"}, 500)
+    return JSONResponse(answer.body, answer.status)
 
 
 class CompletionsEndpoint:
@@ -84,14 +130,33 @@ class CompletionsEndpoint:
             self.runtime.metrics.rejected.labels("internal_error").inc()
             return JSONResponse({"error": {"code": "internal_error", "message": "the gateway failed to accept the request; it was not stored"}}, 500)
 
+    async def _engine(self, request: Request) -> tuple[Engine, Tenant | None]:
+        """The engine a completions URL names, and the installed portal (app mode) whose URL it is.
+        One answer for an unknown code, a wrong token and an unknown tenant: no probing."""
+        rt = self.runtime
+        code = request.path_params["code"]
+        unknown = ProtocolError(
+            404, "unknown_engine", "no engine at this URL (unknown engine code or wrong token); copy the completions URL from `gateway engines list`"
+        )
+        if "tenant" not in request.path_params:
+            engine = rt.engines.authenticate(code, request.path_params["token"])
+            if engine is None:
+                raise unknown
+            return engine, None
+        if rt.tenants is None or rt.config.app is None:
+            raise unknown
+        tenant = await rt.tenants.tenant_for(request.path_params["tenant"], request.path_params["secret"])
+        config = rt.config.engine(code)
+        if tenant is None or config is None or code not in rt.config.app.engines:
+            raise unknown
+        if tenant.status is TenantStatus.DISABLED:
+            raise ProtocolError(403, "tenant_disabled", "this portal's use of the gateway is turned off by its operator")
+        return Engine(config, tenant.url_secret, rt.config.public_url + tenant.completions_path(code)), tenant
+
     async def accept(self, request: Request, started: float) -> Response:
         rt = self.runtime
-        code, token = request.path_params["code"], request.path_params["token"]
-        engine = rt.engines.authenticate(code, token)
-        if engine is None:  # one answer for an unknown code and a wrong token: no probing for codes
-            raise ProtocolError(
-                404, "unknown_engine", "no engine at this URL (unknown engine code or wrong token); copy the completions URL from `gateway engines list`"
-            )
+        engine, tenant = await self._engine(request)
+        code = engine.code
         if request.method in ("GET", "HEAD"):  # the portal's registration check: exactly 200
             return JSONResponse({"result": "OK", "engine": code})
 
@@ -119,6 +184,8 @@ class CompletionsEndpoint:
             now=now,
             context=engine.config.context,
         )
+        if tenant is not None:
+            check_tenant_request(tenant, data, parsed.outbound_urls)
         for name, url in parsed.outbound_urls:
             try:
                 rt.policy.check_url(str(url))
@@ -127,7 +194,9 @@ class CompletionsEndpoint:
                 raise ProtocolError(422, code_name, f"{name}: {exc}") from None
 
         task = parsed.task
-        job = Job(task, parsed.callback_url, parsed.error_callback_url)
+        if tenant is not None:
+            task.tenant = tenant.key
+        job = Job(task, parsed.callback_url, parsed.error_callback_url, tenant=tenant.member_id if tenant is not None else "")
         accepted_counter, latency_histogram = self._engine_metrics(code, task.category.value)
         try:
             stored, created = await rt.submit(job, parsed.idempotency_key)
@@ -193,8 +262,11 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
             return FileResponse(stored.path, media_type=stored.content_type, headers=headers)
         return Response(stored.data, media_type=stored.content_type, headers=headers)
 
+    completions = CompletionsEndpoint(rt)
     routes: list[BaseRoute] = [
-        Route("/engines/{code}/{token}/completions", CompletionsEndpoint(rt).handle, methods=["GET", "POST"]),
+        Route("/engines/{code}/{token}/completions", completions.handle, methods=["GET", "POST"]),
+        Route("/app/{tenant}/{secret}/engines/{code}/completions", completions.handle, methods=["GET", "POST"]),
+        Route("/app/events", app_events, methods=["POST"]),
         Route("/-/health", health),
         Route("/metrics", metrics),
         Route("/-/plugins.json", plugins),

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -383,6 +384,188 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- app mode ------------------------------------------------------------------------------
+def _app_settings(config: Config) -> Any:
+    if config.app is None:
+        raise ConfigError(
+            config.path, "app", "app mode is not configured", "add `app: {client_id: ..., client_secret: ..., engines: [codes]}` (see README: app mode)"
+        )
+    return config.app
+
+
+def cmd_app_info(args: argparse.Namespace) -> int:
+    from gateway.tenants.service import EVENTS_PATH
+
+    config = _config(args)
+    app = _app_settings(config)
+    engines = [{"code": code, "name": e.name, "category": e.category.value} for code in app.engines if (e := config.engine(code)) is not None]
+    info = {
+        "install_url": config.public_url + EVENTS_PATH,
+        "kind": "marketplace" if app.client_id else "local",
+        "client_id": app.client_id or None,
+        "scope": "ai_admin",
+        "engines": engines,
+        "oauth_servers": list(app.oauth_servers),
+        "local_apps": [local.domain for local in app.local_apps],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    print(f"install handler URL: {info['install_url']}")
+    print("  Marketplace app: enter it as 'Installation event handler URL' (no UI; untick the menu item)")
+    print("  Local app: 'Uses API only', enter it as 'Initial installation path'; then copy its client_id and")
+    print("  client_secret into app.local_apps (domain, client_id, client_secret) so its tokens can be refreshed")
+    print("scope (permissions): ai_admin")
+    print("engines every installing portal gets:")
+    for item in engines:
+        print(f"  {item['code']}  [{item['category']}]  {item['name']}")
+    return 0
+
+
+def _with_tenants(config: Config, action: Any) -> Any:
+    """``await action(store, queue)`` on the configured tenant store (and queue)."""
+    from gateway.stores import Stores
+
+    _app_settings(config)
+
+    async def run() -> Any:
+        stores = Stores.for_config(config)
+        await stores.queue.open()
+        try:
+            await stores.tenants.open()
+            try:
+                return await action(stores.tenants, stores.queue)
+            finally:
+                await stores.tenants.close()
+        finally:
+            await stores.queue.close()
+
+    return asyncio.run(run())
+
+
+def _tenant_summary(tenant: Any, config: Config) -> dict[str, Any]:
+    return {
+        "tenant": tenant.key,
+        "member_id": tenant.member_id,
+        "domain": tenant.domain,
+        "status": str(tenant.status),
+        "registration": str(tenant.registration),
+        "registration_error": tenant.registration_error or None,
+        "engines": list(tenant.registered_engines),
+        "app_status": tenant.app_status,
+        "installed_at": _when(tenant.installed_at),
+        "last_refresh_at": _when(tenant.last_refresh_at),
+        "detail": tenant.detail or None,
+        "completions_urls": {code: config.public_url + tenant.completions_path(code) for code in (config.app.engines if config.app else ())}
+        if tenant.serving
+        else {},
+    }
+
+
+def _find_tenant(tenants: list[Any], which: str) -> Any:
+    """A tenant by member_id, tenant id (hash) or domain."""
+    for tenant in tenants:
+        if which in (tenant.member_id, tenant.key) or which.lower() == tenant.domain:
+            return tenant
+    return None
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from gateway.tenants.model import TenantStatus
+
+    config = _config(args)
+    action = args.tenants_command
+
+    async def run(store: Any, queue: Any) -> int:
+        tenants = await store.all()
+        if action == "list":
+            rows = [_tenant_summary(t, config) for t in tenants]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("no portal has installed the app yet")
+            for row in rows if not args.json else []:
+                print(f"{row['tenant']}  {row['status']:<15} {row['registration']:<8} {row['domain']}  engines: {', '.join(row['engines']) or '-'}")
+            return 0
+        tenant = _find_tenant(tenants, args.tenant)
+        if tenant is None:
+            print(f"no tenant {args.tenant!r} (give its domain, member_id or tenant id from `gateway tenants list`)", file=sys.stderr)
+            return 1
+        if action == "show":
+            summary = _tenant_summary(tenant, config)
+            if not args.json:  # the URLs carry the tenant's secret: JSON only, for scripts
+                summary.pop("completions_urls")
+            print(json.dumps(summary, indent=2))
+            return 0
+        if action in ("disable", "enable"):
+            if tenant.status is TenantStatus.UNINSTALLED:
+                print(f"tenant {tenant.key} has uninstalled the app; it cannot be {action}d", file=sys.stderr)
+                return 1
+            if action == "enable" and tenant.status is not TenantStatus.DISABLED:
+                print(f"tenant {tenant.key} ({tenant.domain}) is not disabled: {tenant.status}")
+                return 0
+            status = TenantStatus.DISABLED if action == "disable" else TenantStatus.ACTIVE
+            await store.put(tenant.with_(status=status, updated_at=time.time()))
+            print(f"tenant {tenant.key} ({tenant.domain}): {status}")
+            return 0
+        # forget: the record and every job of the tenant
+        deleted = await queue.end_tenant_jobs(tenant.member_id, "forgotten by the operator", delete=True)
+        await store.forget(tenant.member_id)
+        print(f"tenant {tenant.key} ({tenant.domain}) forgotten; {len(deleted)} job(s) deleted")
+        return 0
+
+    return int(_with_tenants(config, run))
+
+
+def usage_rows(jobs: list[Any]) -> list[dict[str, Any]]:
+    """Jobs added up by UTC day and engine: requests, results, tokens, cost and audio seconds."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for job in jobs:
+        day = datetime.fromtimestamp(job.finished_at or job.accepted_at, UTC).date().isoformat()
+        row = rows.setdefault(
+            (day, job.engine),
+            {"day": day, "engine": job.engine, "jobs": 0, "results": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "audio_seconds": 0.0},
+        )
+        row["jobs"] += 1
+        result = job.outcome.result if job.outcome is not None else None
+        if not result:
+            continue
+        row["results"] += 1
+        usage = result.get("usage") or {}
+        row["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+        row["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+        row["cost_usd"] += float(usage.get("cost_usd") or 0.0)
+        if isinstance(result.get("duration"), (int, float)):
+            row["audio_seconds"] += float(result["duration"])
+    return [rows[key] for key in sorted(rows)]
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    config = _config(args)
+    member_id: str | None = None
+    if args.tenant:
+        found = _with_tenants(config, lambda store, queue: store.all())
+        tenant = _find_tenant(found, args.tenant)
+        if tenant is None:
+            print(f"no tenant {args.tenant!r} (give its domain, member_id or tenant id from `gateway tenants list`)", file=sys.stderr)
+            return 1
+        member_id = tenant.member_id
+    since = time.time() - args.days * 86400
+    jobs = _with_queue(config, lambda q: q.finished_since(since, tenant=member_id)) or []
+    rows = usage_rows(jobs)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no finished jobs in the last {args.days:g} day(s)")
+    for row in rows:
+        print(
+            f"{row['day']}  {row['engine']:<16} jobs {row['jobs']:>6}  results {row['results']:>6}  tokens {row['prompt_tokens']:>9} + {row['completion_tokens']:>9}"
+            f"  ${row['cost_usd']:.4f}  audio {row['audio_seconds'] / 60:.1f} min"
+        )
+    return 0
+
+
 # -- db -----------------------------------------------------------------------------------
 def _postgres_only(config: Config, command: str) -> None:
     if config.queue.backend != "postgres":
@@ -443,6 +626,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"--audio {args.audio}: cannot read the recording ({exc.strerror or exc}); pass the path of an audio file", file=sys.stderr)
             return EXIT_CONFIG
+    if args.app:
+        return _simulate_app(args, config, audio)
+    if args.engine is None:
+        print(f"pass --engine CODE; engines: {', '.join(e.code for e in config.engines) or 'none'}", file=sys.stderr)
+        return EXIT_CONFIG
     engine = next((e for e in engine_directory(config) if e.code == args.engine), None)
     if engine is None:
         print(f"no engine {args.engine!r} in {config.path}; engines: {', '.join(e.code for e in config.engines) or 'none'}", file=sys.stderr)
@@ -495,6 +683,134 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"{callback.kind} callback after {sent.elapsed:.2f} s:")
         print(json.dumps(callback.body, indent=2, ensure_ascii=False))
         return 0 if callback.kind == "success" else 1
+
+
+def _simulate_app(args: argparse.Namespace, config: Config, audio: bytes | None) -> int:
+    """``simulate --app``: an emulated portal (with Bitrix's OAuth server) installs the app on the running
+    gateway, waits for its engine, sends one request with the portal's ``auth``, uninstalls, and is refused."""
+    import secrets
+
+    import httpx
+
+    from gateway.bitrix.oauth_emulator import OAuthEmulator
+    from gateway.bitrix.simulator import PortalEmulator
+    from gateway.demo import CALLBACK_REFUSED_HINT, portal_prompt
+    from gateway.loopback import LoopbackServer
+    from gateway.tenants.service import EVENTS_PATH
+
+    app = _app_settings(config)
+    code = args.engine or app.engines[0]
+    engine = config.engine(code)
+    if engine is None or code not in app.engines:
+        print(f"engine {code!r} is not an app engine of {config.path}; app.engines: {', '.join(app.engines)}", file=sys.stderr)
+        return EXIT_CONFIG
+    category = engine.category.value
+    if category in ("audio", "call") and audio is None:
+        print(
+            f"engine {code} is {'an' if category[0] in 'aeiou' else 'a'} {category} engine: pass --audio FILE (a recording the emulator serves)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    base = (args.gateway or config.public_url).rstrip("/")
+    install_url = base + EVENTS_PATH
+    # A Marketplace app's OAuth pair is the config's; with local apps only, the emulated portal issues its own.
+    oauth = OAuthEmulator(app.client_id or "app.simulate", app.client_secret or secrets.token_urlsafe(24))
+    portal = PortalEmulator()
+    with LoopbackServer(oauth.app) as oauth_server, LoopbackServer(portal.app) as portal_server:
+        oauth.url, portal.url = oauth_server.url, portal_server.url
+        kind = f"Marketplace app {app.client_id}" if app.client_id else "a local app"
+        print(f"OAuth server emulator on {oauth.url}; portal emulator on {portal.url}, installing {kind}")
+        fields, _ = portal.install(oauth, install_url, status=None if app.client_id else "L", send=False)
+        try:
+            answer = portal.send_event(install_url, fields)
+        except httpx.HTTPError as exc:
+            print(f"install: cannot reach the gateway at {base}: {type(exc).__name__}. Is `gateway serve` running?", file=sys.stderr)
+            return 1
+        print(f"install (ONAPPINSTALL to {install_url}): HTTP {answer.status_code} {answer.text}")
+        if answer.status_code != 200:
+            print(_install_refused_hint(answer, config, base), file=sys.stderr)
+            return 1
+
+        started = time.monotonic()
+        registered = _poll(lambda: next((e for e in list(portal.engines.values()) if e.get("app_code") and e["code"] == code), None), args.timeout)
+        if registered is None:
+            print(
+                f"engine {code} was not registered on the portal within {args.timeout:.0f} s; `gateway tenants show {portal.domain}` says why",
+                file=sys.stderr,
+            )
+            return 1
+        url = str(registered["completions_url"])
+        secret = url.split("/app/", 1)[1].split("/")[1] if "/app/" in url else ""
+        bound = any(b.event == "ONAPPUNINSTALL" for b in list(portal.event_bindings.values()))
+        print(f"engine {code} registered by the gateway after {time.monotonic() - started:.2f} s: {_mask_token(url, secret) if secret else url}")
+        print(f"ONAPPUNINSTALL handler bound: {'yes' if bound else 'no'}")
+        if args.gateway and url.startswith(config.public_url):
+            url = base + url[len(config.public_url) :]
+
+        auth = portal.app_auth()
+        prompt = portal_prompt(category, portal, text=args.prompt, audio=audio)
+        job_hash, body = portal.new_request(category, prompt, ttl=args.ttl, auth=auth)
+        sent = time.monotonic()
+        response = portal.send(url, body)
+        print(f"completions POST (with the portal user's auth): HTTP {response.status_code} {response.text} in {(time.monotonic() - sent) * 1000:.1f} ms")
+        if response.status_code != 202:
+            if "callback_not_allowed" in response.text:
+                print(f"the gateway refused the emulator's callback host; {CALLBACK_REFUSED_HINT}", file=sys.stderr)
+            return 1
+        job = portal.wait(job_hash, timeout=args.timeout)
+        callback = job.delivered[0] if job.delivered else None
+        if callback is None:
+            print(f"no callback within {args.timeout:.0f} s", file=sys.stderr)
+            return 1
+        print(f"{callback.kind} callback after {time.monotonic() - sent:.2f} s:")
+        print(json.dumps(callback.body, indent=2, ensure_ascii=False))
+
+        statuses = portal.uninstall(clean=args.clean)
+        print(f"uninstall (ONAPPUNINSTALL{', CLEAN=1' if args.clean else ''} to the handler the gateway bound): HTTP {', '.join(map(str, statuses)) or '-'}")
+        if statuses != [200]:
+            print(f"the gateway did not take the uninstall event; it was bound at {config.public_url}{EVENTS_PATH} (public_url)", file=sys.stderr)
+            return 1
+        job_hash, body = portal.new_request(category, prompt, ttl=args.ttl, auth=auth)
+        after = portal.send(url, body)
+        refused = after.status_code == 404
+        print(f"completions POST after uninstall: HTTP {after.status_code} {after.text} -- {'refused, as it must be' if refused else 'still served!'}")
+        if not refused:
+            return 1
+        print(f"the portal stays listed as uninstalled (`gateway tenants show {portal.domain}`); `gateway tenants forget {portal.domain}` removes it")
+        return 0 if callback.kind == "success" else 1
+
+
+def _poll(check: Any, timeout: float) -> Any:
+    """``check()``'s first true value within ``timeout`` seconds, else None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except RuntimeError:  # the emulator's dict changed while it was read: read again
+            value = None
+        if value or time.monotonic() > deadline:
+            return value or None
+        time.sleep(0.1)
+
+
+def _install_refused_hint(answer: Any, config: Config, base: str) -> str:
+    """What to change when the gateway refuses the emulated portal's install event."""
+    try:
+        error = answer.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if error == "untrusted_oauth_server":
+        app = _app_settings(config)
+        servers = ", ".join(dict.fromkeys([*app.oauth_servers, "127.0.0.1"]))
+        return (
+            f"the gateway does not trust the emulated OAuth server on 127.0.0.1. For this simulation set in {config.path}:"
+            f" `app.oauth_servers: [{servers}]` and `security.allow_private_networks: true` (local testing only), then restart the gateway"
+        )
+    if answer.status_code == 404:
+        return f"the gateway at {base} runs without app mode: add `app:` to the config it runs on and restart it"
+    if error == "install_not_verified":
+        return f"the gateway did not confirm the install: does it run on {config.path} (the same app.client_id and client_secret)? Its log says why"
+    return "the gateway refused the install; its log says why"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -556,6 +872,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_show)
 
+    app = sub.add_parser("app", help="Bitrix24 app mode: what to enter on the portal").add_subparsers(dest="app_command", required=True)
+    p = app.add_parser("info", parents=[common], help="the install handler URL and the engines every installing portal gets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_app_info)
+    tenants = sub.add_parser("tenants", help="portals that installed the app").add_subparsers(dest="tenants_command", required=True)
+    p = tenants.add_parser("list", parents=[common], help="every installed portal, its status and registration")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tenants)
+    for name, what in (
+        ("show", "one tenant in detail"),
+        ("disable", "refuse its requests"),
+        ("enable", "serve it again"),
+        ("forget", "delete its record and jobs"),
+    ):
+        p = tenants.add_parser(name, parents=[common], help=what)
+        p.add_argument("tenant", help="domain, member_id or tenant id")
+        if name == "show":
+            p.add_argument("--json", action="store_true", help="include its completions URLs (they hold its secret)")
+        p.set_defaults(func=cmd_tenants)
+
+    p = sub.add_parser("usage", parents=[common], help="requests, tokens, cost and audio by day and engine (from finished jobs)")
+    p.add_argument("--tenant", metavar="PORTAL", help="one installed portal: domain, member_id or tenant id (app mode)")
+    p.add_argument("--days", type=float, default=7.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_usage)
+
     db = sub.add_parser("db", help="the shared PostgreSQL database's schema").add_subparsers(dest="db_command", required=True)
     p = db.add_parser("migrate", parents=[common], help="apply pending schema migrations (nodes also do this at start)")
     p.set_defaults(func=cmd_db_migrate)
@@ -564,7 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_db_status)
 
     p = sub.add_parser("simulate", parents=[common], help="send one request through a running gateway from a portal emulator")
-    p.add_argument("--engine", required=True)
+    p.add_argument("--engine", help="the engine to send to (required without --app; with --app default: the first of app.engines)")
+    p.add_argument("--app", action="store_true", help="app mode: install the app on an emulated portal, send one request, uninstall")
+    p.add_argument("--clean", action="store_true", help="with --app: uninstall with CLEAN=1 (the gateway deletes the portal's jobs)")
     p.add_argument("--prompt", default="Write a short greeting for our clients", help="text and image engines")
     p.add_argument("--audio", metavar="FILE", help="audio and call engines: the recording to send")
     p.add_argument("--gateway", metavar="URL", help="where the gateway listens (default: public_url)")

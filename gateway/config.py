@@ -200,6 +200,53 @@ class OpenAIApiSettings:
     """Characters of one message's content."""
 
 
+DEFAULT_OAUTH_SERVERS = ("oauth.bitrix.info", "oauth.bitrix24.tech")
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one installed portal may use (``app.limits``); None: no limit."""
+
+    requests_per_minute: int | None = None
+    concurrent_jobs: int | None = None
+    audio_minutes_per_day: float | None = None
+
+
+@dataclass(frozen=True)
+class LocalAppCredentials:
+    """A local app's OAuth pair, valid on one portal only and shown there after the app is saved:
+    entered after the install (``app.local_apps``) so the gateway can refresh that portal's tokens."""
+
+    domain: str
+    client_id: str
+    client_secret: str
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Bitrix24 app mode (key ``app``): portals install the app and get the engines by themselves."""
+
+    engines: tuple[str, ...]
+    """Codes (from ``engines:``) registered on every portal that installs the app."""
+    client_id: str = ""
+    """A Marketplace app's pair, valid on every portal; empty for local apps only."""
+    client_secret: str = ""
+    code: str = ""
+    """The app's code (the engines' ``app_code`` on the portal); default: ``client_id``."""
+    local_apps: tuple[LocalAppCredentials, ...] = ()
+    oauth_servers: tuple[str, ...] = DEFAULT_OAUTH_SERVERS
+    """Hosts trusted as a portal's ``server_endpoint`` (``app.info``, token refresh): an install
+    event names its OAuth server, and a forged one must not make the gateway call anywhere else."""
+    limits: TenantLimits = TenantLimits()
+
+    def credentials_for(self, domain: str) -> tuple[str, str] | None:
+        """The OAuth pair that refreshes this portal's tokens: its local app's, else the Marketplace app's."""
+        for local in self.local_apps:
+            if local.domain.lower() == domain.lower():
+                return local.client_id, local.client_secret
+        return (self.client_id, self.client_secret) if self.client_id else None
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -231,6 +278,8 @@ class Config:
     api_keys: tuple[ApiKeyConfig, ...] = ()
     """Keys of the OpenAI-compatible API (``/v1``); none: the API is off."""
     openai_api: OpenAIApiSettings = field(default_factory=lambda: OpenAIApiSettings())
+    app: AppSettings | None = None
+    """App mode (``app:``); None: webhook mode only."""
 
     def engine(self, code: str) -> EngineConfig | None:
         return next((e for e in self.engines if e.code == code), None)
@@ -449,6 +498,7 @@ def parse_config(data: Any, file: Path) -> Config:
     engines = _parse_engines(file, top.raw("engines", []), providers)
     api_keys = _parse_api_keys(file, top.raw("api_keys", []), engines)
     openai_api = _parse_openai_api(top.section("openai_api"))
+    app = _parse_app(top.section("app"), engines) if top.raw("app", None) is not None else None
     top.done()
     return Config(
         path=file,
@@ -475,7 +525,51 @@ def parse_config(data: Any, file: Path) -> Config:
         portal_backoff=portal_backoff,
         api_keys=api_keys,
         openai_api=openai_api,
+        app=app,
     )
+
+
+def _parse_app(a: _Section, engines: tuple[EngineConfig, ...]) -> AppSettings:
+    known = {engine.code for engine in engines}
+    raw_engines = a.raw("engines")
+    if not isinstance(raw_engines, list) or not raw_engines:
+        raise ConfigError(a.file, "app.engines", "must be a list of engine codes", "list the codes (from `engines:`) every installing portal gets")
+    codes: list[str] = []
+    for i, code in enumerate(raw_engines):
+        if not isinstance(code, str) or code not in known:
+            raise ConfigError(a.file, f"app.engines[{i}]", f"{code!r} is not an engine of this config", f"use one of: {', '.join(sorted(known)) or 'none'}")
+        codes.append(code)
+    client_id, client_secret = a.text("client_id", ""), a.text("client_secret", "")
+    if bool(client_id) != bool(client_secret):
+        missing = "client_secret" if client_id else "client_id"
+        raise ConfigError(a.file, f"app.{missing}", "is required with the other one", "copy both from the app's settings in the Bitrix24 developer console")
+    local_apps: list[LocalAppCredentials] = []
+    raw_local = a.raw("local_apps", [])
+    if not isinstance(raw_local, list):
+        raise ConfigError(a.file, "app.local_apps", "must be a list", "write `- {domain: acme.bitrix24.com, client_id: local..., client_secret: ...}` items")
+    for i, item in enumerate(raw_local):
+        entry = _Section(a.file, f"app.local_apps[{i}]", item)
+        local_apps.append(LocalAppCredentials(entry.text("domain").strip().lower(), entry.text("client_id"), entry.text("client_secret")))
+        entry.done()
+    servers = a.raw("oauth_servers", list(DEFAULT_OAUTH_SERVERS))
+    if not isinstance(servers, list) or not all(isinstance(host, str) and host for host in servers):
+        raise ConfigError(a.file, "app.oauth_servers", "must be a list of host names", f"the default is {', '.join(DEFAULT_OAUTH_SERVERS)}")
+    limits_section = a.section("limits")
+    rpm = limits_section.number("requests_per_minute", 0, integer=True)
+    concurrent = limits_section.number("concurrent_jobs", 0, integer=True)
+    audio = limits_section.number("audio_minutes_per_day", 0)
+    limits_section.done()
+    settings = AppSettings(
+        engines=tuple(codes),
+        client_id=client_id,
+        client_secret=client_secret,
+        code=a.text("code", ""),
+        local_apps=tuple(local_apps),
+        oauth_servers=tuple(host.strip().lower() for host in servers),
+        limits=TenantLimits(rpm or None, concurrent or None, audio or None),
+    )
+    a.done()
+    return settings
 
 
 def _parse_queue(q: _Section, base: Path, data_dir: Path) -> QueueSettings:

@@ -32,6 +32,7 @@ from gateway.recordings import DownloadError, Recording, RecordingFetcher
 from gateway.redaction import Redactor
 from gateway.routing import Router
 from gateway.tasks import PROMPT_TYPES, AudioPrompt, CallPrompt, ImagePrompt, Task, TaskRefused, TextPrompt
+from gateway.tenants.limits import TenantLimiter
 
 log = logging.getLogger("gateway.execution")
 PORTAL = "portal"
@@ -183,10 +184,33 @@ class TaskExecutor:
         self.images, self.recordings = images, recordings
         self.redactor = redactor or Redactor()
         """Masks the runtime's secrets in error texts and attempt details before they are stored."""
+        self.limiter = TenantLimiter(config.app.limits) if config.app is not None else None
+        """App mode: each installed portal's limits (``app.limits``), counted in this process."""
 
     async def execute(self, task: Task) -> tuple[Outcome, list[Attempt]]:
         """The task's outcome (a result or an error) and the attempts that led to it; never raises
         for the task's own failure (but for cancellation and bugs, which the worker records)."""
+        if not task.tenant or self.limiter is None:
+            return await self._execute(task)
+        over = self.limiter.admit(task.tenant, audio=isinstance(task.prompt, AudioPrompt))
+        if over is not None:  # an installed portal over a limit: an error callback that says which
+            limit, message = over
+            self.metrics.tenant_limited.labels(task.tenant, limit).inc()
+            log.info("job %s: tenant %s is over its limit %s", task.job_id, task.tenant, limit)
+            return Outcome(error=JobError(message, 429, ErrorReason.LIMIT)), []
+        try:
+            outcome, attempts = await self._execute(task)
+        finally:
+            self.limiter.release(task.tenant)
+        result = outcome.result or {}
+        self.metrics.tenant_tasks.labels(task.tenant, "result" if outcome.result is not None else "error").inc()
+        self.metrics.count_tenant_usage(task.tenant, Usage.from_json(result.get("usage")))
+        if isinstance(task.prompt, AudioPrompt) and isinstance(result.get("duration"), (int, float)):
+            self.limiter.record_audio(task.tenant, float(result["duration"]))
+            self.metrics.tenant_audio.labels(task.tenant).inc(float(result["duration"]))
+        return outcome, attempts
+
+    async def _execute(self, task: Task) -> tuple[Outcome, list[Attempt]]:
         refused = await self.prepare(task)
         if refused is not None:
             return Outcome(error=refused), []

@@ -75,6 +75,10 @@ class FileStore(Protocol):
 
     async def delete_older_than(self, cutoff: float) -> int: ...
 
+    async def delete(self, names: list[str]) -> int:
+        """Delete these stored files (an uninstalled portal's, with ``CLEAN``); names that are not stored are skipped."""
+        ...
+
 
 class LocalFileStore:
     """Files in a folder of ``data_dir``: the embedded default (one machine)."""
@@ -100,6 +104,21 @@ class LocalFileStore:
             return None
         path = self.root / name
         return StoredFile(CONTENT_TYPES[extension], path=path) if path.is_file() else None
+
+    async def delete(self, names: list[str]) -> int:
+        def remove() -> int:
+            deleted = 0
+            for name in names:
+                if file_id(name) is None:
+                    continue
+                try:
+                    os.unlink(self.root / name)
+                    deleted += 1
+                except FileNotFoundError:
+                    pass
+            return deleted
+
+        return await asyncio.to_thread(remove)
 
     async def delete_older_than(self, cutoff: float) -> int:
         def sweep() -> int:

@@ -87,6 +87,12 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("gateway_queue_depth", "Jobs not yet in a final state", registry=r)
+        # App mode: per installed portal, labelled with the tenant id (a hash of member_id), never a token.
+        self.tenant_tasks = Counter("gateway_tenant_tasks", "Tasks run for an installed portal, by outcome (result, error)", ["tenant", "outcome"], registry=r)
+        self.tenant_tokens = Counter("gateway_tenant_tokens", "Tokens providers reported for an installed portal's tasks", ["tenant", "type"], registry=r)
+        self.tenant_cost = Counter("gateway_tenant_cost_usd", "What an installed portal's tasks cost, where the adapter knows", ["tenant"], registry=r)
+        self.tenant_audio = Counter("gateway_tenant_audio_seconds", "Seconds of audio transcribed for an installed portal", ["tenant"], registry=r)
+        self.tenant_limited = Counter("gateway_tenant_limited", "Tasks refused because an installed portal was over a limit", ["tenant", "limit"], registry=r)
         self.accept_latency = Histogram(
             "gateway_accept_latency_seconds", "Time to answer a completions POST", ["engine", "category"], buckets=ACCEPT_BUCKETS, registry=r
         )
@@ -128,6 +134,16 @@ class Metrics:
             self.tokens.labels(engine, provider, model, "completion", surface).inc(usage.completion_tokens)
         if usage.cost_usd:
             self.cost.labels(engine, provider, model, surface).inc(usage.cost_usd)
+
+    def count_tenant_usage(self, tenant: str, usage: Any) -> None:
+        if usage is None:
+            return
+        if usage.prompt_tokens:
+            self.tenant_tokens.labels(tenant, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self.tenant_tokens.labels(tenant, "completion").inc(usage.completion_tokens)
+        if usage.cost_usd:
+            self.tenant_cost.labels(tenant).inc(usage.cost_usd)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

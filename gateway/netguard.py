@@ -69,9 +69,20 @@ class OutboundPolicy:
         self.allowed_hosts = tuple(h.lower().rstrip(".") for h in allowed_hosts)
         self.allow_private_networks = allow_private_networks
         self._host_refusal: dict[str, str] = {}
+        self.portal_hosts: frozenset[str] = frozenset()
+        """Hosts allowed beside ``allowed_hosts`` that change while the gateway runs: in app mode,
+        the domains of the installed portals (:meth:`set_portal_hosts`, by the tenant service)."""
+
+    def set_portal_hosts(self, hosts: Iterable[str]) -> None:
+        new = frozenset(h.lower().rstrip(".") for h in hosts)
+        if new != self.portal_hosts:
+            self.portal_hosts = new
+            self._host_refusal.clear()  # a host refused before may be a portal now, and the reverse
 
     def host_allowed(self, host: str) -> bool:
         host = host.lower().rstrip(".")
+        if host in self.portal_hosts:
+            return True
         for pattern in self.allowed_hosts:
             if pattern == "*" or pattern == host:
                 return True

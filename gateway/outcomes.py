@@ -96,6 +96,8 @@ class ErrorReason(enum.StrEnum):
     DOWNLOAD = "download"
     """The recording could not be downloaded or used."""
     INTERNAL = "internal"
+    LIMIT = "limit"
+    """The installed portal is over one of its limits (app mode: ``app.limits``)."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from gateway.registry import AdapterRegistry
 from gateway.routing import Router
 from gateway.stores import Stores, engine_directory
 from gateway.supervision import Supervisor
+from gateway.tenants.service import TenantService
 from gateway.worker import Worker
 
 log = logging.getLogger("gateway")
@@ -158,6 +159,13 @@ class Runtime:
         stores = Stores.for_config(config, supervisor=self.loops)
         self.queue: JobQueue = stores.queue
         self.files = stores.files
+        self.tenants: TenantService | None = None
+        """App mode (``app:``): installed portals, their events and URLs; None in webhook mode only."""
+        if config.app is not None:
+            self.tenants = TenantService(config, stores.tenants, self.queue, self.files, supervisor=self.loops, redactor=self.redactor, policy=self.policy)
+            self.redactor.add(config.app.client_secret)
+            for local in config.app.local_apps:
+                self.redactor.add(local.client_secret)
         self.router = Router(config.routing)
         self.deliverer = Deliverer(self.policy, config.delivery, redactor=self.redactor)
         self.images = ImageHost(
@@ -224,6 +232,9 @@ class Runtime:
     async def start(self, app: Any = None) -> None:
         self.prepare()  # done already by ``gateway serve``/``gateway worker``; here for embedders that only start
         await self.queue.open()
+        if self.tenants is not None:
+            await self.tenants.store.open()
+            await self.tenants.start()
         await call_hook(self.pm.hook.startup, app=app, config=self.config)
         await self.deliverer.open()
         if self.worker is not None:
@@ -243,6 +254,9 @@ class Runtime:
             close = getattr(adapter, "aclose", None)
             if close is not None:
                 await close()
+        if self.tenants is not None:
+            await self.tenants.stop()
+            await self.tenants.store.close()
         try:
             await call_hook(self.pm.hook.shutdown, app=app)
         finally:

@@ -21,6 +21,9 @@ from gateway.files import FileStore, LocalFileStore
 from gateway.jobs.queue import JobQueue
 from gateway.jobs.sqlite import SQLiteJobQueue
 from gateway.supervision import Supervisor
+from gateway.tenants.store import SQLiteTenantStore, TenantStore
+
+TENANTS_FILE = "tenants.sqlite3"
 
 
 def job_queue(settings: QueueSettings, *, supervisor: Supervisor | None = None) -> JobQueue:
@@ -31,27 +34,30 @@ def job_queue(settings: QueueSettings, *, supervisor: Supervisor | None = None) 
 
 @dataclass(frozen=True)
 class Stores:
-    """A process's job queue and file store. The queue's ``open()``/``close()`` open and close what
-    they share (the PostgreSQL pool), so the file store is usable while the queue is open."""
+    """A process's job queue, file store and tenant store (app mode). The queue's ``open()``/``close()``
+    open and close what they share (the PostgreSQL pool), so the others are usable while it is open."""
 
     queue: JobQueue
     files: FileStore
+    tenants: TenantStore
 
     @classmethod
     def for_config(cls, config: Config, *, supervisor: Supervisor | None = None) -> Stores:
-        return cls.for_queue(config.queue, Path(config.data_dir) / "files", supervisor=supervisor)
+        return cls.for_queue(config.queue, Path(config.data_dir), supervisor=supervisor)
 
     @classmethod
-    def for_queue(cls, settings: QueueSettings, files_dir: Path, *, supervisor: Supervisor | None = None) -> Stores:
+    def for_queue(cls, settings: QueueSettings, data_dir: Path, *, supervisor: Supervisor | None = None) -> Stores:
+        """``data_dir``: where the SQLite default keeps hosted files and tenants."""
         if settings.backend == "postgres":
             from gateway.postgres.database import Database
             from gateway.postgres.files import PostgresFileStore
             from gateway.postgres.queue import PostgresJobQueue
+            from gateway.postgres.tenants import PostgresTenantStore
 
             database = Database(settings)
-            return cls(PostgresJobQueue(database, supervisor=supervisor), PostgresFileStore(database))
+            return cls(PostgresJobQueue(database, supervisor=supervisor), PostgresFileStore(database), PostgresTenantStore(database))
         if settings.backend == "sqlite":
-            return cls(SQLiteJobQueue(settings.path, supervisor=supervisor), LocalFileStore(files_dir))
+            return cls(SQLiteJobQueue(settings.path, supervisor=supervisor), LocalFileStore(data_dir / "files"), SQLiteTenantStore(data_dir / TENANTS_FILE))
         raise ValueError(f"unknown queue backend {settings.backend!r}")  # the config refuses it first
 
 

@@ -139,6 +139,8 @@ class Task:
     """Host of the portal that sent the request."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Every other key of the portal's request (``payload_*``, ``bx_*``, ...), ``auth`` excluded."""
+    tenant: str = ""
+    """App mode: the installed portal's id (a hash of its ``member_id``, as in metrics labels); empty in webhook mode."""
 
     def messages(self) -> list[Message]:
         """Chat messages as the protocol recommends: system role, context, then the prompt."""
@@ -166,6 +168,7 @@ class Task:
             "deadline": self.deadline,
             "portal": self.portal,
             "extra": self.extra,
+            "tenant": self.tenant,
         }
 
     @classmethod

@@ -41,6 +41,8 @@ class Job:
     the portal may have taken it, so a later ``data:false`` means ``delivered_unconfirmed``."""
     internal_errors: int = 0
     """Unexpected errors so far while running or delivering this job (bounded, then ``dead``)."""
+    tenant: str = ""
+    """The installed portal's ``member_id`` for a request to an app engine (app mode); empty in webhook mode."""
 
     @property
     def id(self) -> str:

@@ -7,6 +7,7 @@ the lease owner, so a worker that lost its lease cannot overwrite another's prog
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from typing import Protocol
 
@@ -90,6 +91,18 @@ class JobQueue(Protocol):
 
     async def prune(self, finished_before: float, limit: int) -> int:
         """Delete up to ``limit`` final jobs (and their attempts) that ended before that time."""
+        ...
+
+    async def end_tenant_jobs(self, tenant: str, detail: str, *, delete: bool) -> builtins.list[Job]:
+        """An installed portal removed the app: its jobs that no worker holds end ``dead`` with
+        ``detail`` (jobs being run finish on their own: the portal refuses their callbacks); with
+        ``delete`` every job of the tenant is deleted, attempts included. Returns the jobs ended or
+        deleted (their outcomes name the hosted files to delete)."""
+        ...
+
+    async def finished_since(self, since: float, *, tenant: str | None = None, limit: int = 100000) -> builtins.list[Job]:
+        """Final jobs that ended at or after ``since`` (of one tenant's ``member_id``, if given): what
+        ``gateway usage`` adds up."""
         ...
 
     async def depth(self) -> int:

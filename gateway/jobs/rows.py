@@ -58,4 +58,5 @@ def job_from_row(row: Row, attempts: list[Attempt] | None = None) -> Job:
         attempts=attempts or [],
         maybe_delivered=bool(row["maybe_delivered"]),
         internal_errors=row["internal_errors"],
+        tenant=row["tenant"] or "",
     )

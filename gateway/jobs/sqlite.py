@@ -23,6 +23,7 @@ a :class:`~gateway.supervision.Supervisor` besides, which restarts it should it 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import concurrent.futures
 import functools
 import logging
@@ -44,9 +45,11 @@ _PENDING_SQL = f"state IN ({', '.join(repr(str(state)) for state in PENDING_STAT
 """Jobs not yet final; state names in SQL come from :class:`~gateway.outcomes.JobState`."""
 QUEUED, RUNNING, DELIVERING, DEAD = (f"'{state}'" for state in (JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING, JobState.DEAD))
 MAX_BATCH = 512
-INSERT_COLUMNS = "id, idem_key, engine, category, state, task, callback_url, error_callback_url, accepted_at, deadline, next_at, lease_owner, lease_until"
-INSERT_ROW = "(" + ", ".join("?" * 13) + ")"
-INSERT_CHUNK = 256  # 13 parameters a row: well under SQLite's limit per statement
+INSERT_COLUMNS = (
+    "id, idem_key, engine, category, state, task, callback_url, error_callback_url, accepted_at, deadline, next_at, lease_owner, lease_until, tenant"
+)
+INSERT_ROW = "(" + ", ".join("?" * 14) + ")"
+INSERT_CHUNK = 256  # 14 parameters a row: well under SQLite's limit per statement
 LOCK_TIMEOUT = 10.0
 
 SCHEMA = f"""
@@ -69,7 +72,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     detail TEXT NOT NULL DEFAULT '',
     maybe_delivered INTEGER NOT NULL DEFAULT 0,
-    internal_errors INTEGER NOT NULL DEFAULT 0
+    internal_errors INTEGER NOT NULL DEFAULT 0,
+    tenant TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (next_at) WHERE {_PENDING_SQL};
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
@@ -86,7 +90,7 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id, seq);
 """
-ADDED_COLUMNS = {"maybe_delivered": "INTEGER NOT NULL DEFAULT 0", "internal_errors": "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {"maybe_delivered": "INTEGER NOT NULL DEFAULT 0", "internal_errors": "INTEGER NOT NULL DEFAULT 0", "tenant": "TEXT NOT NULL DEFAULT ''"}
 """Columns newer than the first schema: added to a database created before them."""
 
 
@@ -379,6 +383,7 @@ class SQLiteJobQueue:
             now,
             lease_owner,
             now + lease_seconds if lease_owner else None,
+            job.tenant,
         )
         existing = await self._submit(_Op(asyncio.get_running_loop().create_future(), insert=row))
         if existing is not None:
@@ -548,6 +553,38 @@ class SQLiteJobQueue:
                 conn.execute(f"DELETE FROM attempts WHERE job_id IN ({marks})", ids)
                 conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
             return len(ids)
+
+        return await self._run(op)
+
+    async def end_tenant_jobs(self, tenant: str, detail: str, *, delete: bool) -> builtins.list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            if delete:
+                rows = conn.execute("SELECT * FROM jobs WHERE tenant = ?", (tenant,)).fetchall()
+                ids = [row["id"] for row in rows]
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ", ".join("?" * len(chunk))
+                    conn.execute(f"DELETE FROM attempts WHERE job_id IN ({marks})", chunk)
+                    conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
+            else:
+                now = time.time()
+                free = f"tenant = ? AND {_PENDING_SQL} AND (lease_until IS NULL OR lease_until <= ?)"
+                rows = conn.execute(f"SELECT * FROM jobs WHERE {free}", (tenant, now)).fetchall()
+                conn.execute(
+                    f"UPDATE jobs SET state = {DEAD}, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL WHERE {free}",
+                    (storable(detail, 1000), now, tenant, now),
+                )
+            return [job_from_row(row) for row in rows]
+
+        return await self._run(op)
+
+    async def finished_since(self, since: float, *, tenant: str | None = None, limit: int = 100000) -> builtins.list[Job]:
+        def op(conn: sqlite3.Connection) -> builtins.list[Job]:
+            if tenant is None:
+                rows = conn.execute("SELECT * FROM jobs WHERE finished_at >= ? ORDER BY finished_at LIMIT ?", (since, limit))
+            else:
+                rows = conn.execute("SELECT * FROM jobs WHERE finished_at >= ? AND tenant = ? ORDER BY finished_at LIMIT ?", (since, tenant, limit))
+            return [job_from_row(row) for row in rows]
 
         return await self._run(op)
 

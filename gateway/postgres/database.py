@@ -78,13 +78,21 @@ class Database:
     def __init__(self, settings: QueueSettings) -> None:
         self.settings = settings
         self._pool: Any = None
+        self.channels: dict[str, list[Callable[[str], None]]] = {}
+        """``NOTIFY`` channels this process listens on, with who to call with each payload (the
+        queue's listening connection serves them all; an empty payload after it reconnects means
+        "anything may have changed meanwhile")."""
+
+    def listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Call ``callback(payload)`` for each notification on ``channel`` (register before the queue opens)."""
+        self.channels.setdefault(channel, []).append(callback)
 
     async def open(self, *, wait: float = START_WAIT) -> None:
         """Create the pool and check the database answers, waiting up to ``wait`` seconds for it."""
         asyncpg = driver()
 
         async def create() -> Any:
-            return await asyncpg.create_pool(
+            pool = await asyncpg.create_pool(
                 self.settings.dsn,
                 min_size=0,  # no floor to restore while the database is away (the driver logs each try)
                 max_size=self.settings.pool_size,
@@ -93,6 +101,13 @@ class Database:
                 max_inactive_connection_lifetime=300.0,
                 reset=_keep_session,
             )
+            try:  # the pool keeps no connection open by itself: check the database answers now
+                async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
+                    await conn.execute("SELECT 1")
+            except BaseException:
+                pool.terminate()
+                raise
+            return pool
 
         self._pool = await wait_for_database(create, wait, "opening the connection pool")
 

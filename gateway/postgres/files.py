@@ -34,6 +34,13 @@ class PostgresFileStore:
         row = await self.db.run(lambda conn: conn.fetchrow("SELECT content_type, data FROM gateway_files WHERE name = $1", name))
         return StoredFile(row["content_type"], data=bytes(row["data"])) if row is not None else None
 
+    async def delete(self, names: list[str]) -> int:
+        wanted = [name for name in names if file_id(name) is not None]
+        if not wanted:
+            return 0
+        status = await self.db.run(lambda conn: conn.execute("DELETE FROM gateway_files WHERE name = ANY($1::text[])", wanted))
+        return int(status.split()[-1])
+
     async def delete_older_than(self, cutoff: float) -> int:
         """In batches, each its own statement: a large backlog never holds one long transaction."""
         deleted = 0

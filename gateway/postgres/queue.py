@@ -20,6 +20,7 @@ step (NTP); a skew well under the lease (30 s) changes nothing.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ Q, R, D, DEAD = (f"'{state}'" for state in (JobState.QUEUED, JobState.RUNNING, J
 
 INSERT = (
     "INSERT INTO gateway_jobs (id, idem_key, engine, category, state, task, callback_url, error_callback_url,"
-    " accepted_at, deadline, next_at, lease_owner, lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    " accepted_at, deadline, next_at, lease_owner, lease_until, tenant) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
     " ON CONFLICT (idem_key) DO NOTHING RETURNING id"
 )
 INSERT_AND_NOTIFY = f"WITH inserted AS ({INSERT}) SELECT id, pg_notify('{CHANNEL}', '') FROM inserted"
@@ -107,6 +108,19 @@ FINISH = _held_update(
 )
 
 
+def _dispatch(callbacks: list[Callable[[str], None]], payload: str) -> None:
+    for callback in callbacks:
+        try:
+            callback(payload)
+        except Exception:  # one subscriber's bug must not silence the others, nor the listener
+            log.exception("a NOTIFY subscriber failed")
+
+
+def _dispatcher(callbacks: list[Callable[[str], None]]) -> Callable[..., None]:
+    """asyncpg's listener signature (connection, pid, channel, payload) → the subscribers."""
+    return lambda _conn, _pid, _channel, payload: _dispatch(callbacks, payload)
+
+
 class PostgresJobQueue:
     def __init__(self, database: Database, *, supervisor: Supervisor | None = None) -> None:
         """``database`` is shared with this process's other stores; the queue opens and closes it.
@@ -115,6 +129,7 @@ class PostgresJobQueue:
         self.settings: QueueSettings = database.settings
         self.supervisor = supervisor or Supervisor()
         self._subscribers: list[Callable[[], None]] = []
+        database.listen(CHANNEL, lambda _payload: self._wake_subscribers())
         self._listener: asyncio.Task[None] | None = None
         self._open = False
 
@@ -159,11 +174,13 @@ class PostgresJobQueue:
                 conn = await self.db.connect()
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._wake_subscribers)
+                for channel, callbacks in self.db.channels.items():
+                    await conn.add_listener(channel, _dispatcher(callbacks))
                 if pause > 0.5:
                     db_log.info("PostgreSQL: listening for new jobs again")
                 pause = 0.5
-                self._wake_subscribers()  # what was queued while nobody listened
+                for callbacks in self.db.channels.values():  # what changed while nobody listened
+                    _dispatch(callbacks, "")
                 while not lost.is_set():
                     try:
                         await asyncio.wait_for(lost.wait(), LISTEN_CHECK)
@@ -198,6 +215,7 @@ class PostgresJobQueue:
             now,
             lease_owner,
             now + lease_seconds if lease_owner else None,
+            job.tenant,
         )
         async with self.db.connection() as conn:
             # Leased here: this process runs it, nobody else needs waking.
@@ -319,6 +337,31 @@ class PostgresJobQueue:
             )
         )
         return int(status.split()[-1])
+
+    async def end_tenant_jobs(self, tenant: str, detail: str, *, delete: bool) -> builtins.list[Job]:
+        now = time.time()
+        if delete:  # attempts go with their jobs (ON DELETE CASCADE)
+            rows = await self.db.run(lambda conn: conn.fetch("DELETE FROM gateway_jobs WHERE tenant = $1 RETURNING *", tenant))
+        else:
+            rows = await self.db.run(
+                lambda conn: conn.fetch(
+                    f"UPDATE gateway_jobs SET state = {DEAD}, detail = $1, finished_at = $2, lease_owner = NULL, lease_until = NULL"
+                    f" WHERE tenant = $3 AND {PENDING} AND (lease_until IS NULL OR lease_until <= $2) RETURNING *",
+                    storable(detail, 1000),
+                    now,
+                    tenant,
+                )
+            )
+        return [job_from_row(row) for row in rows]
+
+    async def finished_since(self, since: float, *, tenant: str | None = None, limit: int = 100000) -> builtins.list[Job]:
+        if tenant is None:
+            rows = await self.db.run(lambda c: c.fetch("SELECT * FROM gateway_jobs WHERE finished_at >= $1 ORDER BY finished_at LIMIT $2", since, limit))
+        else:
+            rows = await self.db.run(
+                lambda c: c.fetch("SELECT * FROM gateway_jobs WHERE finished_at >= $1 AND tenant = $2 ORDER BY finished_at LIMIT $3", since, tenant, limit)
+            )
+        return [job_from_row(row) for row in rows]
 
     async def depth(self) -> int:
         count = await self.db.run(lambda conn: conn.fetchval(f"SELECT count(*) FROM gateway_jobs WHERE {PENDING}"))

@@ -84,6 +84,26 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX gateway_files_created ON gateway_files (created_at);
         """,
     ),
+    Migration(
+        2,
+        "app mode: tenants, and the tenant of each job",
+        """
+        ALTER TABLE gateway_jobs ADD COLUMN tenant text NOT NULL DEFAULT '';
+        CREATE INDEX gateway_jobs_tenant ON gateway_jobs (tenant) WHERE tenant <> '';
+        CREATE TABLE gateway_tenants (
+            member_id text PRIMARY KEY,
+            tenant_key text NOT NULL UNIQUE,
+            record text NOT NULL,
+            status text NOT NULL,
+            registration text NOT NULL,
+            registration_next_at double precision NOT NULL DEFAULT 0,
+            registration_owner text,
+            registration_until double precision,
+            updated_at double precision NOT NULL
+        );
+        CREATE INDEX gateway_tenants_registration ON gateway_tenants (registration_next_at) WHERE registration = 'pending';
+        """,
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 

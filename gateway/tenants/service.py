@@ -1,0 +1,424 @@
+"""App mode at work: install and uninstall events, the tenant a completions URL names, calls to a
+portal with its token (refreshed once, under a lock, only on ``expired_token``), and the engines
+registered on each portal in the background.
+
+The portal sends an install event once and never again, so the event is answered as soon as the
+tenant is stored; registering the engines (``event.bind`` for the uninstall event, then
+``ai.engine.register`` for each engine) is a durable task on the tenant's record, retried with
+backoff by whichever process claims it, and a reinstall starts it again (idempotent: engines
+already in place are left alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import http
+from gateway.backoff import Backoff
+from gateway.bitrix.registration import compare, registration_params
+from gateway.bitrix.rest import PortalClient, PortalError, PortalUnreachable
+from gateway.config import Config
+from gateway.engines import Engine
+from gateway.files import FileStore, file_id
+from gateway.jobs.queue import JobQueue, QueueStoreError
+from gateway.netguard import OutboundPolicy
+from gateway.redaction import Redactor
+from gateway.supervision import Supervisor
+from gateway.tenants.events import EventError, InstallEvent, UninstallEvent, event_name, parse_php_form, read_install, read_uninstall
+from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
+from gateway.tenants.oauth import OAuthClient, OAuthError
+from gateway.tenants.store import TenantStore
+
+log = logging.getLogger("gateway.tenants")
+EVENTS_PATH = "/app/events"
+REGISTRATION_LEASE = 120.0
+REGISTRATION_POLL = 5.0
+REGISTRATION_BACKOFF = Backoff(5.0, maximum=600.0)
+MAX_REGISTRATION_ATTEMPTS = 30
+DOMAIN_SYNC_SECONDS = 5.0
+"""How often the installed portals' domains are read again (installs and uninstalls on other nodes)."""
+CACHE_SECONDS = 2.0
+"""How long a tenant looked up for a request is reused: an uninstall on this process clears it at once."""
+
+
+@dataclass(frozen=True)
+class EventAnswer:
+    status: int
+    body: dict[str, Any]
+
+
+class TenantService:
+    def __init__(
+        self,
+        config: Config,
+        store: TenantStore,
+        queue: JobQueue,
+        files: FileStore,
+        *,
+        supervisor: Supervisor | None = None,
+        redactor: Redactor | None = None,
+        transport: Any = None,
+        policy: OutboundPolicy | None = None,
+    ) -> None:
+        """``policy``: the runtime's outbound policy, told the installed portals' domains (their
+        callbacks and recordings may be fetched without listing them in security.allowed_portals)."""
+        assert config.app is not None
+        self.config, self.settings, self.store, self.queue, self.files = config, config.app, store, queue, files
+        self.supervisor = supervisor or Supervisor()
+        self.redactor = redactor or Redactor()
+        self.oauth = OAuthClient(self.settings.oauth_servers, allow_private_networks=config.security.allow_private_networks)
+        self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.policy = policy
+        self._named_portals = OutboundPolicy(config.security.allowed_portals, True)
+        """The portals the operator listed (``security.allowed_portals``): who may install a local app."""
+        # Portal REST calls go to the tenant's own domain (or where a rename moved it): any public host,
+        # never a private address unless the configuration allows private networks.
+        self._transport = transport or http.transport(OutboundPolicy(["*"], config.security.allow_private_networks))
+        self._cache: dict[str, tuple[float, Tenant | None]] = {}
+        self._wake = asyncio.Event()
+        store.subscribe(self._changed_elsewhere)
+
+    @property
+    def events_url(self) -> str:
+        """The URL a portal's admin enters as the app's install handler; uninstall events come here too."""
+        return self.config.public_url + EVENTS_PATH
+
+    def engines_for(self, tenant: Tenant) -> list[Engine]:
+        """The configured app engines with this tenant's completions URLs (the token part is the tenant's secret)."""
+        engines = []
+        for code in self.settings.engines:
+            config = self.config.engine(code)
+            assert config is not None
+            engines.append(Engine(config, tenant.url_secret, self.config.public_url + tenant.completions_path(code)))
+        return engines
+
+    async def start(self) -> None:
+        await self.sync_portal_hosts()
+        self.supervisor.start("tenant-registration", self._register_forever)
+        self.supervisor.start("tenant-domains", self._sync_forever)
+
+    async def stop(self) -> None:
+        await self.supervisor.stop("tenant-domains")
+        await self.supervisor.stop("tenant-registration")
+        await self.oauth.aclose()
+
+    async def sync_portal_hosts(self) -> None:
+        """Tell the outbound policy the hosts of every serving tenant (installs on other nodes included)."""
+        if self.policy is not None:
+            self.policy.set_portal_hosts(_host(t.domain) for t in await self.store.all() if t.serving)
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(DOMAIN_SYNC_SECONDS)
+            try:
+                await self.sync_portal_hosts()
+            except QueueStoreError as exc:
+                log.warning("tenant domains: the tenant store is unavailable (%s); trying again", exc)
+
+    def _allow(self, tenant: Tenant) -> None:
+        if self.policy is not None and tenant.serving and _host(tenant.domain) not in self.policy.portal_hosts:
+            self.policy.set_portal_hosts({*self.policy.portal_hosts, _host(tenant.domain)})
+
+    # -- events ---------------------------------------------------------------------
+    async def handle_event(self, body: bytes) -> EventAnswer:
+        """An event POSTed by a portal: install, uninstall, or something this gateway does not handle."""
+        try:
+            form = parse_php_form(body)
+            name = event_name(form)
+            if name == "ONAPPINSTALL":
+                return await self.install(read_install(form))
+            if name == "ONAPPUNINSTALL":
+                return await self.uninstall(read_uninstall(form))
+        except EventError as exc:
+            return EventAnswer(400, {"error": "invalid_event", "error_description": str(exc)})
+        return EventAnswer(400, {"error": "unknown_event", "error_description": f"this handler takes ONAPPINSTALL and ONAPPUNINSTALL, not {name[:40]}"})
+
+    async def install(self, event: InstallEvent) -> EventAnswer:
+        """Believe an install only when its OAuth server (a trusted one) confirms the token, for this
+        portal; then store the tenant and have its engines registered in the background."""
+        self.redactor.add(event.access_token)
+        self.redactor.add(event.refresh_token)
+        self.redactor.add(event.application_token)
+        who = f"portal {event.domain} (tenant {tenant_key(event.member_id)})"
+        if not self.oauth.trusted(event.server_endpoint):
+            log.warning("install event from %s refused: its OAuth server is not in app.oauth_servers", who)
+            return EventAnswer(403, {"error": "untrusted_oauth_server", "error_description": "the event names an OAuth server this gateway does not trust"})
+        try:
+            info = await self.oauth.app_info(event.server_endpoint, event.access_token)
+        except OAuthError as exc:
+            if exc.retryable:
+                log.warning("install event from %s: the OAuth server cannot confirm it now (%s)", who, exc.code)
+                return EventAnswer(503, {"error": "oauth_unavailable", "error_description": "the OAuth server cannot be reached; reinstall the app in a while"})
+            log.warning("install event from %s refused: the OAuth server rejected its token (%s)", who, exc.code)
+            return EventAnswer(403, {"error": "install_not_verified", "error_description": "the OAuth server does not confirm this installation"})
+        if info.member_id != event.member_id or info.domain.lower() != event.domain.lower():
+            log.warning("install event from %s refused: the token belongs to another portal", who)
+            return EventAnswer(403, {"error": "install_not_verified", "error_description": "the token does not belong to this portal"})
+        marketplace = bool(self.settings.client_id) and info.client_id == self.settings.client_id
+        listed = self.settings.credentials_for(event.domain) is not None and self.settings.credentials_for(event.domain) != (
+            self.settings.client_id,
+            self.settings.client_secret,
+        )
+        if self.settings.client_id and info.client_id and not marketplace and not listed:
+            log.warning("install event from %s refused: the token is another app's", who)
+            return EventAnswer(403, {"error": "install_not_verified", "error_description": "the token belongs to another application"})
+        if not marketplace and not listed and not self._named_portals.host_allowed(_host(event.domain)):
+            # A local app can be made on any portal: only portals the operator named may install one.
+            log.warning("install event from %s refused: a local app on a portal not in app.local_apps or security.allowed_portals", who)
+            return EventAnswer(
+                403,
+                {"error": "portal_not_allowed", "error_description": "this portal is not in the gateway's app.local_apps or security.allowed_portals"},
+            )
+        existing = await self.store.get(event.member_id)
+        now = time.time()
+        tenant = Tenant(
+            member_id=event.member_id,
+            domain=event.domain,
+            client_endpoint=event.client_endpoint,
+            server_endpoint=event.server_endpoint,
+            application_token=event.application_token,
+            url_secret=existing.url_secret if existing is not None else secrets.token_urlsafe(24),
+            tokens=Tokens(event.access_token, event.refresh_token, event.expires),
+            status=TenantStatus.DISABLED if existing is not None and existing.status is TenantStatus.DISABLED else TenantStatus.ACTIVE,
+            registration=Registration.PENDING,
+            registered_engines=existing.registered_engines if existing is not None else (),
+            user_id=event.user_id,
+            app_status=info.status or event.status,
+            installed_at=existing.installed_at if existing is not None and existing.status is not TenantStatus.UNINSTALLED else now,
+            updated_at=now,
+            last_refresh_at=existing.last_refresh_at if existing is not None else None,
+        )
+        await self.store.put(tenant)
+        self._forget_cached(tenant.key)
+        self._allow(tenant)
+        self._wake.set()
+        log.info(
+            "%s %s the app; registering %d engine(s) in the background", who, "reinstalled" if existing is not None else "installed", len(self.settings.engines)
+        )
+        return EventAnswer(200, {"result": True})
+
+    async def uninstall(self, event: UninstallEvent) -> EventAnswer:
+        """Believe an uninstall only when its ``application_token`` is the install's (constant-time);
+        then stop serving the tenant, wipe its tokens and end its queued jobs (``CLEAN``: delete them,
+        their hosted files included)."""
+        tenant = await self.store.get(event.member_id)
+        if tenant is None:
+            return EventAnswer(404, {"error": "unknown_portal", "error_description": "no installation of this app is known for this portal"})
+        if not hmac.compare_digest(tenant.application_token.encode(), event.application_token.encode()):
+            log.warning("uninstall event for tenant %s refused: its application_token is not the install's", tenant.key)
+            return EventAnswer(403, {"error": "invalid_application_token", "error_description": "the application token does not match"})
+        now = time.time()
+        gone = tenant.with_(
+            status=TenantStatus.UNINSTALLED,
+            tokens=None,
+            registration=Registration.DONE,
+            registered_engines=(),
+            updated_at=now,
+            detail="the portal uninstalled the app",
+        )
+        await self.store.put(gone)
+        self._forget_cached(tenant.key)
+        jobs = await self.queue.end_tenant_jobs(tenant.member_id, "the portal uninstalled the app", delete=event.clean)
+        files = 0
+        if event.clean:
+            files = await self._delete_hosted_files(jobs)
+        log.info(
+            "portal %s (tenant %s) uninstalled the app: %d job(s) %s%s",
+            tenant.domain,
+            tenant.key,
+            len(jobs),
+            "deleted" if event.clean else "ended",
+            f", {files} hosted file(s) deleted" if event.clean else "",
+        )
+        return EventAnswer(200, {"result": True})
+
+    async def _delete_hosted_files(self, jobs: list[Any]) -> int:
+        names = []
+        prefix = self.config.public_url + "/files/"
+        for job in jobs:
+            result = job.outcome.result if job.outcome is not None else None
+            for url in (result or {}).get("urls") or []:
+                if isinstance(url, str) and url.startswith(prefix) and file_id(url[len(prefix) :]):
+                    names.append(url[len(prefix) :])
+        return await self.files.delete(names) if names else 0
+
+    # -- the tenant a request names -----------------------------------------------------
+    async def tenant_for(self, key: str, secret: str) -> Tenant | None:
+        """The serving tenant whose completions URL this is (secret compared in constant time), else None."""
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            tenant = cached[1]
+        else:
+            tenant = await self.store.by_key(key)
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            self._cache[key] = (now + CACHE_SECONDS, tenant)
+        expected = tenant.url_secret if tenant is not None else "-" * 32
+        if not hmac.compare_digest(expected.encode(), secret.encode("utf-8", "surrogatepass")) or tenant is None:
+            return None
+        if tenant.status is TenantStatus.UNINSTALLED:
+            return None
+        self._allow(tenant)  # installed on another node a moment ago: its callbacks are allowed here too
+        return tenant
+
+    def _forget_cached(self, key: str) -> None:
+        self._cache.pop(key, None)
+
+    def _changed_elsewhere(self, key: str) -> None:
+        """Another process changed a tenant (an uninstall stops its requests at once on every node)."""
+        if key:
+            self._forget_cached(key)
+        else:
+            self._cache.clear()
+        self._wake.set()  # a reinstall elsewhere may have queued a registration
+
+    # -- calling a portal as the app ---------------------------------------------------
+    def portal(self, tenant: Tenant) -> PortalClient:
+        """A REST client for this tenant's portal with its token (refreshed on ``expired_token``)."""
+        return PortalClient.for_app(
+            tenant.client_endpoint,
+            _TenantTokens(self, tenant.member_id),
+            on_moved=lambda endpoint: self._moved(tenant.member_id, endpoint),
+            retries=self.config.portal_retries,  # `portal: {retries, backoff}` applies to both modes
+            backoff=self.config.portal_backoff,
+            transport=self._transport,
+        )
+
+    async def refresh(self, member_id: str, expired: str) -> str:
+        """A token newer than ``expired``: refreshed once under the per-portal lock (another process
+        may already have done it). ``invalid_grant`` marks the tenant ``needs_reinstall``."""
+
+        async def refresher(tenant: Tenant) -> Tokens:
+            credentials = self.settings.credentials_for(tenant.domain)
+            if credentials is None:
+                raise OAuthError("no_credentials", f"add the local app's client_id and client_secret for {tenant.domain} under app.local_apps")
+            assert tenant.tokens is not None
+            tokens, _ = await self.oauth.refresh(tenant.server_endpoint, credentials[0], credentials[1], tenant.tokens.refresh_token)
+            self.redactor.add(tokens.access_token)
+            self.redactor.add(tokens.refresh_token)
+            log.info("tenant %s: access token refreshed", tenant_key(member_id))
+            return tokens
+
+        try:
+            tokens = await self.store.refresh(member_id, expired, refresher)
+        except OAuthError as exc:
+            if exc.code in ("invalid_grant", "invalid_client"):
+                tenant = await self.store.get(member_id)
+                if tenant is not None and tenant.status is TenantStatus.ACTIVE:
+                    detail = (
+                        f"the OAuth server refused the refresh token ({exc.code}): reinstall the app on {tenant.domain} (Applications → the app → Reinstall)"
+                    )
+                    await self.store.put(tenant.with_(status=TenantStatus.NEEDS_REINSTALL, detail=detail, updated_at=time.time()))
+                    log.warning("tenant %s: %s", tenant.key, detail)
+            raise
+        return tokens.access_token
+
+    async def _moved(self, member_id: str, client_endpoint: str) -> None:
+        tenant = await self.store.get(member_id)
+        if tenant is None:
+            return
+        domain = client_endpoint.split("://", 1)[1].split("/", 1)[0].lower()
+        log.info("tenant %s: the portal moved from %s to %s", tenant.key, tenant.domain, domain)
+        await self.store.put(tenant.with_(domain=domain, client_endpoint=client_endpoint, updated_at=time.time()))
+        self._forget_cached(tenant.key)
+
+    # -- registering the engines ----------------------------------------------------------
+    async def _register_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                for tenant in await self.store.claim_registration(self.owner, REGISTRATION_LEASE, 4):
+                    try:
+                        await self._register(tenant)
+                    except QueueStoreError:
+                        raise
+                    except Exception:  # a bug must not stop the others' registration; the lease brings this one back
+                        log.exception("tenant %s: registering engines failed unexpectedly; trying again after the lease", tenant.key)
+            except QueueStoreError as exc:
+                log.warning("engine registration: the tenant store is unavailable (%s); trying again", exc)
+            try:
+                await asyncio.wait_for(self._wake.wait(), REGISTRATION_POLL)
+            except TimeoutError:
+                pass
+
+    async def _register(self, tenant: Tenant) -> None:
+        """One attempt to put the app's engines on the tenant's portal; the outcome is stored either way."""
+        attempts = tenant.registration_attempts + 1
+        try:
+            async with self.portal(tenant) as portal:
+                await self._bind_uninstall(portal)
+                registered = await self._register_engines(tenant, portal)
+        except (OAuthError, PortalError, QueueStoreError) as exc:
+            retry = isinstance(exc, (PortalUnreachable, QueueStoreError)) or (isinstance(exc, OAuthError) and exc.retryable)
+            current = await self.store.get(tenant.member_id) or tenant  # a refresh may have changed it
+            reason = self.redactor.redact(str(exc))[:300]
+            if retry and attempts < MAX_REGISTRATION_ATTEMPTS:
+                next_at = time.time() + REGISTRATION_BACKOFF.delay(attempts - 1)
+                log.warning(
+                    "tenant %s: registering engines failed (%s); attempt %d, trying again in %.0f s", tenant.key, reason, attempts, next_at - time.time()
+                )
+                await self.store.registration_done(current.with_(registration_attempts=attempts, registration_error=reason), self.owner, next_at=next_at)
+                return
+            log.warning("tenant %s: registering engines failed for good: %s", tenant.key, reason)
+            await self.store.registration_done(
+                current.with_(registration=Registration.FAILED, registration_attempts=attempts, registration_error=reason), self.owner
+            )
+            return
+        current = await self.store.get(tenant.member_id) or tenant
+        if current.status is TenantStatus.UNINSTALLED:
+            await self.store.registration_done(current, self.owner)
+            return
+        log.info("tenant %s: engines registered on %s: %s", tenant.key, current.domain, ", ".join(registered))
+        done = current.with_(
+            registration=Registration.DONE, registration_attempts=attempts, registration_error="", registered_engines=tuple(registered), updated_at=time.time()
+        )
+        await self.store.registration_done(done, self.owner)
+        self._forget_cached(tenant.key)
+
+    async def _bind_uninstall(self, portal: PortalClient) -> None:
+        try:
+            await portal.call("event.bind", {"event": "ONAPPUNINSTALL", "handler": self.events_url})
+        except PortalError as exc:
+            if "already binded" not in exc.description.lower() and "already bound" not in exc.description.lower():
+                raise
+
+    async def _register_engines(self, tenant: Tenant, portal: PortalClient) -> list[str]:
+        engines = self.engines_for(tenant)
+        statuses = {status.code.lower(): status for status in compare(engines, await portal.list())}
+        for engine in engines:
+            status = statuses[engine.code.lower()]
+            if status.status == "in_sync":
+                continue
+            if status.status == "different":
+                await portal.unregister(engine.code)
+            await portal.register(completions_url=engine.completions_url, **registration_params(engine))
+        return [engine.code for engine in engines]
+
+
+def _host(domain: str) -> str:
+    """The host of a tenant's ``host[:port]`` domain (the outbound policy allows hosts)."""
+    return domain.rsplit(":", 1)[0] if domain.count(":") == 1 else domain
+
+
+class _TenantTokens:
+    """A tenant's token for :class:`PortalClient`: the stored one, a refreshed one on ``expired_token``."""
+
+    def __init__(self, service: TenantService, member_id: str) -> None:
+        self.service, self.member_id = service, member_id
+
+    async def token(self) -> str:
+        tenant = await self.service.store.get(self.member_id)
+        if tenant is None or tenant.tokens is None:
+            raise OAuthError("no_tokens", "the tenant has no tokens (uninstalled)")
+        return tenant.tokens.access_token
+
+    async def refreshed(self, expired: str) -> str:
+        return await self.service.refresh(self.member_id, expired)

@@ -1,0 +1,248 @@
+"""Where tenants are kept: the protocol, the record's serialisation, and the SQLite store.
+
+A tenant is stored as one JSON record beside the few columns the store's statements select on
+(status, registration due time and lease). Tokens and the application token are in the record:
+the store's file (mode 0600) or database is as secret as the app's ``client_secret``.
+
+Two operations need care across processes and nodes:
+
+- :meth:`TenantStore.refresh` runs a token refresh under a per-portal lock (refresh tokens are
+  single-use: two processes refreshing at once would lock the portal out). Inside the lock the
+  record is read again; if another process has refreshed meanwhile, its tokens are used and the
+  OAuth server is not called;
+- :meth:`TenantStore.claim_registration` leases tenants whose engines are due to be registered,
+  so one process registers each tenant at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.jobs.queue import QueueStoreError
+from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
+
+Refresher = Callable[[Tenant], Awaitable[Tokens]]
+
+
+class TenantStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get(self, member_id: str) -> Tenant | None: ...
+
+    async def by_key(self, key: str) -> Tenant | None:
+        """The tenant whose URL id (:func:`~gateway.tenants.model.tenant_key`) this is."""
+        ...
+
+    async def all(self) -> list[Tenant]: ...
+
+    async def put(self, tenant: Tenant) -> None:
+        """Store the record (insert or replace), with its registration due at once when pending."""
+        ...
+
+    async def refresh(self, member_id: str, failed_access_token: str, refresher: Refresher) -> Tokens:
+        """Tokens newer than ``failed_access_token``: another process's if it refreshed meanwhile,
+        else ``refresher``'s (called under the per-portal lock, its tokens stored before the lock
+        is released). ``refresher`` may raise; nothing is stored then."""
+        ...
+
+    async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
+        """Tenants whose engine registration is pending and due, leased to ``owner``."""
+        ...
+
+    async def registration_done(self, tenant: Tenant, owner: str, *, next_at: float | None = None) -> None:
+        """Store the tenant after a registration attempt and release the lease; ``next_at``: try again then."""
+        ...
+
+    async def forget(self, member_id: str) -> bool: ...
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        """Have ``callback(tenant_key)`` called when another process changes a tenant (``""``: any may
+        have changed), so cached copies are dropped at once. A store without such a signal never calls it."""
+        ...
+
+
+def record_json(tenant: Tenant) -> str:
+    data = asdict(tenant)
+    data["status"], data["registration"] = str(tenant.status), str(tenant.registration)
+    data["registered_engines"] = list(tenant.registered_engines)
+    return json.dumps(data)
+
+
+def tenant_from_record(text: str) -> Tenant:
+    data: dict[str, Any] = json.loads(text)
+    tokens = data.pop("tokens", None)
+    return Tenant(
+        **{
+            **data,
+            "tokens": Tokens(**tokens) if tokens else None,
+            "status": TenantStatus(data["status"]),
+            "registration": Registration(data["registration"]),
+            "registered_engines": tuple(data.get("registered_engines") or ()),
+        }
+    )
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    member_id TEXT PRIMARY KEY,
+    tenant_key TEXT NOT NULL UNIQUE,
+    record TEXT NOT NULL,
+    status TEXT NOT NULL,
+    registration TEXT NOT NULL,
+    registration_next_at REAL NOT NULL DEFAULT 0,
+    registration_owner TEXT,
+    registration_until REAL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class SQLiteTenantStore:
+    """Tenants in ``data_dir/tenants.sqlite3``: app mode on one machine (processes on it share the
+    file; refreshes are serialised by a lock file per tenant, which holds across those processes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.locks = path.parent / "tenant-locks"
+        self._conn: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
+        self._member_locks: dict[str, asyncio.Lock] = {}
+
+    async def open(self) -> None:
+        def setup() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(SCHEMA)
+            return conn
+
+        try:
+            self._conn = await asyncio.to_thread(setup)
+        except (OSError, sqlite3.Error) as exc:
+            raise QueueStoreError(f"cannot open the tenant store {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._conn is None:
+            raise QueueStoreError("the tenant store is not open")
+        conn = self._conn
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(fn, conn)
+            except sqlite3.Error as exc:
+                raise QueueStoreError(f"tenant store {self.path}: {exc}") from exc
+
+    async def get(self, member_id: str) -> Tenant | None:
+        row = await self._run(lambda c: c.execute("SELECT record FROM tenants WHERE member_id = ?", (member_id,)).fetchone())
+        return tenant_from_record(row[0]) if row else None
+
+    async def by_key(self, key: str) -> Tenant | None:
+        row = await self._run(lambda c: c.execute("SELECT record FROM tenants WHERE tenant_key = ?", (key,)).fetchone())
+        return tenant_from_record(row[0]) if row else None
+
+    async def all(self) -> list[Tenant]:
+        rows = await self._run(lambda c: c.execute("SELECT record FROM tenants ORDER BY updated_at DESC").fetchall())
+        return [tenant_from_record(row[0]) for row in rows]
+
+    async def put(self, tenant: Tenant) -> None:
+        now = time.time()
+
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO tenants (member_id, tenant_key, record, status, registration, registration_next_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (member_id) DO UPDATE SET record = excluded.record, status = excluded.status, registration = excluded.registration,"
+                " registration_next_at = excluded.registration_next_at, updated_at = excluded.updated_at",
+                (tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), now, now),
+            )
+
+        await self._run(op)
+
+    @contextlib.contextmanager
+    def _file_lock(self, member_id: str) -> Iterator[None]:
+        self.locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.locks / f"{tenant_key(member_id)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    async def refresh(self, member_id: str, failed_access_token: str, refresher: Refresher) -> Tokens:
+        # A lock file serialises processes; POSIX locks belong to a process, so tasks within this
+        # one are serialised by an asyncio lock first.
+        async with self._member_locks.setdefault(member_id, asyncio.Lock()):
+            return await self._refresh_locked(member_id, failed_access_token, refresher)
+
+    async def _refresh_locked(self, member_id: str, failed_access_token: str, refresher: Refresher) -> Tokens:
+        lock = self._file_lock(member_id)
+        await asyncio.to_thread(lock.__enter__)
+        try:
+            tenant = await self.get(member_id)
+            if tenant is None or tenant.tokens is None:
+                raise QueueStoreError("the tenant has no tokens to refresh")
+            if tenant.tokens.access_token != failed_access_token:
+                return tenant.tokens  # another process refreshed while this one waited
+            tokens = await refresher(tenant)
+            await self.put(tenant.with_(tokens=tokens, last_refresh_at=time.time(), updated_at=time.time()))
+            return tokens
+        finally:
+            lock.__exit__(None, None, None)
+
+    async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
+        def op(c: sqlite3.Connection) -> list[Tenant]:
+            now = time.time()
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                rows = c.execute(
+                    "SELECT member_id, record FROM tenants WHERE registration = ? AND registration_next_at <= ?"
+                    " AND (registration_until IS NULL OR registration_until <= ?) ORDER BY registration_next_at LIMIT ?",
+                    (str(Registration.PENDING), now, now, limit),
+                ).fetchall()
+                c.executemany(
+                    "UPDATE tenants SET registration_owner = ?, registration_until = ? WHERE member_id = ?", [(owner, now + lease_seconds, r[0]) for r in rows]
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            return [tenant_from_record(r[1]) for r in rows]
+
+        result: list[Tenant] = await self._run(op)
+        return result
+
+    async def registration_done(self, tenant: Tenant, owner: str, *, next_at: float | None = None) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE tenants SET record = ?, status = ?, registration = ?, registration_next_at = ?, registration_owner = NULL,"
+                " registration_until = NULL, updated_at = ? WHERE member_id = ? AND registration_owner = ?",
+                (record_json(tenant), str(tenant.status), str(tenant.registration), next_at or 0, time.time(), tenant.member_id, owner),
+            )
+
+        await self._run(op)
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        """Processes sharing the file send each other no signal: their caches expire (2 s)."""
+
+    async def forget(self, member_id: str) -> bool:
+        cursor = await self._run(lambda c: c.execute("DELETE FROM tenants WHERE member_id = ?", (member_id,)))
+        return bool(cursor.rowcount)
