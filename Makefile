@@ -15,7 +15,7 @@ WHEELHOUSE ?= $(HOME)/.cache/bitrix24-ai-gateway/wheels
 LLAMA_CPP_WHEEL := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_CPP_VERSION).built
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup system-packages run demo lint test bench bench-scale bench-audio bench-litellm bench-local bench-peers fuzz bench-server bench-flood bench-queue clean
+.PHONY: setup system-packages run demo lint test bench bench-scale bench-audio bench-litellm bench-local bench-peers profile fuzz bench-server bench-flood bench-queue clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,11 @@ test: setup system-packages lint
 
 bench: setup
 	$(BIN)/python bench/accept_bench.py
+
+# Where the gateway's CPU per text job goes: the end-to-end bench's load under py-spy (pinned in the test
+# extra); writes a speedscope profile and a flame graph SVG to var/profile/ and prints the breakdown.
+profile: setup
+	$(BIN)/python bench/profile.py
 
 # SQLite (1 node) against PostgreSQL (1, 2, 3 nodes): starts its own throw-away PostgreSQL cluster.
 bench-scale: setup system-packages

@@ -215,8 +215,8 @@ async def end_to_end(
     then a pause; without, each of ``in_flight`` connections sends its next request as soon
     as its previous one's callback arrived (sustained load).
     """
+    made = await portal.requests(count)  # first: connections opened before it could idle past the gateway's header timeout
     conns = [await Connection(port).open() for _ in range(in_flight)]
-    made = await portal.requests(count)
     overheads: list[float] = []
 
     async def one(conn: Connection, client: httpx.AsyncClient, job_hash: str, body: bytes) -> None:
