@@ -208,7 +208,7 @@ class CompletionsEndpoint:
             raise ProtocolError(503, "queue_unavailable", "the gateway cannot store the request right now") from None
         if created:
             accepted_counter.inc()
-            log.info("accepted job %s engine=%s category=%s ttl=%s", stored.id, code, task.category.value, task.ttl)
+            log.debug("accepted job %s engine=%s category=%s ttl=%s", stored.id, code, task.category.value, task.ttl)
         else:
             rt.metrics.duplicates.labels(code).inc()
             log.info("repeated request for job %s engine=%s: answered 202, no new job", stored.id, code)

@@ -311,7 +311,7 @@ class Worker:
                 log.warning("job %s: lease lost while running; another worker has it", job.id)
                 return
             job.outcome, job.state = outcome, JobState.DELIVERING
-            log.info(
+            log.debug(
                 "job %s engine=%s outcome=%s",
                 job.id,
                 job.engine,
@@ -364,7 +364,14 @@ class Worker:
         self.metrics.delivery_latency.labels(host).observe(delivery.attempt.duration)
         if delivery.outcome != DeliveryOutcome.DELIVERED:
             self.metrics.delivery_failures.labels(host, delivery.outcome).inc()
-        log.info("job %s callback attempt %d: %s", job.id, job.delivery_attempts + 1, delivery.attempt.detail)
+        # One INFO line per job (its final state, below); an attempt is worth INFO only when it did not deliver.
+        log.log(
+            logging.DEBUG if delivery.outcome == DeliveryOutcome.DELIVERED else logging.INFO,
+            "job %s callback attempt %d: %s",
+            job.id,
+            job.delivery_attempts + 1,
+            delivery.attempt.detail,
+        )
         delivered_state = JobState.DELIVERED if job.outcome and job.outcome.result is not None else JobState.FAILED
         if delivery.outcome == DeliveryOutcome.DELIVERED:
             await self._finish(job, delivered_state, delivery.attempt.detail, [delivery.attempt])
@@ -455,7 +462,8 @@ class Worker:
             taken = " although the portal took this callback" if any(a.outcome == DeliveryOutcome.DELIVERED for a in attempts) else ""
             log.warning("job %s: the lease was lost before the final state %s could be recorded%s; another worker has the job", job.id, state.value, taken)
             return
-        log.info("job %s engine=%s final=%s", job.id, job.engine, state.value)
+        if log.isEnabledFor(logging.INFO):
+            log.info("job %s engine=%s final=%s in %.2f s", job.id, job.engine, state.value, time.time() - job.accepted_at)
         await self._announce(job, state, detail)
 
     async def _announce(self, job: Job, state: JobState, detail: str) -> None:

@@ -7,7 +7,7 @@ and outcomes are named in :mod:`gateway.outcomes` (a job's states are described 
 
 from __future__ import annotations
 
-import secrets
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -17,9 +17,31 @@ from gateway.tasks import Category, Task
 __all__ = ["FINAL_STATES", "PENDING_STATES", "Attempt", "Job", "JobError", "JobState", "Outcome", "new_job_id"]
 
 
+class _RandomHex:
+    """Unguessable hex digits from ``os.urandom``, read 4 KiB at a time: one system call serves
+    a thousand job ids instead of one each (a measurable share of a job's CPU under load)."""
+
+    def __init__(self, chunk: int = 4096) -> None:
+        self._chunk, self._buffer, self._at = chunk, b"", 0
+
+    def take(self, nbytes: int) -> str:
+        if self._at + nbytes > len(self._buffer):
+            self._buffer, self._at = os.urandom(self._chunk), 0
+        start, self._at = self._at, self._at + nbytes
+        return self._buffer[start : self._at].hex()
+
+
+    def reset(self) -> None:
+        self._buffer, self._at = b"", 0
+
+
+_random_hex = _RandomHex()
+os.register_at_fork(after_in_child=_random_hex.reset)  # a forked child must not reuse the parent's bytes
+
+
 def new_job_id() -> str:
     """Time-ordered and unguessable: 12 hex digits of milliseconds, 12 of randomness."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+    return f"{int(time.time() * 1000):012x}{_random_hex.take(6)}"
 
 
 @dataclass

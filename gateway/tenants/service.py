@@ -143,9 +143,6 @@ class TenantService:
     async def install(self, event: InstallEvent) -> EventAnswer:
         """Believe an install only when its OAuth server (a trusted one) confirms the token, for this
         portal; then store the tenant and have its engines registered in the background."""
-        self.redactor.add(event.access_token)
-        self.redactor.add(event.refresh_token)
-        self.redactor.add(event.application_token)
         who = f"portal {event.domain} (tenant {tenant_key(event.member_id)})"
         if not self.oauth.trusted(event.server_endpoint):
             log.warning("install event from %s refused: its OAuth server is not in app.oauth_servers", who)
@@ -176,6 +173,10 @@ class TenantService:
                 403,
                 {"error": "portal_not_allowed", "error_description": "this portal is not in the gateway's app.local_apps or security.allowed_portals"},
             )
+        # Verified: masked wherever this process writes (a forged event's values are never logged,
+        # and are not added: hostile events must not grow the redactor).
+        for secret in (event.access_token, event.refresh_token, event.application_token):
+            self.redactor.add(secret)
         existing = await self.store.get(event.member_id)
         now = time.time()
         tenant = Tenant(
