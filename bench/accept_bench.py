@@ -178,6 +178,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its children (``serve --processes N`` forks N servers under one parent)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -263,7 +273,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=6000, help="requests per throughput run")
     parser.add_argument("--e2e-requests", type=int, default=1000)
+    parser.add_argument("--processes", type=int, default=2, help="also run the 50-in-flight load on `serve --processes N` (0: skip)")
     args = parser.parse_args()
+    multi: tuple[list[float], float, float] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     path = f"/engines/bench/{TOKEN}/completions"
@@ -316,6 +328,17 @@ def main() -> None:
         bursts, _ = asyncio.run(end_to_end(gw_port, portal, args.e2e_requests, 50, 0.05, 0.5))
         sustained, sustained_rate = asyncio.run(end_to_end(gw_port, portal, args.e2e_requests, 50, 0.05, None))
         loaded_rss = rss_mb(gw.pid)
+        stop(gw)
+
+        if args.processes > 1:
+            gw, gw_port, _ = start_gateway(
+                workdir, gateway_config(workdir, slow_port, "e2e-processes"), "gateway-processes", "--processes", str(args.processes)
+            )
+            procs.append(gw)
+            asyncio.run(end_to_end(gw_port, portal, 200, 50, 0.05, None))  # warm-up
+            cpu_before = tree_cpu_seconds(gw.pid)
+            spread, spread_rate = asyncio.run(end_to_end(gw_port, portal, args.e2e_requests, 50, 0.05, None))
+            multi = (spread, spread_rate, (tree_cpu_seconds(gw.pid) - cpu_before) / args.e2e_requests)
     finally:
         for proc in procs:
             stop(proc)
@@ -338,6 +361,16 @@ def main() -> None:
         (
             "end-to-end overhead, 50 always in flight",
             f"p50 {statistics.median(sustained) * ms:.1f} ms, p99 {percentile(sustained, 0.99) * ms:.1f} ms, {sustained_rate:,.0f} jobs/s",
+        ),
+        *(
+            [
+                (
+                    f"end-to-end overhead, 50 in flight, serve --processes {args.processes}",
+                    f"p50 {statistics.median(multi[0]) * ms:.1f} ms, p99 {percentile(multi[0], 0.99) * ms:.1f} ms, {multi[1]:,.0f} jobs/s, CPU {multi[2] * ms:.1f} ms/job",
+                )
+            ]
+            if multi
+            else []
         ),
         ("start-up to first 200 (gateway serve)", f"{startup:.2f} s"),
         ("RSS idle / after the end-to-end run", f"{idle_rss:.0f} MB / {loaded_rss:.0f} MB"),

@@ -44,6 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import ListenError, bind_socket, listen_url, outbound_pools, raise_file_limit, serve
 
     config = _config(args)
+    if args.processes < 1:
+        print("gateway serve: --processes must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
     redactor = Redactor()  # the runtime's, masking every log line of this process
     configure_logging(redactor, args.log_level)
     host = args.host or config.host
@@ -54,19 +57,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ListenError as exc:
         print(f"gateway serve: {exc}", file=sys.stderr)
         return 1
-    runtime = Runtime(config, with_worker=not args.no_worker, redactor=redactor)
-    runtime.prepare()  # engine tokens and models, before the port is announced: a broken model is a config error
-    app = create_app(config, runtime)
 
-    def announce() -> None:
-        """Printed once the app has started and the socket accepts: the URL answers from now on."""
-        print(f"gateway {__version__}: serving on {listen_url(sock)} (public URL {config.public_url}), queue {config.queue.location}", flush=True)
-        for engine in runtime.engines:
-            print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
-        print("  full completions URLs, token included: gateway engines list", flush=True)
+    def serve_one(index: int = 0) -> int:
+        runtime = Runtime(config, with_worker=not args.no_worker, redactor=redactor)
+        runtime.prepare()  # engine tokens and models, before the port is announced: a broken model is a config error
+        app = create_app(config, runtime)
 
-    started = serve(app, sock, config.connections, file_limit, outbound_pools(config), registry=runtime.metrics.registry, on_ready=announce)
-    return 0 if started else 1
+        def announce() -> None:
+            """Printed once the app has started and the socket accepts: the URL answers from now on."""
+            if index:  # with --processes, the first process speaks for all
+                return
+            processes = f", {args.processes} processes" if args.processes > 1 else ""
+            print(
+                f"gateway {__version__}: serving on {listen_url(sock)} (public URL {config.public_url}), queue {config.queue.location}{processes}", flush=True
+            )
+            for engine in runtime.engines:
+                print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
+            print("  full completions URLs, token included: gateway engines list", flush=True)
+
+        started = serve(app, sock, config.connections, file_limit, outbound_pools(config), registry=runtime.metrics.registry, on_ready=announce)
+        return 0 if started else 1
+
+    if args.processes > 1:
+        from gateway.processes import serve_processes
+
+        return serve_processes(args.processes, serve_one)
+    return serve_one()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -832,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--no-worker", action="store_true", help="accept only; run `gateway worker` processes for the work")
+    p.add_argument("--processes", type=int, default=1, metavar="N", help="N server processes on one port, to use N cores (each with its own worker)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", parents=[common], help="run workers only (scale-out beside `serve`)")

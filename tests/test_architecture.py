@@ -81,6 +81,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "gateway.openai_api.responses",
             "gateway.openai_api.routes",
             "gateway.server",
+            "gateway.processes",
             "gateway.cli",
             "gateway.__main__",
             "gateway.demo",
