@@ -149,7 +149,10 @@ KINDS: list[tuple[str, Callable[[Frame], bool]]] = [
     ("COMMIT in its thread, and the hand-off to it", lambda f: _in(f, "concurrent/futures/")),
     ("URL checks (netguard, outbound URL parse)", lambda f: _in(f, "gateway/netguard.py") or f.name in ("parse_outbound_url", "check_url", "portal_host")),
     ("portal protocol: request parse/validate, callback body/answer", lambda f: _in(f, "gateway/bitrix/protocol.py")),
-    ("HTTP client (httpx, aiohttp, httpcore, h11, gateway/http.py)", lambda f: _in(f, "httpx/", "httpcore/", "h11/", "aiohttp/", "aiohappyeyeballs/", "yarl/", "multidict/", "gateway/http.py")),
+    (
+        "HTTP client (httpx, aiohttp, httpcore, h11, gateway/http.py)",
+        lambda f: _in(f, "httpx/", "httpcore/", "h11/", "aiohttp/", "aiohappyeyeballs/", "yarl/", "multidict/", "gateway/http.py"),
+    ),
     ("HTTP server (uvicorn, httptools, guard)", lambda f: _in(f, "uvicorn/", "httptools", "gateway/server.py")),
     ("Starlette (routing, Request, Response)", lambda f: _in(f, "starlette/")),
     ("openai adapter, execution, routing", lambda f: _in(f, "gateway_openai/", "gateway/execution.py", "gateway/routing.py", "gateway/adapters.py")),

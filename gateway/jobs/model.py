@@ -30,7 +30,6 @@ class _RandomHex:
         start, self._at = self._at, self._at + nbytes
         return self._buffer[start : self._at].hex()
 
-
     def reset(self) -> None:
         self._buffer, self._at = b"", 0
 

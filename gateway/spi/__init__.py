@@ -18,7 +18,7 @@ What is here:
   (a guardrail in ``prepare_task`` turns a task down);
 - option readers that give config errors naming the key, and parsers of the OpenAI answer
   shapes that compatible servers and litellm share;
-- ``http_transport``: the httpx transport the core uses (outbound policy, asyncio streams);
+- ``http_transport``: the httpx transport the core uses (outbound policy; aiohttp underneath);
 - helpers for in-process models on the CPU (``InProcessModel``: load once, share, run off the
   event loop; ``SharedModels``; background thread and process pools);
 - what the outcome hooks receive: ``HostedImages`` (an image task's result), ``JobError``
