@@ -112,6 +112,26 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def open_database(path: Path, setup: Callable[[sqlite3.Connection], None], timeout: float = LOCK_TIMEOUT) -> sqlite3.Connection:
+    """A WAL connection with ``setup`` (schema) done. Processes starting together on a new file
+    (``serve --processes N``) race to switch it to WAL, which SQLite refuses with "locked"
+    without waiting: that is retried for ``timeout`` seconds, like a held write lock."""
+    deadline, pause = time.monotonic() + timeout, 0.005
+    while True:
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = connect(path)
+            setup(conn)
+            return conn
+        except sqlite3.OperationalError as exc:
+            if conn is not None:
+                conn.close()
+            if not _locked(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
 def _add_columns(conn: sqlite3.Connection) -> None:
     """Bring a database created by an earlier version up to the current schema."""
     present = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
@@ -242,16 +262,17 @@ class SQLiteJobQueue:
         self._thread: _BlockingCalls | None = None
 
     async def open(self) -> None:
-        def setup() -> sqlite3.Connection:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.path)
+        def setup(conn: sqlite3.Connection) -> None:
             conn.executescript(SCHEMA)
             _add_columns(conn)
             conn.execute("PRAGMA busy_timeout=0")  # from now on, waits for the lock happen in _begin
-            return conn
+
+        def opened() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return open_database(self.path, setup)
 
         try:
-            self._conn = await asyncio.to_thread(setup)
+            self._conn = await asyncio.to_thread(opened)
         except (OSError, sqlite3.Error) as exc:
             raise QueueStoreError(f"cannot open queue database {self.path}: {exc}") from exc
         self._wakeup = asyncio.Event()

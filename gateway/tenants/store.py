@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.jobs.queue import QueueStoreError
+from gateway.jobs.sqlite import open_database
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
 
 Refresher = Callable[[Tenant], Awaitable[Tokens]]
@@ -109,6 +110,10 @@ CREATE TABLE IF NOT EXISTS tenants (
 """
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+
+
 class SQLiteTenantStore:
     """Tenants in ``data_dir/tenants.sqlite3``: app mode on one machine (processes on it share the
     file; refreshes are serialised by a lock file per tenant, which holds across those processes)."""
@@ -125,11 +130,7 @@ class SQLiteTenantStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
-            return conn
+            return open_database(self.path, _create_schema)
 
         try:
             self._conn = await asyncio.to_thread(setup)
