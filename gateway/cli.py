@@ -472,6 +472,7 @@ def _tenant_summary(tenant: Any, config: Config) -> dict[str, Any]:
         "installed_at": _when(tenant.installed_at),
         "last_refresh_at": _when(tenant.last_refresh_at),
         "detail": tenant.detail or None,
+        "limits": dict(tenant.limits) or None,
         "completions_urls": {code: config.public_url + tenant.completions_path(code) for code in (config.app.engines if config.app else ())}
         if tenant.serving
         else {},
@@ -487,6 +488,8 @@ def _find_tenant(tenants: list[Any], which: str) -> Any:
 
 
 def cmd_tenants(args: argparse.Namespace) -> int:
+    from gateway.config import TenantLimits
+    from gateway.tenants.limits import with_overrides
     from gateway.tenants.model import TenantStatus
 
     config = _config(args)
@@ -512,6 +515,23 @@ def cmd_tenants(args: argparse.Namespace) -> int:
             if not args.json:  # the URLs carry the tenant's secret: JSON only, for scripts
                 summary.pop("completions_urls")
             print(json.dumps(summary, indent=2))
+            return 0
+        if action == "limits":
+            own = dict(tenant.limits)
+            if args.reset:
+                own = {}
+            for key in ("requests_per_minute", "concurrent_jobs", "audio_minutes_per_day"):
+                value = getattr(args, key)
+                if value is not None:
+                    if value < 0:
+                        print(f"--{key.replace('_', '-')} must be 0 (no limit) or more", file=sys.stderr)
+                        return EXIT_CONFIG
+                    own[key] = value
+            if own != tenant.limits:
+                await store.put(tenant.with_(limits=own, updated_at=time.time()))
+            effective = with_overrides(config.app.limits if config.app else TenantLimits(), own)
+            shown = {key: getattr(effective, key) for key in ("requests_per_minute", "concurrent_jobs", "audio_minutes_per_day")}
+            print(json.dumps({"tenant": tenant.key, "own": own, "effective": shown}, indent=2))
             return 0
         if action in ("disable", "enable"):
             if tenant.status is TenantStatus.UNINSTALLED:
@@ -902,11 +922,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("disable", "refuse its requests"),
         ("enable", "serve it again"),
         ("forget", "delete its record and jobs"),
+        ("limits", "its own limits over app.limits (0: no limit); every node applies them within 5 s"),
     ):
         p = tenants.add_parser(name, parents=[common], help=what)
         p.add_argument("tenant", help="domain, member_id or tenant id")
         if name == "show":
             p.add_argument("--json", action="store_true", help="include its completions URLs (they hold its secret)")
+        if name == "limits":
+            p.add_argument("--requests-per-minute", type=int, dest="requests_per_minute")
+            p.add_argument("--concurrent-jobs", type=int, dest="concurrent_jobs")
+            p.add_argument("--audio-minutes-per-day", type=float, dest="audio_minutes_per_day")
+            p.add_argument("--reset", action="store_true", help="back to app.limits")
         p.set_defaults(func=cmd_tenants)
 
     p = sub.add_parser("usage", parents=[common], help="requests, tokens, cost and audio by day and engine (from finished jobs)")

@@ -159,13 +159,6 @@ class Runtime:
         stores = Stores.for_config(config, supervisor=self.loops)
         self.queue: JobQueue = stores.queue
         self.files = stores.files
-        self.tenants: TenantService | None = None
-        """App mode (``app:``): installed portals, their events and URLs; None in webhook mode only."""
-        if config.app is not None:
-            self.tenants = TenantService(config, stores.tenants, self.queue, self.files, supervisor=self.loops, redactor=self.redactor, policy=self.policy)
-            self.redactor.add(config.app.client_secret)
-            for local in config.app.local_apps:
-                self.redactor.add(local.client_secret)
         self.router = Router(config.routing)
         self.deliverer = Deliverer(self.policy, config.delivery, redactor=self.redactor)
         self.images = ImageHost(
@@ -178,6 +171,15 @@ class Runtime:
         self.recordings = RecordingFetcher(self.policy, config.audio, Path(config.data_dir) / "recordings")
         self.executor = TaskExecutor(config, self.adapters, self.router, self.pm, self.metrics, self.images, self.recordings, self.redactor)
         """Runs tasks: the worker's queued jobs, and the OpenAI-compatible API's requests (with or without a worker)."""
+        self.tenants: TenantService | None = None
+        """App mode (``app:``): installed portals, their events and URLs; None in webhook mode only."""
+        if config.app is not None:
+            self.tenants = TenantService(
+                config, stores.tenants, self.queue, self.files, supervisor=self.loops, redactor=self.redactor, policy=self.policy, limiter=self.executor.limiter
+            )
+            self.redactor.add(config.app.client_secret)
+            for local in config.app.local_apps:
+                self.redactor.add(local.client_secret)
         self.worker: Worker | None = None
         if with_worker:
             self.worker = Worker(

@@ -3,6 +3,8 @@ usage: per-process counting, an error callback that names the limit, metrics by 
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import httpx
@@ -77,5 +79,38 @@ def test_a_portal_over_its_limit_gets_an_error_callback_and_usage_is_counted_by_
             assert rows[0]["prompt_tokens"] > 0
             missing = gw.cli("usage", "--tenant", "nope.example.com", check=False)
             assert missing.returncode == 1 and "no tenant 'nope.example.com'" in missing.stderr
+        finally:
+            gw.stop()
+
+
+def test_a_tenants_own_limits_override_the_defaults():
+    limiter = TenantLimiter(TenantLimits(requests_per_minute=100, concurrent_jobs=2))
+    limiter.set_overrides({"small": {"requests_per_minute": 1}, "free": {"concurrent_jobs": 0}})
+    assert limiter.limits_for("small") == TenantLimits(requests_per_minute=1, concurrent_jobs=2)
+    assert limiter.limits_for("free") == TenantLimits(requests_per_minute=100, concurrent_jobs=None)  # 0: no limit
+    assert limiter.limits_for("other") == TenantLimits(requests_per_minute=100, concurrent_jobs=2)
+    assert limiter.admit("small", now=10.0) is None
+    assert (limiter.admit("small", now=11.0) or ("",))[0] == "requests_per_minute"
+
+
+def test_an_operator_sets_one_portals_limit_and_every_process_applies_it(tmp_path: Path) -> None:
+    oauth, portal, upstream = OAuthEmulator(CLIENT_ID, CLIENT_SECRET), PortalEmulator(), FakeOpenAI()
+    with LoopbackServer(oauth.app) as o, LoopbackServer(portal.app) as p, LoopbackServer(upstream.app) as up:
+        oauth.url, portal.url = o.url, p.url
+        gw = GatewayProcess(app_config(up.url), tmp_path).start()
+        try:
+            portal.install(oauth, gw.cli_json("app", "info")["install_url"])
+            url = wait_until(lambda: registered(portal), "engine registered", gw)[0]["completions_url"]
+            shown = json.loads(gw.cli("tenants", "limits", portal.domain, "--requests-per-minute", "1").stdout)
+            assert shown["own"] == {"requests_per_minute": 1} and shown["effective"]["requests_per_minute"] == 1
+            time.sleep(6)  # the serving process reads every tenant's limits every 5 s
+            kinds = []
+            for _ in range(2):
+                job_hash, body = portal.new_request(auth=portal.app_auth())
+                assert portal.send(url, body).status_code == 202
+                kinds.append(portal.wait(job_hash).delivered[0].kind)
+            assert kinds == ["success", "error"], gw.logs()[-2000:]
+            reset = json.loads(gw.cli("tenants", "limits", portal.domain, "--reset").stdout)
+            assert reset["own"] == {} and reset["effective"]["requests_per_minute"] is None
         finally:
             gw.stop()

@@ -10,15 +10,37 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
+from collections.abc import Mapping
 
 from gateway.config import TenantLimits
 
 DAY = 86400.0
 
 
+LIMIT_KEYS = ("requests_per_minute", "concurrent_jobs", "audio_minutes_per_day")
+
+
+def with_overrides(defaults: TenantLimits, overrides: Mapping[str, float]) -> TenantLimits:
+    """A tenant's limits: its own (``gateway tenants limits``; 0: none) over ``app.limits``."""
+
+    def pick(key: str, default: float | None) -> float | None:
+        if key not in overrides:
+            return default
+        return overrides[key] or None
+
+    rpm, concurrent = pick("requests_per_minute", defaults.requests_per_minute), pick("concurrent_jobs", defaults.concurrent_jobs)
+    return TenantLimits(
+        requests_per_minute=int(rpm) if rpm is not None else None,
+        concurrent_jobs=int(concurrent) if concurrent is not None else None,
+        audio_minutes_per_day=pick("audio_minutes_per_day", defaults.audio_minutes_per_day),
+    )
+
+
 class TenantLimiter:
     def __init__(self, limits: TenantLimits) -> None:
-        self.limits = limits
+        self.defaults = limits
+        self._own: dict[str, TenantLimits] = {}
+        """Tenants with limits of their own, by tenant id (kept up to date by the tenant service)."""
         self._starts: dict[str, deque[float]] = defaultdict(deque)
         self._running: dict[str, int] = defaultdict(int)
         self._audio: dict[str, tuple[int, float]] = {}
@@ -27,7 +49,7 @@ class TenantLimiter:
     def admit(self, tenant: str, *, audio: bool = False, now: float | None = None) -> tuple[str, str] | None:
         """None when the task may run (it then counts until :meth:`release`), else ``(limit, message)``."""
         now = time.time() if now is None else now
-        limits = self.limits
+        limits = self.limits_for(tenant)
         if limits.requests_per_minute is not None:
             starts = self._starts[tenant]
             while starts and starts[0] <= now - 60:
@@ -43,6 +65,13 @@ class TenantLimiter:
             self._starts[tenant].append(now)
         self._running[tenant] += 1
         return None
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        return self._own.get(tenant, self.defaults)
+
+    def set_overrides(self, overrides: Mapping[str, Mapping[str, float]]) -> None:
+        """Every tenant's own limits (tenant id → keys of :data:`LIMIT_KEYS`); the others get the defaults."""
+        self._own = {tenant: with_overrides(self.defaults, own) for tenant, own in overrides.items() if own}
 
     def release(self, tenant: str) -> None:
         self._running[tenant] = max(0, self._running[tenant] - 1)

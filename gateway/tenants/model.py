@@ -72,6 +72,9 @@ class Tenant:
     last_refresh_at: float | None = None
     detail: str = ""
     """The last thing worth telling an operator (why it needs a reinstall, what failed)."""
+    limits: dict[str, float] = field(default_factory=dict)
+    """This tenant's own limits (``gateway tenants limits``), over ``app.limits``: keys
+    ``requests_per_minute``, ``concurrent_jobs``, ``audio_minutes_per_day``; 0 means no limit."""
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -32,6 +32,7 @@ from gateway.netguard import OutboundPolicy
 from gateway.redaction import Redactor
 from gateway.supervision import Supervisor
 from gateway.tenants.events import EventError, InstallEvent, UninstallEvent, event_name, parse_php_form, read_install, read_uninstall
+from gateway.tenants.limits import TenantLimiter
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
 from gateway.tenants.oauth import OAuthClient, OAuthError
 from gateway.tenants.store import TenantStore
@@ -66,6 +67,7 @@ class TenantService:
         redactor: Redactor | None = None,
         transport: Any = None,
         policy: OutboundPolicy | None = None,
+        limiter: TenantLimiter | None = None,
     ) -> None:
         """``policy``: the runtime's outbound policy, told the installed portals' domains (their
         callbacks and recordings may be fetched without listing them in security.allowed_portals)."""
@@ -76,6 +78,8 @@ class TenantService:
         self.oauth = OAuthClient(self.settings.oauth_servers, allow_private_networks=config.security.allow_private_networks)
         self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.policy = policy
+        self.limiter = limiter
+        """The executor's limiter: told each tenant's own limits with the domains (every 5 s)."""
         self._named_portals = OutboundPolicy(config.security.allowed_portals, True)
         """The portals the operator listed (``security.allowed_portals``): who may install a local app."""
         # Portal REST calls go to the tenant's own domain (or where a rename moved it): any public host,
@@ -110,9 +114,13 @@ class TenantService:
         await self.oauth.aclose()
 
     async def sync_portal_hosts(self) -> None:
-        """Tell the outbound policy the hosts of every serving tenant (installs on other nodes included)."""
+        """Tell the outbound policy the hosts of every serving tenant (installs on other nodes included),
+        and the limiter each tenant's own limits."""
+        tenants = await self.store.all()
         if self.policy is not None:
-            self.policy.set_portal_hosts(_host(t.domain) for t in await self.store.all() if t.serving)
+            self.policy.set_portal_hosts(_host(t.domain) for t in tenants if t.serving)
+        if self.limiter is not None:
+            self.limiter.set_overrides({t.key: t.limits for t in tenants if t.limits})
 
     async def _sync_forever(self) -> None:
         while True:
