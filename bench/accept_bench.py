@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -195,14 +196,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def gateway_config(workdir: Path, upstream_port: int, name: str, concurrency: int = 64) -> Path:
-    config = {
+def gateway_config(workdir: Path, upstream_port: int, name: str, concurrency: int = 64, **overrides: Any) -> Path:
+    """The bench's gateway config in ``workdir``; ``overrides`` replace top-level keys (``queue``, ``public_url``)."""
+    config: dict[str, Any] = {
         "public_url": "http://127.0.0.1:0",
         "data_dir": str(workdir / name),
         "workers": {"concurrency": concurrency},
         "security": {"allowed_portals": ["127.0.0.1"], "allow_private_networks": True},
         "providers": {"up": {"type": "openai", "base_url": f"http://127.0.0.1:{upstream_port}/v1"}},
         "engines": [{"code": "bench", "category": "text", "token": TOKEN, "route": [{"provider": "up", "model": "m"}]}],
+        **overrides,
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accept_bench import TOKEN, Connection, Portal, cpu_seconds, gateway_config, percentile, print_table, start_process, stop  # noqa: E402
+from bench.accept_bench import Portal, cpu_seconds, end_to_end, gateway_config, percentile, print_table, start_process, stop  # noqa: E402
 from gateway.testing import free_port  # noqa: E402
 
 PY_SPY_PIN = "py-spy==0.4.3"  # as pinned in pyproject.toml's `test` extra
@@ -219,35 +219,8 @@ def breakdown(stacks: dict[Stack, float], cpu_per_job_us: float | None, weighted
 
 # -- running the load under py-spy ---------------------------------------------------------------
 async def sustained(port: int, portal: Portal, count: int, in_flight: int, upstream_delay: float) -> tuple[list[float], float]:
-    """accept_bench's "always in flight" load: overheads (callback - sent - upstream delay) and jobs/s.
-
-    The portal's requests are made before the connections open: made after (as accept_bench's
-    ``end_to_end`` does), a slow emulator on a busy machine can keep a fresh connection silent past
-    the gateway's ``header_timeout``, which closes it."""
-    import httpx
-
-    made = await portal.requests(count)
-    conns = [await Connection(port).open() for _ in range(in_flight)]
-    path = f"/engines/bench/{TOKEN}/completions"
-    pending = iter(made)
-    overheads: list[float] = []
-
-    async def run(conn: Connection, client: httpx.AsyncClient) -> None:
-        for job_hash, body in pending:
-            sent = time.time()
-            assert await conn.post(path, body) == 202
-            job = (await client.get(f"/-/requests/{job_hash}", params={"wait": 30})).json()
-            delivered = [c for c in job["callbacks"] if c["accepted"]]
-            assert delivered and delivered[0]["kind"] == "success", job
-            overheads.append(delivered[0]["at"] - sent - upstream_delay)
-
-    started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=portal.url, timeout=40, limits=httpx.Limits(max_connections=in_flight)) as client:
-        await asyncio.gather(*(run(conn, client) for conn in conns))
-    elapsed = time.perf_counter() - started
-    for conn in conns:
-        conn.close()
-    return overheads, count / elapsed
+    """accept_bench's "always in flight" load: overheads (callback - sent - upstream delay) and jobs/s."""
+    return await end_to_end(port, portal, count, in_flight, upstream_delay, None)
 
 
 def find_py_spy() -> str:

@@ -37,19 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.accept_bench import Connection, percentile, start_process, stop
+from bench.accept_bench import TOKEN, Connection, gateway_config, percentile, start_process, stop
 from gateway.bitrix.protocol import encode_like_php
 from gateway.testing import free_port
 from gateway.testing.postgres import PostgresServer
 from gateway.testing.upstream import FakeOpenAI
 
-TOKEN = "scale-token-0123456789abcdef"
 PATH = f"/engines/bench/{TOKEN}/completions"
 CONNECTIONS = 32
 SHARED_URL = "https://gateway.example.test"
@@ -213,18 +211,7 @@ class Bench:
 
 
 def node_config(workdir: Path, name: str, upstream_port: int, queue: dict[str, Any]) -> Path:
-    config = {
-        "public_url": SHARED_URL,
-        "data_dir": str(workdir / name),
-        "queue": queue,
-        "workers": {"concurrency": 64},
-        "security": {"allowed_portals": ["127.0.0.1"], "allow_private_networks": True},
-        "providers": {"up": {"type": "openai", "base_url": f"http://127.0.0.1:{upstream_port}/v1"}},
-        "engines": [{"code": "bench", "category": "text", "token": TOKEN, "route": [{"provider": "up", "model": "m"}]}],
-    }
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return gateway_config(workdir, upstream_port, name, public_url=SHARED_URL, queue=queue)
 
 
 def start_nodes(workdir: Path, configs: list[Path], extra: tuple[str, ...] = ()) -> tuple[list[subprocess.Popen[bytes]], list[int]]:

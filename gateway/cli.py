@@ -647,6 +647,15 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 
 
 # -- simulate ---------------------------------------------------------------------------
+def _needs_recording(code: str, category: str, audio: bytes | None) -> bool:
+    """True (and the reason printed) when an audio or call engine is simulated without ``--audio``."""
+    if category not in ("audio", "call") or audio is not None:
+        return False
+    article = "an" if category[0] in "aeiou" else "a"
+    print(f"engine {code} is {article} {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)", file=sys.stderr)
+    return True
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from gateway.bitrix.simulator import PortalEmulator
     from gateway.demo import CALLBACK_REFUSED_HINT, exchange, portal_prompt
@@ -672,11 +681,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"no engine {args.engine!r} in {config.path}; engines: {', '.join(e.code for e in config.engines) or 'none'}", file=sys.stderr)
         return EXIT_CONFIG
     category = engine.config.category.value
-    if category in ("audio", "call") and audio is None:
-        print(
-            f"engine {engine.code} is {'an' if category[0] in 'aeiou' else 'a'} {category} engine: pass --audio FILE (a recording the emulator serves to the gateway)",
-            file=sys.stderr,
-        )
+    if _needs_recording(engine.code, category, audio):
         return EXIT_CONFIG
     base = (args.gateway or config.public_url).rstrip("/")
     url = base + completions_path(engine.code, engine.token)
@@ -741,11 +746,7 @@ def _simulate_app(args: argparse.Namespace, config: Config, audio: bytes | None)
         print(f"engine {code!r} is not an app engine of {config.path}; app.engines: {', '.join(app.engines)}", file=sys.stderr)
         return EXIT_CONFIG
     category = engine.category.value
-    if category in ("audio", "call") and audio is None:
-        print(
-            f"engine {code} is {'an' if category[0] in 'aeiou' else 'a'} {category} engine: pass --audio FILE (a recording the emulator serves)",
-            file=sys.stderr,
-        )
+    if _needs_recording(code, category, audio):
         return EXIT_CONFIG
     base = (args.gateway or config.public_url).rstrip("/")
     install_url = base + EVENTS_PATH

@@ -39,6 +39,45 @@ def task_json(job: Job) -> str:
         raise QueueItemError(f"this job cannot be stored: its task is not JSON: {exc}") from None
 
 
+INSERT_COLUMNS = (
+    "id",
+    "idem_key",
+    "engine",
+    "category",
+    "state",
+    "task",
+    "callback_url",
+    "error_callback_url",
+    "accepted_at",
+    "deadline",
+    "next_at",
+    "lease_owner",
+    "lease_until",
+    "tenant",
+)
+"""A new job's columns, in the order of :func:`insert_values`."""
+
+
+def insert_values(job: Job, idempotency_key: str, *, lease_owner: str | None, lease_seconds: float, now: float) -> tuple[Any, ...]:
+    """A new job's row (:data:`INSERT_COLUMNS`): stored already leased to ``lease_owner`` when given."""
+    return (
+        job.id,
+        idempotency_key,
+        job.engine,
+        str(job.category),
+        str(JobState.RUNNING if lease_owner else JobState.QUEUED),
+        task_json(job),
+        job.callback_url,
+        job.error_callback_url,
+        job.accepted_at,
+        job.deadline,
+        now,
+        lease_owner,
+        now + lease_seconds if lease_owner else None,
+        job.tenant,
+    )
+
+
 def outcome_json(outcome: Outcome) -> str:
     return json.dumps(outcome.to_json())
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from gateway.jobs.model import Job
 from gateway.jobs.queue import QueueItemError, QueueStoreError
-from gateway.jobs.rows import job_from_row, outcome_json, storable, task_json
+from gateway.jobs.rows import INSERT_COLUMNS, insert_values, job_from_row, outcome_json, storable
 from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, AttemptKind, JobState, Outcome, stored_attempt
 from gateway.supervision import Supervisor
 
@@ -45,10 +45,7 @@ _PENDING_SQL = f"state IN ({', '.join(repr(str(state)) for state in PENDING_STAT
 """Jobs not yet final; state names in SQL come from :class:`~gateway.outcomes.JobState`."""
 QUEUED, RUNNING, DELIVERING, DEAD = (f"'{state}'" for state in (JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING, JobState.DEAD))
 MAX_BATCH = 512
-INSERT_COLUMNS = (
-    "id, idem_key, engine, category, state, task, callback_url, error_callback_url, accepted_at, deadline, next_at, lease_owner, lease_until, tenant"
-)
-INSERT_ROW = "(" + ", ".join("?" * 14) + ")"
+INSERT_ROW = "(" + ", ".join("?" * len(INSERT_COLUMNS)) + ")"
 INSERT_CHUNK = 256  # 14 parameters a row: well under SQLite's limit per statement
 LOCK_TIMEOUT = 10.0
 
@@ -192,7 +189,7 @@ def _insert_chunk(conn: sqlite3.Connection, chunk: list[_Op]) -> list[Result]:
     rows = [op.insert for op in chunk if op.insert is not None]
     before = conn.total_changes
     conn.execute(
-        f"INSERT INTO jobs ({INSERT_COLUMNS}) VALUES {', '.join([INSERT_ROW] * len(rows))} ON CONFLICT (idem_key) DO NOTHING",
+        f"INSERT INTO jobs ({', '.join(INSERT_COLUMNS)}) VALUES {', '.join([INSERT_ROW] * len(rows))} ON CONFLICT (idem_key) DO NOTHING",
         [value for row in rows for value in row],
     )
     if conn.total_changes - before == len(rows):
@@ -389,24 +386,7 @@ class SQLiteJobQueue:
         """Processes sharing the file have no signal to send each other: their workers poll."""
 
     async def enqueue(self, job: Job, idempotency_key: str, *, lease_owner: str | None, lease_seconds: float) -> tuple[Job, bool]:
-        now = time.time()
-        task = task_json(job)
-        row = (
-            job.id,
-            idempotency_key,
-            job.engine,
-            job.category,
-            JobState.RUNNING if lease_owner else JobState.QUEUED,
-            task,
-            job.callback_url,
-            job.error_callback_url,
-            job.accepted_at,
-            job.deadline,
-            now,
-            lease_owner,
-            now + lease_seconds if lease_owner else None,
-            job.tenant,
-        )
+        row = insert_values(job, idempotency_key, lease_owner=lease_owner, lease_seconds=lease_seconds, now=time.time())
         existing = await self._submit(_Op(asyncio.get_running_loop().create_future(), insert=row))
         if existing is not None:
             return existing, False

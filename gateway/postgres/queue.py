@@ -29,7 +29,7 @@ from typing import Any
 from gateway.config import QueueSettings
 from gateway.jobs.model import Job
 from gateway.jobs.queue import QueueStoreError
-from gateway.jobs.rows import job_from_row, outcome_json, storable, task_json
+from gateway.jobs.rows import INSERT_COLUMNS, insert_values, job_from_row, outcome_json, storable
 from gateway.outcomes import FINAL_STATES, Attempt, AttemptKind, JobState, Outcome, stored_attempt
 from gateway.postgres import schema
 from gateway.postgres.database import Database, describe
@@ -44,8 +44,7 @@ PENDING = schema.PENDING_SQL
 Q, R, D, DEAD = (f"'{state}'" for state in (JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING, JobState.DEAD))
 
 INSERT = (
-    "INSERT INTO gateway_jobs (id, idem_key, engine, category, state, task, callback_url, error_callback_url,"
-    " accepted_at, deadline, next_at, lease_owner, lease_until, tenant) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    f"INSERT INTO gateway_jobs ({', '.join(INSERT_COLUMNS)}) VALUES ({', '.join(f'${n}' for n in range(1, len(INSERT_COLUMNS) + 1))})"
     " ON CONFLICT (idem_key) DO NOTHING RETURNING id"
 )
 INSERT_AND_NOTIFY = f"WITH inserted AS ({INSERT}) SELECT id, pg_notify('{CHANNEL}', '') FROM inserted"
@@ -199,24 +198,8 @@ class PostgresJobQueue:
 
     # -- the protocol ---------------------------------------------------------------
     async def enqueue(self, job: Job, idempotency_key: str, *, lease_owner: str | None, lease_seconds: float) -> tuple[Job, bool]:
-        now = time.time()
         state = JobState.RUNNING if lease_owner else JobState.QUEUED
-        params = (
-            job.id,
-            idempotency_key,
-            job.engine,
-            str(job.category),
-            str(state),
-            task_json(job),
-            job.callback_url,
-            job.error_callback_url,
-            job.accepted_at,
-            job.deadline,
-            now,
-            lease_owner,
-            now + lease_seconds if lease_owner else None,
-            job.tenant,
-        )
+        params = insert_values(job, idempotency_key, lease_owner=lease_owner, lease_seconds=lease_seconds, now=time.time())
         async with self.db.connection() as conn:
             # Leased here: this process runs it, nobody else needs waking.
             inserted = await conn.fetchval(INSERT if lease_owner else INSERT_AND_NOTIFY, *params, timeout=self.settings.connect_timeout)
