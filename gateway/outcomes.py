@@ -54,6 +54,8 @@ class AttemptKind(enum.StrEnum):
     """A callback POST to the portal."""
     INTERNAL = "internal"
     """An unexpected error in the gateway while running or delivering the job."""
+    OPERATOR = "operator"
+    """An operator's action on the job (cancel, re-deliver), from the CLI or the dashboard; ``target`` names the action."""
 
 
 class AttemptOutcome(enum.StrEnum):
@@ -98,6 +100,8 @@ class ErrorReason(enum.StrEnum):
     INTERNAL = "internal"
     LIMIT = "limit"
     """The installed portal is over one of its limits (app mode: ``app.limits``)."""
+    CANCELLED = "cancelled"
+    """The gateway's operator cancelled the job before it ran (``gateway jobs cancel``, the dashboard)."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 The outcome is stored before the first callback POST, so a failed or repeated delivery
 never runs the model again. Each state change is conditional on this worker's lease;
-the final one fires ``task_succeeded`` or ``task_failed`` exactly once.
+the final one fires ``task_succeeded`` or ``task_failed`` exactly once per final state reached:
+a ``dead`` job the operator re-delivers (``gateway jobs redeliver``) becomes final again and
+fires again. A job the operator cancels is claimed like any other with an outcome to deliver:
+its error goes to ``errorCallbackUrl`` and it ends ``failed`` (one ``task_failed``).
 
 Model work and callbacks have separate pools: ``workers.concurrency`` slots run tasks, and
 a job whose outcome is stored gives its slot back and waits for its callback in its

@@ -104,7 +104,7 @@ def test_run_on_database_migrates_first_unless_told_not_to(postgres_dsn):
         return int(await conn.fetchval("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'gateway_%'"))
 
     assert run_on_database(settings, tables, "counting", migrate=False) == 0
-    assert run_on_database(settings, tables, "counting") == 6  # gateway_migrations, four tables of migration 1, tenants of 2
+    assert run_on_database(settings, tables, "counting") == 7  # gateway_migrations, four tables of migration 1, tenants of 2, API usage of 4
 
 
 def test_without_the_driver_the_error_says_how_to_install_it(monkeypatch):

@@ -22,6 +22,7 @@ import pytest
 
 from gateway.bitrix.simulator import PortalEmulator
 from gateway.engines import TOKENS_FILE
+from gateway.postgres.schema import LATEST, MIGRATIONS
 from gateway.testing import ENGINE_TOKEN, GatewayProcess, make_config
 from gateway.testing.postgres import PostgresServer
 from gateway.testing.upstream import FakeOpenAI
@@ -156,7 +157,8 @@ def test_three_nodes_share_tokens_and_jobs(cluster: Cluster, portal: PortalEmula
     token = url.split("/")[-2]
     database = cluster.dsn.rsplit("/", 1)[1]
     assert postgres_server.psql(database, "SELECT count(*) FROM gateway_engine_tokens").strip() == "1"
-    assert postgres_server.psql(database, "SELECT version FROM gateway_migrations ORDER BY version").split() == ["1", "2"]  # each applied once
+    applied = postgres_server.psql(database, "SELECT version FROM gateway_migrations ORDER BY version").split()
+    assert applied == [str(m.version) for m in MIGRATIONS]  # each applied once
     for node in nodes:
         assert not (Path(node.config["data_dir"]) / TOKENS_FILE).exists()  # nothing of it in a node's data_dir
 
@@ -370,14 +372,15 @@ def test_postgres_restart_under_load(cluster: Cluster, portal: PortalEmulator, p
 def test_db_migrate_and_status(tmp_path: Path, upstream: FakeOpenAI, postgres_dsn: str) -> None:
     node = GatewayProcess(postgres_config(upstream.url, postgres_dsn), tmp_path)  # never started: the CLI alone
     before = node.cli("db", "status")
-    assert "0 of 2 migration(s) applied" in before.stdout and "0001  pending" in before.stdout and "gateway db migrate" in before.stdout
+    assert f"0 of {LATEST} migration(s) applied" in before.stdout and "0001  pending" in before.stdout and "gateway db migrate" in before.stdout
     migrated = node.cli("db", "migrate")
     assert "applied 0001 jobs, attempts, engine tokens and hosted files" in migrated.stdout and "applied 0002 app mode" in migrated.stdout
-    assert "schema at version 2" in migrated.stdout
+    assert all(f"applied {m.version:04d} {m.name}" in migrated.stdout for m in MIGRATIONS)
+    assert f"schema at version {LATEST}" in migrated.stdout
     assert "nothing to apply" in node.cli("db", "migrate").stdout
     status = node.cli_json("db", "status")
-    assert (status["latest"], status["pending"]) == (2, 0)
-    assert [(m["version"], m["applied_at"] is not None) for m in status["migrations"]] == [(1, True), (2, True)]
+    assert (status["latest"], status["pending"]) == (LATEST, 0)
+    assert [(m["version"], m["applied_at"] is not None) for m in status["migrations"]] == [(m.version, True) for m in MIGRATIONS]
     assert postgres_dsn not in before.stdout + migrated.stdout
 
     sqlite_dir = tmp_path / "sqlite"

@@ -1,7 +1,7 @@
 """The job record: one accepted task, where its outcome goes, and how far it got.
 
-The task is stored once; the columns the queue's SQL needs (engine, category, accepted_at,
-deadline) are read from it here (:class:`Job`'s properties), in one place. States, attempts
+The task is stored once; the columns the queue's SQL needs (engine, category, portal,
+accepted_at, deadline) are read from it here (:class:`Job`'s properties), in one place. States, attempts
 and outcomes are named in :mod:`gateway.outcomes` (a job's states are described there).
 """
 
@@ -64,6 +64,9 @@ class Job:
     """Unexpected errors so far while running or delivering this job (bounded, then ``dead``)."""
     tenant: str = ""
     """The installed portal's ``member_id`` for a request to an app engine (app mode); empty in webhook mode."""
+    lease_until: float | None = None
+    """Until when a worker holds the job, as read from storage (None: nobody holds it). The operator's
+    actions are offered only for jobs no worker holds; the queue checks it again when it acts."""
 
     @property
     def id(self) -> str:
@@ -76,6 +79,11 @@ class Job:
     @property
     def category(self) -> Category:
         return self.task.category
+
+    @property
+    def portal(self) -> str:
+        """The host name of the portal that sent the request, lower-case (the ``portal`` column)."""
+        return self.task.portal.lower()
 
     @property
     def accepted_at(self) -> float:

@@ -8,10 +8,13 @@ queue's statements select and order by.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from gateway.jobs.model import Job
-from gateway.jobs.queue import QueueItemError
+from gateway.jobs.queue import JobFilter, QueueItemError
+from gateway.metrics import END_TO_END_BUCKETS
 from gateway.outcomes import Attempt, JobState, Outcome
 from gateway.tasks import Task
 
@@ -54,6 +57,7 @@ INSERT_COLUMNS = (
     "lease_owner",
     "lease_until",
     "tenant",
+    "portal",
 )
 """A new job's columns, in the order of :func:`insert_values`."""
 
@@ -75,6 +79,7 @@ def insert_values(job: Job, idempotency_key: str, *, lease_owner: str | None, le
         lease_owner,
         now + lease_seconds if lease_owner else None,
         job.tenant,
+        job.portal,
     )
 
 
@@ -98,4 +103,44 @@ def job_from_row(row: Row, attempts: list[Attempt] | None = None) -> Job:
         maybe_delivered=bool(row["maybe_delivered"]),
         internal_errors=row["internal_errors"],
         tenant=row["tenant"] or "",
+        lease_until=row["lease_until"],
     )
+
+
+def callback_host(url: str) -> str:
+    """The host of a stored callback URL, lower-case ('' if it has none): the ``portal`` of a job
+    stored before that column existed (PostgreSQL's migration 3 reads it with a regular expression)."""
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def filter_where(job_filter: JobFilter, mark: Callable[[int], str]) -> tuple[str, list[Any]]:
+    """The ``WHERE`` clause of a :class:`JobFilter` (empty when it matches every job) and its values;
+    ``mark(n)`` writes the backend's n-th placeholder (``?`` or ``$n``). Values never enter the SQL text."""
+    f = job_filter
+    conditions: list[str] = []
+    values: list[Any] = []
+    for sql, value in (
+        ("state = {}", str(f.state) if f.state is not None else None),
+        ("engine = {}", f.engine),
+        ("category = {}", f.category),
+        ("portal = {}", f.portal),
+        ("tenant = {}", f.tenant),
+        ("accepted_at >= {}", f.accepted_since),
+        ("accepted_at < {}", f.accepted_until),
+        ("id < {}", f.before_id),
+    ):
+        if value is not None:
+            values.append(value)
+            conditions.append(sql.format(mark(len(values))))
+    return (f" WHERE {' AND '.join(conditions)}" if conditions else ""), values
+
+
+def latency_bucket_sql(latency: str) -> str:
+    """A SQL expression: the index of the first bound of :data:`~gateway.metrics.END_TO_END_BUCKETS`
+    that ``latency`` (an expression, in seconds) does not exceed, ``len(bounds)`` past the last
+    (Prometheus's ``le`` buckets). The bounds are the code's own numbers, written as literals."""
+    cases = " ".join(f"WHEN {latency} <= {float(bound)!r} THEN {index}" for index, bound in enumerate(END_TO_END_BUCKETS))
+    return f"CASE {cases} ELSE {len(END_TO_END_BUCKETS)} END"

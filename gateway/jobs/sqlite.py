@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -34,9 +35,32 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.jobs.model import Job
-from gateway.jobs.queue import QueueItemError, QueueStoreError
-from gateway.jobs.rows import INSERT_COLUMNS, insert_values, job_from_row, outcome_json, storable
-from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, AttemptKind, JobState, Outcome, stored_attempt
+from gateway.jobs.queue import (
+    CANCELLED,
+    NO_SUCH_JOB,
+    AcceptedCount,
+    Action,
+    Activity,
+    FinishedCount,
+    JobActionRefused,
+    JobFilter,
+    PortalUsageCount,
+    QueueItemError,
+    QueueStoreError,
+    action_refusal,
+    plausible_job_id,
+)
+from gateway.jobs.rows import INSERT_COLUMNS, callback_host, filter_where, insert_values, job_from_row, latency_bucket_sql, outcome_json, storable
+from gateway.outcomes import (
+    FINAL_STATES,
+    PENDING_STATES,
+    Attempt,
+    AttemptKind,
+    AttemptOutcome,
+    JobState,
+    Outcome,
+    stored_attempt,
+)
 from gateway.supervision import Supervisor
 
 log = logging.getLogger("gateway.queue")
@@ -46,7 +70,7 @@ _PENDING_SQL = f"state IN ({', '.join(repr(str(state)) for state in PENDING_STAT
 QUEUED, RUNNING, DELIVERING, DEAD = (f"'{state}'" for state in (JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING, JobState.DEAD))
 MAX_BATCH = 512
 INSERT_ROW = "(" + ", ".join("?" * len(INSERT_COLUMNS)) + ")"
-INSERT_CHUNK = 256  # 14 parameters a row: well under SQLite's limit per statement
+INSERT_CHUNK = 256  # 15 parameters a row: well under SQLite's limit per statement
 LOCK_TIMEOUT = 10.0
 
 SCHEMA = f"""
@@ -70,7 +94,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     detail TEXT NOT NULL DEFAULT '',
     maybe_delivered INTEGER NOT NULL DEFAULT 0,
     internal_errors INTEGER NOT NULL DEFAULT 0,
-    tenant TEXT NOT NULL DEFAULT ''
+    tenant TEXT NOT NULL DEFAULT '',
+    portal TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (next_at) WHERE {_PENDING_SQL};
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
@@ -87,8 +112,22 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id, seq);
 """
-ADDED_COLUMNS = {"maybe_delivered": "INTEGER NOT NULL DEFAULT 0", "internal_errors": "INTEGER NOT NULL DEFAULT 0", "tenant": "TEXT NOT NULL DEFAULT ''"}
+ADDED_COLUMNS = {
+    "maybe_delivered": "INTEGER NOT NULL DEFAULT 0",
+    "internal_errors": "INTEGER NOT NULL DEFAULT 0",
+    "tenant": "TEXT NOT NULL DEFAULT ''",
+    "portal": "TEXT NOT NULL DEFAULT ''",
+}
 """Columns newer than the first schema: added to a database created before them."""
+BACKFILLS = {"portal": "UPDATE jobs SET portal = gateway_callback_host(callback_url) WHERE portal = ''"}
+"""How an added column gets its values for the jobs stored before it (in the transaction that adds it)."""
+INDEXES_ON_ADDED_COLUMNS = """
+CREATE INDEX IF NOT EXISTS jobs_portal ON jobs (portal, id);
+CREATE INDEX IF NOT EXISTS jobs_accepted ON jobs (accepted_at, engine, category);
+"""
+"""Created once the columns exist (an older database gets them after :data:`ADDED_COLUMNS`). ``jobs_accepted``
+covers the per-minute counts of :meth:`SQLiteJobQueue.activity`: 100,000 jobs in an hour counted in 70 ms
+instead of 330 ms (no table row read)."""
 
 
 class _Op:
@@ -107,6 +146,22 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the 202 leaves
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
+
+
+async def run_in_thread(lock: asyncio.Lock, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn(conn)`` in a thread, one at a time under ``lock``, which stays held until the thread is done
+    even when the caller is cancelled: a thread cannot be stopped, and the next statement on the same
+    connection from another thread meanwhile would crash the process. For the small stores beside the
+    queue (tenants, API usage), whose statements may wait for another process's write lock."""
+    async with lock:
+        statement = asyncio.ensure_future(asyncio.to_thread(fn, conn))
+        try:
+            return await asyncio.shield(statement)
+        except asyncio.CancelledError:
+            while not statement.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(statement)
+            raise
 
 
 def open_database(path: Path, setup: Callable[[sqlite3.Connection], None], timeout: float = LOCK_TIMEOUT) -> sqlite3.Connection:
@@ -130,16 +185,28 @@ def open_database(path: Path, setup: Callable[[sqlite3.Connection], None], timeo
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:
-    """Bring a database created by an earlier version up to the current schema."""
-    present = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-    for name, declaration in ADDED_COLUMNS.items():
-        if name in present:
-            continue
+    """Bring a database created by an earlier version up to the current schema: each missing column
+    added and filled for the jobs already stored, in one transaction under the write lock (processes
+    opening the file together: the first upgrades it, the others find it done), then the indexes."""
+
+    def present() -> set[str]:
+        return {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+
+    if not set(ADDED_COLUMNS) <= present():
+        conn.create_function("gateway_callback_host", 1, callback_host, deterministic=True)
+        conn.execute("BEGIN IMMEDIATE")  # waits up to the connection's busy timeout for another process
         try:
-            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
-        except sqlite3.OperationalError as exc:
-            if "duplicate column" not in str(exc):  # another process added it first
-                raise
+            found = present()
+            for name, declaration in ADDED_COLUMNS.items():
+                if name not in found:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+                    if name in BACKFILLS:
+                        conn.execute(BACKFILLS[name])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    conn.executescript(INDEXES_ON_ADDED_COLUMNS)
 
 
 def _locked(exc: sqlite3.OperationalError) -> bool:
@@ -257,6 +324,8 @@ class SQLiteJobQueue:
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._thread: _BlockingCalls | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
 
     async def open(self) -> None:
         def setup(conn: sqlite3.Connection) -> None:
@@ -285,6 +354,10 @@ class SQLiteJobQueue:
         await self._flusher
         self._conn.close()
         self._conn = self._flusher = None
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         if self._thread is not None:
             self._thread.stop()
             self._thread = None
@@ -371,6 +444,25 @@ class SQLiteJobQueue:
             self._thread = _BlockingCalls()
         return await self._thread.run(fn, *args)
 
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read that may visit many rows (a filtered list, the activity counts) in a thread, on a
+        read-only connection of its own: WAL lets it read beside the flusher's writes, and the event
+        loop keeps accepting meanwhile. It sees every write the flusher has answered (they are committed)."""
+        if self._flusher is None or self._closing:
+            raise QueueStoreError("the queue is not open")
+
+        def read() -> T:
+            with self._reader_lock:
+                if self._reader is None:
+                    self._reader = connect(self.path)
+                    self._reader.execute("PRAGMA query_only=1")
+                return fn(self._reader)
+
+        try:
+            return await asyncio.to_thread(read)
+        except sqlite3.Error as exc:
+            raise QueueStoreError(f"queue database {self.path}: {exc}") from exc
+
     def _submit(self, op: _Op) -> asyncio.Future[Any]:
         """Queue an operation for the flusher; its future holds the answer or the error."""
         if self._flusher is None or self._closing:
@@ -424,7 +516,7 @@ class SQLiteJobQueue:
                     "UPDATE jobs SET state = ?, lease_owner = ?, lease_until = ? WHERE id = ?",
                     (state, owner, now + lease_seconds, row["id"]),
                 )
-                job.state = state
+                job.state, job.lease_until = state, now + lease_seconds
                 # Reschedule and release clear the owner: one still set means its worker died.
                 job.interrupted_delivery = row["state"] == JobState.DELIVERING and row["lease_owner"] is not None
                 jobs.append(job)
@@ -525,27 +617,113 @@ class SQLiteJobQueue:
         return await self._run(op)
 
     async def get(self, job_id: str) -> Job | None:
-        def op(conn: sqlite3.Connection) -> Job | None:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                return None
-            attempts = [
-                stored_attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"])
-                for r in conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY seq", (job_id,))
-            ]
-            return job_from_row(row, attempts)
+        return await self._run(lambda conn: self._get(conn, job_id))
 
-        return await self._run(op)
+    @staticmethod
+    def _get(conn: sqlite3.Connection, job_id: str) -> Job | None:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        attempts = [
+            stored_attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"])
+            for r in conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY seq", (job_id,))
+        ]
+        return job_from_row(row, attempts)
 
-    async def list(self, *, state: JobState | None = None, limit: int = 50) -> list[Job]:
-        def op(conn: sqlite3.Connection) -> list[Job]:
-            if state is None:
-                rows = conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
-            else:
-                rows = conn.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state.value, limit))
+    async def list(self, filter: JobFilter | None = None, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
+        """On the reading connection: a filter that few jobs match may scan many rows, off the event loop."""
+        job_filter = filter or JobFilter(state=state, limit=limit)
+        where, values = filter_where(job_filter, lambda _n: "?")
+
+        def read(conn: sqlite3.Connection) -> builtins.list[Job]:
+            rows = conn.execute(f"SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ?", (*values, job_filter.limit)).fetchall()
             return [job_from_row(row) for row in rows]
 
-        return await self._run(op)
+        return await self._read(read)
+
+    async def activity(self, since: float) -> Activity:
+        """Three aggregate statements on the reading connection (one read transaction: consistent counts)."""
+
+        def read(conn: sqlite3.Connection) -> Activity:
+            conn.execute("BEGIN")
+            try:
+                accepted = conn.execute(
+                    "SELECT CAST(accepted_at / 60 AS INTEGER) * 60 AS minute, engine, category, count(*) AS n FROM jobs"
+                    " WHERE accepted_at >= ? GROUP BY minute, engine, category",
+                    (since,),
+                ).fetchall()
+                finished = conn.execute(
+                    f"SELECT CAST(finished_at / 60 AS INTEGER) * 60 AS minute, engine, category, state, {latency_bucket_sql('finished_at - accepted_at')} AS bucket,"
+                    " count(*) AS n FROM jobs WHERE finished_at >= ? GROUP BY minute, engine, category, state, bucket",
+                    (since,),
+                ).fetchall()
+                pending = dict(conn.execute(f"SELECT state, count(*) FROM jobs WHERE {_PENDING_SQL} GROUP BY state").fetchall())
+            finally:
+                conn.execute("COMMIT")
+            return Activity(
+                since=since,
+                accepted=tuple(AcceptedCount(int(r["minute"]), r["engine"], r["category"], r["n"]) for r in accepted),
+                finished=tuple(FinishedCount(int(r["minute"]), r["engine"], r["category"], JobState(r["state"]), r["bucket"], r["n"]) for r in finished),
+                pending={state: pending.get(str(state), 0) for state in PENDING_STATES},
+            )
+
+        return await self._read(read)
+
+    async def cancel(self, job_id: str, by: str) -> Job:
+        return await self._act(job_id, "cancel", by)
+
+    async def redeliver(self, job_id: str, by: str) -> Job:
+        return await self._act(job_id, "redeliver", by)
+
+    async def _act(self, job_id: str, action: Action, by: str) -> Job:
+        """An operator's action as one operation of the flusher: checked and applied in one write
+        transaction, which no claim or lease can interleave with."""
+        if not plausible_job_id(job_id):
+            raise JobActionRefused(job_id, action, NO_SUCH_JOB)
+
+        def op(conn: sqlite3.Connection) -> Job | str:
+            now = time.time()
+            row = conn.execute("SELECT state, outcome IS NOT NULL AS has_outcome, lease_until, deadline FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            state = JobState(row["state"]) if row is not None else None
+            refusal = action_refusal(
+                action,
+                state,
+                has_outcome=bool(row and row["has_outcome"]),
+                lease_until=row["lease_until"] if row else None,
+                deadline=row["deadline"] if row else 0.0,
+                now=now,
+            )
+            if refusal is not None:
+                return refusal
+            free = "(lease_until IS NULL OR lease_until <= ?)"
+            if action == "redeliver":
+                detail = f"re-delivery asked by {by}"
+                sql = (
+                    f"UPDATE jobs SET state = {DELIVERING}, next_at = ?, finished_at = NULL, detail = '', internal_errors = 0, lease_owner = NULL,"
+                    f" lease_until = NULL WHERE id = ? AND state = {DEAD} AND outcome IS NOT NULL AND deadline > ?"
+                )
+                params: tuple[Any, ...] = (now, job_id, now)
+            elif state is JobState.DELIVERING:
+                detail = f"delivery cancelled by the operator ({by})"
+                sql = f"UPDATE jobs SET state = {DEAD}, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ? AND state = {DELIVERING} AND {free}"
+                params = (storable(detail, 1000), now, job_id, now)
+            else:
+                detail = f"cancelled by {by}"
+                sql = (
+                    f"UPDATE jobs SET state = {DELIVERING}, outcome = ?, next_at = ?, detail = ?, lease_owner = NULL, lease_until = NULL"
+                    f" WHERE id = ? AND state IN ({QUEUED}, {RUNNING}) AND {free}"
+                )
+                params = (outcome_json(CANCELLED), now, storable(detail), job_id, now)
+            attempt = Attempt(AttemptKind.OPERATOR, action, now, 0.0, AttemptOutcome.OK, detail)
+            changed = self._get(conn, job_id) if _update_held(conn, sql, params, job_id, [attempt]) else None
+            if changed is None:  # checked above in this transaction: cannot happen
+                raise QueueStoreError(f"job {job_id}: {action} did not apply")
+            return changed
+
+        done = await self._run(op)
+        if isinstance(done, str):
+            raise JobActionRefused(job_id, action, done)
+        return done
 
     async def prune(self, finished_before: float, limit: int) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -589,6 +767,40 @@ class SQLiteJobQueue:
             return [job_from_row(row) for row in rows]
 
         return await self._run(op)
+
+    async def usage_totals(self, since: float, *, tenant: str | None = None) -> builtins.list[PortalUsageCount]:
+        """One aggregate statement on the reading connection: no job is loaded, the event loop and the
+        flusher go on meanwhile. The numbers are read from the outcome's JSON by SQLite (``json_type``
+        first: a string or a boolean where a number belongs counts nothing); each outcome is parsed once
+        (SQLite keeps the parse for the next ``json_*`` call on the same text)."""
+
+        def number(path: str) -> str:
+            return f"CASE WHEN json_type(outcome, '{path}') IN ('integer', 'real') THEN json_extract(outcome, '{path}') END"
+
+        # The inner query is kept apart (LIMIT -1: not flattened) so that the GROUP BY sorts the small
+        # per-job values, not the outcomes: 100,000 jobs with 4 KB transcripts, 1.8 s instead of 2.8 s.
+        # A result with a ``kind`` (every result the gateway stores has one) is not empty: the full
+        # test renders the result as text (a quarter more time). The day is that of the whole second,
+        # as in Python: date() of a time 0.4 ms before midnight would round it up to the next day.
+        sql = f"""
+            SELECT day, engine, portal, count(*) AS jobs, count(*) - sum(succeeded) AS errors, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                coalesce(sum(completion_tokens), 0) AS completion_tokens, total(cost_usd) AS cost_usd, total(audio_seconds) AS audio_seconds
+            FROM (
+                SELECT date(CAST(finished_at AS INTEGER), 'unixepoch') AS day, engine, portal,
+                    CASE WHEN json_type(outcome, '$.result') IS NOT 'object' THEN 0 WHEN json_type(outcome, '$.result.kind') IS NOT NULL THEN 1
+                        ELSE json_extract(outcome, '$.result') <> '{{}}' END AS succeeded,
+                    CAST({number("$.result.usage.prompt_tokens")} AS INTEGER) AS prompt_tokens,
+                    CAST({number("$.result.usage.completion_tokens")} AS INTEGER) AS completion_tokens,
+                    {number("$.result.usage.cost_usd")} AS cost_usd,
+                    {number("$.result.duration")} AS audio_seconds
+                FROM jobs WHERE finished_at >= ?{" AND tenant = ?" if tenant is not None else ""} LIMIT -1
+            ) GROUP BY day, engine, portal ORDER BY day, engine, portal"""
+        params = (since,) if tenant is None else (since, tenant)
+
+        def read(conn: sqlite3.Connection) -> builtins.list[PortalUsageCount]:
+            return [PortalUsageCount(*row) for row in conn.execute(sql, params)]
+
+        return await self._read(read)
 
     async def depth(self) -> int:
         return await self._run(lambda conn: conn.execute(f"SELECT count(*) FROM jobs WHERE {_PENDING_SQL}").fetchone()[0])

@@ -28,9 +28,22 @@ from typing import Any
 
 from gateway.config import QueueSettings
 from gateway.jobs.model import Job
-from gateway.jobs.queue import QueueStoreError
-from gateway.jobs.rows import INSERT_COLUMNS, insert_values, job_from_row, outcome_json, storable
-from gateway.outcomes import FINAL_STATES, Attempt, AttemptKind, JobState, Outcome, stored_attempt
+from gateway.jobs.queue import (
+    CANCELLED,
+    NO_SUCH_JOB,
+    AcceptedCount,
+    Action,
+    Activity,
+    FinishedCount,
+    JobActionRefused,
+    JobFilter,
+    PortalUsageCount,
+    QueueStoreError,
+    action_refusal,
+    plausible_job_id,
+)
+from gateway.jobs.rows import INSERT_COLUMNS, filter_where, insert_values, job_from_row, latency_bucket_sql, outcome_json, storable
+from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, AttemptKind, AttemptOutcome, JobState, Outcome, stored_attempt
 from gateway.postgres import schema
 from gateway.postgres.database import Database, describe
 from gateway.postgres.database import log as db_log
@@ -104,6 +117,26 @@ FINISH = _held_update(
     "UPDATE gateway_jobs SET state = $1, detail = $2, finished_at = $3, lease_owner = NULL, lease_until = NULL,"
     f" delivery_attempts = delivery_attempts + $4 WHERE id = $5 AND lease_owner = $6 AND {PENDING}",
     7,
+)
+FREE = "(lease_until IS NULL OR lease_until <= $2)"
+CANCEL_RUN = (
+    f"UPDATE gateway_jobs SET state = {D}, outcome = $3, next_at = $2, detail = $4, lease_owner = NULL, lease_until = NULL"
+    f" WHERE id = $1 AND state IN ({Q}, {R}) AND {FREE}"
+)
+CANCEL_DELIVERY = (
+    f"UPDATE gateway_jobs SET state = {DEAD}, detail = $3, finished_at = $2, lease_owner = NULL, lease_until = NULL WHERE id = $1 AND state = {D} AND {FREE}"
+)
+REDELIVER = (
+    f"UPDATE gateway_jobs SET state = {D}, next_at = $2, finished_at = NULL, detail = '', internal_errors = 0, lease_owner = NULL, lease_until = NULL"
+    f" WHERE id = $1 AND state = {DEAD} AND outcome IS NOT NULL AND deadline > $2"
+)
+"""The operator's actions ($1 the job, $2 now), run on the row locked and checked in the same transaction; each checks again."""
+ACCEPTED_PER_MINUTE = (
+    "SELECT (floor(accepted_at / 60) * 60)::bigint AS minute, engine, category, count(*) AS n FROM gateway_jobs WHERE accepted_at >= $1 GROUP BY 1, 2, 3"
+)
+FINISHED_PER_MINUTE = (
+    f"SELECT (floor(finished_at / 60) * 60)::bigint AS minute, engine, category, state, {latency_bucket_sql('finished_at - accepted_at')} AS bucket,"
+    " count(*) AS n FROM gateway_jobs WHERE finished_at >= $1 GROUP BY 1, 2, 3, 4, 5"
 )
 
 
@@ -296,18 +329,88 @@ class PostgresJobQueue:
 
     async def get(self, job_id: str) -> Job | None:
         async with self.db.connection() as conn:
-            row = await conn.fetchrow("SELECT * FROM gateway_jobs WHERE id = $1", job_id)
-            if row is None:
-                return None
-            attempts = await conn.fetch("SELECT * FROM gateway_attempts WHERE job_id = $1 ORDER BY seq", job_id)
+            return await self._get(conn, job_id)
+
+    @staticmethod
+    async def _get(conn: Any, job_id: str) -> Job | None:
+        row = await conn.fetchrow("SELECT * FROM gateway_jobs WHERE id = $1", job_id)
+        if row is None:
+            return None
+        attempts = await conn.fetch("SELECT * FROM gateway_attempts WHERE job_id = $1 ORDER BY seq", job_id)
         return job_from_row(row, [stored_attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"]) for r in attempts])
 
-    async def list(self, *, state: JobState | None = None, limit: int = 50) -> list[Job]:
-        if state is None:
-            rows = await self.db.run(lambda conn: conn.fetch("SELECT * FROM gateway_jobs ORDER BY id DESC LIMIT $1", limit))
-        else:
-            rows = await self.db.run(lambda conn: conn.fetch("SELECT * FROM gateway_jobs WHERE state = $1 ORDER BY id DESC LIMIT $2", str(state), limit))
+    async def list(self, filter: JobFilter | None = None, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
+        job_filter = filter or JobFilter(state=state, limit=limit)
+        where, values = filter_where(job_filter, lambda n: f"${n}")
+        sql = f"SELECT * FROM gateway_jobs{where} ORDER BY id DESC LIMIT ${len(values) + 1}"
+        rows = await self.db.run(lambda conn: conn.fetch(sql, *values, job_filter.limit))
         return [job_from_row(row) for row in rows]
+
+    async def activity(self, since: float) -> Activity:
+        """Three aggregate statements in one read-only transaction (repeatable read: consistent counts)."""
+        async with self.db.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            accepted = await conn.fetch(ACCEPTED_PER_MINUTE, since)
+            finished = await conn.fetch(FINISHED_PER_MINUTE, since)
+            pending = {row["state"]: row["n"] for row in await conn.fetch(f"SELECT state, count(*) AS n FROM gateway_jobs WHERE {PENDING} GROUP BY state")}
+        return Activity(
+            since=since,
+            accepted=tuple(AcceptedCount(int(r["minute"]), r["engine"], r["category"], int(r["n"])) for r in accepted),
+            finished=tuple(FinishedCount(int(r["minute"]), r["engine"], r["category"], JobState(r["state"]), int(r["bucket"]), int(r["n"])) for r in finished),
+            pending={state: int(pending.get(str(state), 0)) for state in PENDING_STATES},
+        )
+
+    async def cancel(self, job_id: str, by: str) -> Job:
+        return await self._act(job_id, "cancel", by)
+
+    async def redeliver(self, job_id: str, by: str) -> Job:
+        return await self._act(job_id, "redeliver", by)
+
+    async def _act(self, job_id: str, action: Action, by: str) -> Job:
+        """One transaction: lock the row (a claim skips it meanwhile; a worker's write waits, then finds
+        it changed), check it, change it, record the attempt, wake the workers, read it back."""
+        if not plausible_job_id(job_id):
+            raise JobActionRefused(job_id, action, NO_SUCH_JOB)
+        refusal: str | None = None
+        job: Job | None = None
+        async with self.db.connection() as conn, conn.transaction():
+            now = time.time()
+            row = await conn.fetchrow(
+                "SELECT state, outcome IS NOT NULL AS has_outcome, lease_until, deadline FROM gateway_jobs WHERE id = $1 FOR UPDATE", job_id
+            )
+            state = JobState(row["state"]) if row is not None else None
+            refusal = action_refusal(
+                action,
+                state,
+                has_outcome=bool(row and row["has_outcome"]),
+                lease_until=row["lease_until"] if row else None,
+                deadline=row["deadline"] if row else 0.0,
+                now=now,
+            )
+            if refusal is None:
+                if action == "redeliver":
+                    detail = f"re-delivery asked by {by}"
+                    status = await conn.execute(REDELIVER, job_id, now)
+                elif state is JobState.DELIVERING:
+                    detail = f"delivery cancelled by the operator ({by})"
+                    status = await conn.execute(CANCEL_DELIVERY, job_id, now, storable(detail, 1000))
+                else:
+                    detail = f"cancelled by {by}"
+                    status = await conn.execute(CANCEL_RUN, job_id, now, outcome_json(CANCELLED), storable(detail))
+                if status != "UPDATE 1":  # the row is locked and was checked: cannot happen
+                    raise QueueStoreError(f"job {job_id}: {action} did not apply")
+                attempt = Attempt(AttemptKind.OPERATOR, action, now, 0.0, AttemptOutcome.OK, detail)
+                await conn.execute(
+                    "INSERT INTO gateway_attempts (job_id, kind, target, started_at, duration, outcome, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    job_id,
+                    *(column[0] for column in _attempt_columns([attempt])),
+                )
+                if state is not JobState.DELIVERING:  # due now (cancelled to deliver its error, or re-delivered): any worker claims it at once
+                    await conn.execute(f"SELECT pg_notify('{CHANNEL}', '')")
+                job = await self._get(conn, job_id)
+        if refusal is not None:
+            raise JobActionRefused(job_id, action, refusal)
+        assert job is not None
+        return job
 
     async def prune(self, finished_before: float, limit: int) -> int:
         """Every node prunes; ``SKIP LOCKED`` keeps them off each other's rows (attempts go with their job)."""
@@ -345,6 +448,40 @@ class PostgresJobQueue:
                 lambda c: c.fetch("SELECT * FROM gateway_jobs WHERE finished_at >= $1 AND tenant = $2 ORDER BY finished_at LIMIT $3", since, tenant, limit)
             )
         return [job_from_row(row) for row in rows]
+
+    async def usage_totals(self, since: float, *, tenant: str | None = None) -> builtins.list[PortalUsageCount]:
+        """One aggregate statement; the numbers are read from the outcome's JSON by PostgreSQL.
+
+        The outcome is TEXT, and neither ``json`` nor ``jsonb`` can read every outcome: a result that holds
+        ``\\u0000`` (a NUL in a transcript) or a lone surrogate (``\\ud800``) fails every ``json``
+        operator and the ``jsonb`` cast ("unsupported Unicode escape sequence"), and one such job would fail
+        the whole page. So the text is made readable first, without a migration and without changing
+        what is stored: every ``\\\\`` becomes ``\\/`` (an escaped ``/``; ``replace`` pairs backslashes
+        from the left, as JSON does), after which every ``\\u`` left starts an escape and loses its
+        backslash. Only string contents change (the escapes become the letters ``uXXXX``): the keys and
+        numbers read here are untouched, and no escape is left for the database to convert, whatever its
+        encoding. Then one ``jsonb`` cast per job (each path below is a lookup in it, not another parse)."""
+
+        def number(*path: str) -> str:
+            at = "{" + ",".join(path) + "}"
+            return f"CASE WHEN jsonb_typeof(o #> '{at}') = 'number' THEN (o #>> '{at}')::numeric END"
+
+        readable = r"replace(replace(outcome, E'\\\\', E'\\/'), E'\\u', 'u')"  # E'': the same whatever standard_conforming_strings says
+        # OFFSET 0 keeps the subquery apart: flattened, the planner would paste the cast into each of the nine
+        # references to ``o``, and every outcome would be parsed nine times (50,000 jobs with 4 KB transcripts: 2 s as it is).
+        sql = f"""
+            SELECT day, engine, portal, count(*) AS jobs,
+                count(*) FILTER (WHERE jsonb_path_exists(o, 'strict $.result.*', '{{}}', true) IS NOT TRUE) AS errors, -- true: an object with a member
+                coalesce(sum(trunc({number("result", "usage", "prompt_tokens")})), 0)::bigint AS prompt_tokens,
+                coalesce(sum(trunc({number("result", "usage", "completion_tokens")})), 0)::bigint AS completion_tokens,
+                coalesce(sum({number("result", "usage", "cost_usd")}::float8), 0) AS cost_usd,
+                coalesce(sum({number("result", "duration")}::float8), 0) AS audio_seconds
+            FROM (
+                SELECT to_char(to_timestamp(floor(finished_at)) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, engine, portal, ({readable})::jsonb AS o
+                FROM gateway_jobs WHERE finished_at >= $1{" AND tenant = $2" if tenant is not None else ""} OFFSET 0
+            ) AS finished GROUP BY day, engine, portal ORDER BY day, engine, portal"""
+        params = (since,) if tenant is None else (since, tenant)
+        return [PortalUsageCount(*row) for row in await self.db.run(lambda conn: conn.fetch(sql, *params))]
 
     async def depth(self) -> int:
         count = await self.db.run(lambda conn: conn.fetchval(f"SELECT count(*) FROM gateway_jobs WHERE {PENDING}"))

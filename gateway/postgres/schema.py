@@ -104,6 +104,34 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX gateway_tenants_registration ON gateway_tenants (registration_next_at) WHERE registration = 'pending';
         """,
     ),
+    Migration(
+        3,
+        "the portal of each job, and jobs by acceptance time (dashboard filters and charts)",
+        r"""
+        ALTER TABLE gateway_jobs ADD COLUMN portal text NOT NULL DEFAULT '';
+        UPDATE gateway_jobs SET portal = lower(btrim(coalesce(substring(callback_url from '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/]*@)?(\[[^]/]*\]|[^/?#:]+)'), ''), '[]'));
+        CREATE INDEX gateway_jobs_portal ON gateway_jobs (portal, id);
+        CREATE INDEX gateway_jobs_accepted ON gateway_jobs (accepted_at);
+        """,
+    ),
+    Migration(
+        4,
+        "usage of the OpenAI-compatible API per UTC day, key and engine",
+        """
+        CREATE TABLE gateway_api_usage (
+            day text NOT NULL,
+            api_key text NOT NULL,
+            engine text NOT NULL,
+            requests bigint NOT NULL DEFAULT 0,
+            errors bigint NOT NULL DEFAULT 0,
+            prompt_tokens bigint NOT NULL DEFAULT 0,
+            completion_tokens bigint NOT NULL DEFAULT 0,
+            cost_usd double precision NOT NULL DEFAULT 0,
+            audio_seconds double precision NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, api_key, engine)
+        );
+        """,
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 
