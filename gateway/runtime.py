@@ -34,6 +34,7 @@ from gateway.routing import Router
 from gateway.stores import Stores, engine_directory
 from gateway.supervision import Supervisor
 from gateway.tenants.service import TenantService
+from gateway.usage.ledger import FLUSH_LOOP, ApiUsageLedger
 from gateway.worker import Worker
 
 log = logging.getLogger("gateway")
@@ -159,6 +160,8 @@ class Runtime:
         stores = Stores.for_config(config, supervisor=self.loops)
         self.queue: JobQueue = stores.queue
         self.files = stores.files
+        self.api_usage = ApiUsageLedger(stores.api_usage)
+        """Requests to the OpenAI-compatible API counted per day, key and engine; ``api_usage.store`` holds the totals."""
         self.router = Router(config.routing)
         self.deliverer = Deliverer(self.policy, config.delivery, redactor=self.redactor)
         self.images = ImageHost(
@@ -234,6 +237,8 @@ class Runtime:
     async def start(self, app: Any = None) -> None:
         self.prepare()  # done already by ``gateway serve``/``gateway worker``; here for embedders that only start
         await self.queue.open()
+        await self.api_usage.open()
+        self.loops.start(FLUSH_LOOP, self.api_usage.run)
         if self.tenants is not None:
             await self.tenants.store.open()
             await self.tenants.start()
@@ -262,7 +267,11 @@ class Runtime:
         try:
             await call_hook(self.pm.hook.shutdown, app=app)
         finally:
-            await self.queue.close()
+            await self.loops.stop(FLUSH_LOOP)
+            try:
+                await self.api_usage.close()  # the last counts, before the pool they may be written through closes
+            finally:
+                await self.queue.close()
 
     async def _delete_expired_files(self) -> None:
         """Delete hosted images past their retention: housekeeping of files, beside the worker's of jobs."""

@@ -1,9 +1,9 @@
 """The stores a configuration names: the one place that turns ``queue.backend`` into a job queue,
-a file store and an engine-token store.
+a file store, a tenant store, an API usage store and an engine-token store.
 
-- ``sqlite`` (the embedded default, one machine): the queue file, and hosted files and generated
-  tokens in ``data_dir``;
-- ``postgres`` (any number of nodes): all three in the shared database, through one connection
+- ``sqlite`` (the embedded default, one machine): the queue file, and hosted files, tenants,
+  API usage (``usage.sqlite3``) and generated tokens in ``data_dir``;
+- ``postgres`` (any number of nodes): all of them in the shared database, through one connection
   pool per process; each node's ``data_dir`` keeps only what is its own (downloaded recordings).
 
 ``gateway serve``/``worker`` (the runtime) and the CLI commands get their stores here, so a new
@@ -12,6 +12,8 @@ backend is added once. The PostgreSQL modules (and their driver) are imported on
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +24,11 @@ from gateway.jobs.queue import JobQueue
 from gateway.jobs.sqlite import SQLiteJobQueue
 from gateway.supervision import Supervisor
 from gateway.tenants.store import SQLiteTenantStore, TenantStore
+from gateway.usage.ledger import ApiUsageStore
+from gateway.usage.sqlite import SQLiteApiUsageStore
 
 TENANTS_FILE = "tenants.sqlite3"
+USAGE_FILE = "usage.sqlite3"
 
 
 def job_queue(settings: QueueSettings, *, supervisor: Supervisor | None = None) -> JobQueue:
@@ -34,12 +39,14 @@ def job_queue(settings: QueueSettings, *, supervisor: Supervisor | None = None) 
 
 @dataclass(frozen=True)
 class Stores:
-    """A process's job queue, file store and tenant store (app mode). The queue's ``open()``/``close()``
-    open and close what they share (the PostgreSQL pool), so the others are usable while it is open."""
+    """A process's job queue, file store, tenant store (app mode) and API usage store. The queue's
+    ``open()``/``close()`` open and close what they share (the PostgreSQL pool), so the others are
+    usable while it is open."""
 
     queue: JobQueue
     files: FileStore
     tenants: TenantStore
+    api_usage: ApiUsageStore
 
     @classmethod
     def for_config(cls, config: Config, *, supervisor: Supervisor | None = None) -> Stores:
@@ -53,12 +60,42 @@ class Stores:
             from gateway.postgres.files import PostgresFileStore
             from gateway.postgres.queue import PostgresJobQueue
             from gateway.postgres.tenants import PostgresTenantStore
+            from gateway.postgres.usage import PostgresApiUsageStore
 
             database = Database(settings)
-            return cls(PostgresJobQueue(database, supervisor=supervisor), PostgresFileStore(database), PostgresTenantStore(database))
+            return cls(
+                PostgresJobQueue(database, supervisor=supervisor), PostgresFileStore(database), PostgresTenantStore(database), PostgresApiUsageStore(database)
+            )
         if settings.backend == "sqlite":
-            return cls(SQLiteJobQueue(settings.path, supervisor=supervisor), LocalFileStore(data_dir / "files"), SQLiteTenantStore(data_dir / TENANTS_FILE))
+            return cls(
+                SQLiteJobQueue(settings.path, supervisor=supervisor),
+                LocalFileStore(data_dir / "files"),
+                SQLiteTenantStore(data_dir / TENANTS_FILE),
+                SQLiteApiUsageStore(data_dir / USAGE_FILE),
+            )
         raise ValueError(f"unknown queue backend {settings.backend!r}")  # the config refuses it first
+
+
+@contextlib.asynccontextmanager
+async def api_usage_reader(config: Config) -> AsyncIterator[ApiUsageStore | None]:
+    """The API usage store, open, for a command run without (or beside) a gateway; None when the
+    SQLite file does not exist (no request was ever counted; nothing is created then)."""
+    stores = Stores.for_config(config)
+    if config.queue.backend == "sqlite":
+        if not (Path(config.data_dir) / USAGE_FILE).exists():
+            yield None
+            return
+        await stores.api_usage.open()
+        try:
+            yield stores.api_usage
+        finally:
+            await stores.api_usage.close()
+        return
+    await stores.queue.open()  # the pool the PostgreSQL stores share (and the schema migrated)
+    try:
+        yield stores.api_usage
+    finally:
+        await stores.queue.close()
 
 
 def token_store(config: Config) -> TokenStore:

@@ -6,6 +6,11 @@ shape, an unexpected failure is a 500 in the same shape (logged with its traceba
 request is bounded by ``openai_api.timeout`` (the wait for a model slot included). A stream
 falls back to the route's next target only before its first chunk; after it, a failure ends
 the stream with an error event. A client that disconnects mid-stream cancels the provider's call.
+
+Each request that names an engine its key may use counts once in the runtime's usage ledger
+(key name, engine): an error if it is answered with one (a refusal after the engine is known,
+a provider's failure, a timeout), with the tokens, cost and audio seconds of its result; a
+stream counts when it ends, with the usage of its last chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from gateway.adapters import AdapterError, HostedImages, TextResult, Transcript
+from gateway.adapters import AdapterError, HostedImages, TextResult, Transcript, Usage
 from gateway.config import EngineConfig
 from gateway.execution import Run, TextStream
 from gateway.openai_api import responses
@@ -48,6 +54,23 @@ UPLOAD_EXTENSIONS = {"flac": "audio/flac", "mp3": "audio/mpeg", "mpga": "audio/m
 UPLOAD_EXTENSIONS |= {"ogg": "audio/ogg", "oga": "audio/ogg", "opus": "audio/ogg", "wav": "audio/wav", "webm": "audio/webm"}
 """Formats OpenAI accepts, by file name, for the few the bytes do not identify."""
 Handler = Callable[[Request, ApiKey], Awaitable[Response]]
+
+
+@dataclass
+class _Metered:
+    """What one request counts as in the usage ledger, learnt as it runs (``request.state.metered``)."""
+
+    engine: str | None = None
+    """Set once the key may use the engine the request names: from then on the request counts."""
+    usage: Usage | None = None
+    audio_seconds: float | None = None
+    streaming: bool = False
+    """A stream counts itself when it ends."""
+
+
+def _metered(request: Request) -> _Metered:
+    metered: _Metered = request.state.metered
+    return metered
 
 
 class OpenAIEndpoints:
@@ -82,6 +105,7 @@ class OpenAIEndpoints:
         async def serve(request: Request) -> Response:
             started = time.perf_counter()
             key: ApiKey | None = None
+            metered = request.state.metered = _Metered()
             try:
                 key = self.keys.authenticate(request.headers.get("authorization"))
                 if request.method != method:
@@ -99,6 +123,8 @@ class OpenAIEndpoints:
                 response = APIError(500, "the gateway failed to handle the request", type=SERVER, code="internal_error").response()
             requests.labels(name, str(response.status_code)).inc()
             latency.observe(time.perf_counter() - started)
+            if key is not None and metered.engine is not None and not metered.streaming:
+                self.rt.api_usage.record(key.name, metered.engine, error=response.status_code >= 400, usage=metered.usage, audio_seconds=metered.audio_seconds)
             return response
 
         return serve
@@ -122,32 +148,33 @@ class OpenAIEndpoints:
     # -- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, request: Request, key: ApiKey) -> Response:
         chat = parse_chat(read_json(await self._json_body(request)), self.settings)
-        engine = self._engine(key, chat.model, (Category.TEXT,))
+        engine = self._engine(request, key, chat.model, (Category.TEXT,))
         deadline = time.time() + self.settings.timeout
         task = self._task(engine, key, TextPrompt(chat.messages[-1].content), deadline)
         task.context, task.temperature, task.max_tokens = list(chat.messages[:-1]), chat.temperature, chat.max_tokens
         if chat.stream:
-            return await self._stream(task, chat, key, deadline)
+            return await self._stream(request, task, chat, key, deadline)
         async with self._slot(deadline):
             run = await self._run(task, deadline, params=chat.params)
-        result = await self._finish(task, key, run)
+        result = await self._finish(request, task, key, run)
         assert isinstance(result, TextResult)
         return responses.Answer(responses.chat_completion(responses.completion_id(), chat.model, result.text, result.usage))
 
-    async def _stream(self, task: Task, chat: ChatRequest, key: ApiKey, deadline: float) -> Response:
+    async def _stream(self, request: Request, task: Task, chat: ChatRequest, key: ApiKey, deadline: float) -> Response:
         """Hold the slot and open the stream (the route may fall back until the first chunk), then answer SSE."""
         held = contextlib.AsyncExitStack()
         await held.enter_async_context(self._slot(deadline))
         try:
             run = await self._run(task, deadline, params=chat.params, stream=True)
             if run.error is not None:
-                await self._finish(task, key, run)
+                await self._finish(request, task, key, run)
             stream = run.value
             assert isinstance(stream, TextStream)
         except BaseException:
             await held.aclose()
             raise
         log.info("openai chat key=%s model=%s: streaming from %s", key.name, chat.model, run.target.label if run.target else "?")
+        _metered(request).streaming = True
         return StreamingResponse(
             self._events(task, chat, key, stream, held, deadline),
             media_type="text/event-stream",
@@ -188,6 +215,7 @@ class OpenAIEndpoints:
                 await stream.aclose()  # stops the provider's call if it still runs
                 await held.aclose()
                 key.count_usage(stream.usage)
+                self.rt.api_usage.record(key.name, task.engine, error=error is not None, usage=stream.usage)
                 if error is None and finish is None and not text:
                     log.info("openai chat key=%s: the client disconnected; the provider's call was stopped", key.name)
                 outcome = TextResult("".join(text), stream.usage)
@@ -199,7 +227,7 @@ class OpenAIEndpoints:
     # -- /v1/images/generations ---------------------------------------------------------------
     async def images(self, request: Request, key: ApiKey) -> Response:
         req = parse_images(read_json(await self._json_body(request)))
-        engine = self._engine(key, req.model, (Category.IMAGE,))
+        engine = self._engine(request, key, req.model, (Category.IMAGE,))
         sizes = {size: fmt for fmt, size in reversed(list(engine.image_sizes.items()))}  # the first format of a size wins
         fmt = "square" if req.size is None else sizes.get(req.size)
         if fmt is None:
@@ -210,7 +238,7 @@ class OpenAIEndpoints:
         task = self._task(engine, key, ImagePrompt(req.prompt, None, fmt, req.n), deadline)
         async with self._slot(deadline):
             run = await self._run(task, deadline, params=req.params)
-        result = await self._finish(task, key, run)
+        result = await self._finish(request, task, key, run)
         assert isinstance(result, HostedImages)
         if req.response_format == "b64_json":
             items = [{"b64_json": base64.b64encode(await self._hosted_bytes(url)).decode()} for url in result.urls]
@@ -244,7 +272,7 @@ class OpenAIEndpoints:
             if upload is None or isinstance(upload, str):
                 raise invalid("file", "file is required: the audio to transcribe, as a multipart file")
             req = parse_transcription(fields)
-            engine = self._engine(key, req.model, (Category.AUDIO, Category.CALL))
+            engine = self._engine(request, key, req.model, (Category.AUDIO, Category.CALL))
             deadline = time.time() + self.settings.timeout
             prompt_type = CallPrompt if engine.category is Category.CALL else AudioPrompt
             task = self._task(engine, key, prompt_type("", hint=req.prompt, fields={"source": "upload"}), deadline)
@@ -255,7 +283,7 @@ class OpenAIEndpoints:
                     run = await self._run(task, deadline, params=params, recording=recording)
         finally:
             await form.close()
-        result = await self._finish(task, key, run)
+        result = await self._finish(request, task, key, run)
         assert isinstance(result, Transcript)
         body, media_type = responses.transcription(result, req.response_format)
         if isinstance(body, str):
@@ -293,10 +321,12 @@ class OpenAIEndpoints:
             body += chunk
         return bytes(body)
 
-    def _engine(self, key: ApiKey, model: str, categories: tuple[Category, ...]) -> EngineConfig:
+    def _engine(self, request: Request, key: ApiKey, model: str, categories: tuple[Category, ...]) -> EngineConfig:
+        """The engine the request names, if its key may use it; from here on the request counts as the engine's."""
         engine = self.rt.config.engine(model)
         if engine is None or not key.may_use(model):
             raise model_not_found(model)
+        _metered(request).engine = engine.code
         if engine.category not in categories:
             wanted = " or ".join(c.value for c in categories)
             raise invalid("model", f"model {model!r} is a {engine.category.value} engine; this endpoint needs a {wanted} engine", "model_not_supported")
@@ -331,7 +361,7 @@ class OpenAIEndpoints:
         except TimeoutError:
             return Run(error=JobError(f"no answer within openai_api.timeout ({self.settings.timeout:g} s)", 504))
 
-    async def _finish(self, task: Task, key: ApiKey, run: Run) -> TextResult | HostedImages | Transcript:
+    async def _finish(self, request: Request, task: Task, key: ApiKey, run: Run) -> TextResult | HostedImages | Transcript:
         """Count the usage, tell the outcome hooks, and give the result; the run's error as an :class:`APIError`."""
         provider = run.target.label if run.target else "-"
         if run.error is not None:
@@ -341,6 +371,10 @@ class OpenAIEndpoints:
         result = run.value
         assert isinstance(result, (TextResult, HostedImages, Transcript))
         key.count_usage(result.usage)
+        metered = _metered(request)
+        metered.usage = result.usage
+        if isinstance(result, Transcript):
+            metered.audio_seconds = result.duration
         await notify(self.rt.pm, "task_succeeded", task=task, result=result, state=JobState.DELIVERED)
         log.info(
             "openai %s key=%s model=%s: answered by %s in %.0f ms",
