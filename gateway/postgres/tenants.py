@@ -2,8 +2,9 @@
 
 Token refreshes run inside one transaction that holds a transaction-level advisory lock on the
 tenant: a second node that meets ``expired_token`` at the same moment waits, then finds the new
-tokens and uses them, so exactly one refresh reaches the OAuth server. Changes to a tenant send
-``NOTIFY gateway_tenants`` so other nodes drop their cached copy at once.
+tokens and uses them, so exactly one refresh reaches the OAuth server. An operator's status change
+takes the same lock and the row's, and writes the status into the row as it is then. Changes to a
+tenant send ``NOTIFY gateway_tenants`` so other nodes drop their cached copy at once.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Callable
 
 from gateway.jobs.queue import QueueStoreError
 from gateway.postgres.database import Database
-from gateway.tenants.model import Registration, Tenant, Tokens, tenant_key
-from gateway.tenants.store import Refresher, record_json, tenant_from_record
+from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
+from gateway.tenants.store import Refresher, StatusChangeRefused, operator_status, record_json, tenant_from_record, unknown_tenant
 
 CHANNEL = "gateway_tenants"
 UPSERT = (
@@ -70,6 +71,33 @@ class PostgresTenantStore:
             updated = tenant.with_(tokens=tokens, last_refresh_at=now, updated_at=now)
             await conn.execute("UPDATE gateway_tenants SET record = $1, updated_at = $2 WHERE member_id = $3", record_json(updated), now, member_id)
             return tokens
+
+    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
+        refused: StatusChangeRefused | None = None
+        async with self.db.connection() as conn, conn.transaction():
+            # The refresh's advisory lock, then the row: waits for a refresh in flight (whose tokens it then keeps)
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-tenant:' || $1, 0))", member_id)
+            text = await conn.fetchval("SELECT record FROM gateway_tenants WHERE member_id = $1 FOR UPDATE", member_id)
+            try:
+                if text is None:
+                    raise unknown_tenant(member_id)
+                current = tenant_from_record(text)
+                changed = operator_status(current, status)
+            except StatusChangeRefused as exc:
+                refused = exc  # raised below: inside, the connection would report it as a database error
+            else:
+                if changed is not current:
+                    await conn.execute(
+                        "UPDATE gateway_tenants SET record = $1, status = $2, updated_at = $3 WHERE member_id = $4",
+                        record_json(changed),
+                        str(changed.status),
+                        changed.updated_at,
+                        member_id,
+                    )
+                    await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(member_id))
+        if refused is not None:
+            raise refused
+        return changed
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
         now = time.time()

@@ -35,7 +35,7 @@ from gateway.tenants.events import EventError, InstallEvent, UninstallEvent, eve
 from gateway.tenants.limits import TenantLimiter
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
 from gateway.tenants.oauth import OAuthClient, OAuthError
-from gateway.tenants.store import TenantStore
+from gateway.tenants.store import TenantStore, change_status
 
 log = logging.getLogger("gateway.tenants")
 EVENTS_PATH = "/app/events"
@@ -277,6 +277,13 @@ class TenantService:
             return None
         self._allow(tenant)  # installed on another node a moment ago: its callbacks are allowed here too
         return tenant
+
+    async def change_status(self, tenant: Tenant, status: TenantStatus) -> Tenant:
+        """An operator's disable or enable (the dashboard), effective at once in this process; other processes
+        drop their copy on NOTIFY (PostgreSQL) or within the cache's few seconds (SQLite)."""
+        changed = await change_status(self.store, tenant, status)
+        self._forget_cached(tenant.key)
+        return changed
 
     def _forget_cached(self, key: str) -> None:
         self._cache.pop(key, None)

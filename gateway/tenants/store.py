@@ -12,6 +12,10 @@ Two operations need care across processes and nodes:
   OAuth server is not called;
 - :meth:`TenantStore.claim_registration` leases tenants whose engines are due to be registered,
   so one process registers each tenant at a time.
+
+An operator's disable/enable (:meth:`TenantStore.set_status`) takes the refresh's lock and reads
+the record afresh in the transaction that writes it, so it changes the status alone: a refresh's
+new single-use tokens or an uninstall that landed since the operator looked are kept.
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.jobs.queue import QueueStoreError
-from gateway.jobs.sqlite import open_database
+from gateway.jobs.sqlite import open_database, run_in_thread
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
 
 Refresher = Callable[[Tenant], Awaitable[Tokens]]
@@ -58,6 +62,13 @@ class TenantStore(Protocol):
         is released). ``refresher`` may raise; nothing is stored then."""
         ...
 
+    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
+        """An operator's disable or enable (:func:`operator_status`'s rules) applied to the record as
+        stored now, atomically with refreshes, uninstalls and other writers: only the status and
+        ``updated_at`` are written. The tenant as stored afterwards; :class:`StatusChangeRefused`
+        for a refusal or an unknown tenant."""
+        ...
+
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
         """Tenants whose engine registration is pending and due, leased to ``owner``."""
         ...
@@ -72,6 +83,38 @@ class TenantStore(Protocol):
         """Have ``callback(tenant_key)`` called when another process changes a tenant (``""``: any may
         have changed), so cached copies are dropped at once. A store without such a signal never calls it."""
         ...
+
+
+class StatusChangeRefused(Exception):
+    """An operator's disable or enable that cannot apply to this tenant; the message says why."""
+
+
+def operator_status(tenant: Tenant, status: TenantStatus) -> Tenant:
+    """The operator's rules, applied by the stores to the record as stored: ``tenant`` itself when
+    nothing changes (enabling a tenant that is not disabled, or the same status), else a copy with
+    the new status. Refuses any other status and an uninstalled tenant."""
+    if status not in (TenantStatus.DISABLED, TenantStatus.ACTIVE):
+        raise StatusChangeRefused(f"an operator can only disable or enable a tenant, not set it {status}")
+    if tenant.status is TenantStatus.UNINSTALLED:
+        raise StatusChangeRefused(
+            f"tenant {tenant.key} ({tenant.domain}) has uninstalled the app; it cannot be {'disabled' if status is TenantStatus.DISABLED else 'enabled'}"
+        )
+    if status is TenantStatus.ACTIVE and tenant.status is not TenantStatus.DISABLED:
+        return tenant  # enabling a serving tenant changes nothing (a needs_reinstall one stays so)
+    if tenant.status is status:
+        return tenant
+    return tenant.with_(status=status, updated_at=time.time())
+
+
+def unknown_tenant(member_id: str) -> StatusChangeRefused:
+    return StatusChangeRefused(f"no tenant {tenant_key(member_id)}: it was forgotten meanwhile (see `gateway tenants list`)")
+
+
+async def change_status(store: TenantStore, tenant: Tenant, status: TenantStatus) -> Tenant:
+    """An operator turns a tenant off (``disabled``: its requests get 403) or on again (``active``);
+    what ``gateway tenants disable|enable`` and the dashboard both do. ``tenant`` only names it: the
+    store applies the change to the record as stored now (see :meth:`TenantStore.set_status`)."""
+    return await store.set_status(tenant.member_id, status)
 
 
 def record_json(tenant: Tenant) -> str:
@@ -145,12 +188,10 @@ class SQLiteTenantStore:
     async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._conn is None:
             raise QueueStoreError("the tenant store is not open")
-        conn = self._conn
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(fn, conn)
-            except sqlite3.Error as exc:
-                raise QueueStoreError(f"tenant store {self.path}: {exc}") from exc
+        try:
+            return await run_in_thread(self._lock, self._conn, fn)
+        except sqlite3.Error as exc:
+            raise QueueStoreError(f"tenant store {self.path}: {exc}") from exc
 
     async def get(self, member_id: str) -> Tenant | None:
         row = await self._run(lambda c: c.execute("SELECT record FROM tenants WHERE member_id = ?", (member_id,)).fetchone())
@@ -188,16 +229,20 @@ class SQLiteTenantStore:
             fcntl.lockf(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    async def refresh(self, member_id: str, failed_access_token: str, refresher: Refresher) -> Tokens:
-        # A lock file serialises processes; POSIX locks belong to a process, so tasks within this
-        # one are serialised by an asyncio lock first.
+    @contextlib.asynccontextmanager
+    async def _tenant_lock(self, member_id: str) -> AsyncIterator[None]:
+        """The per-tenant lock of refreshes and status changes: a lock file serialises processes; POSIX
+        locks belong to a process, so tasks within this one are serialised by an asyncio lock first."""
         async with self._member_locks.setdefault(member_id, asyncio.Lock()):
-            return await self._refresh_locked(member_id, failed_access_token, refresher)
+            lock = self._file_lock(member_id)
+            await asyncio.to_thread(lock.__enter__)
+            try:
+                yield
+            finally:
+                lock.__exit__(None, None, None)
 
-    async def _refresh_locked(self, member_id: str, failed_access_token: str, refresher: Refresher) -> Tokens:
-        lock = self._file_lock(member_id)
-        await asyncio.to_thread(lock.__enter__)
-        try:
+    async def refresh(self, member_id: str, failed_access_token: str, refresher: Refresher) -> Tokens:
+        async with self._tenant_lock(member_id):
             tenant = await self.get(member_id)
             if tenant is None or tenant.tokens is None:
                 raise QueueStoreError("the tenant has no tokens to refresh")
@@ -206,8 +251,30 @@ class SQLiteTenantStore:
             tokens = await refresher(tenant)
             await self.put(tenant.with_(tokens=tokens, last_refresh_at=time.time(), updated_at=time.time()))
             return tokens
-        finally:
-            lock.__exit__(None, None, None)
+
+    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
+        def op(c: sqlite3.Connection) -> Tenant:
+            c.execute("BEGIN IMMEDIATE")  # the write lock before the read: no other process writes in between
+            try:
+                row = c.execute("SELECT record FROM tenants WHERE member_id = ?", (member_id,)).fetchone()
+                if row is None:
+                    raise unknown_tenant(member_id)
+                current = tenant_from_record(row[0])
+                changed = operator_status(current, status)
+                if changed is not current:
+                    c.execute(
+                        "UPDATE tenants SET record = ?, status = ?, updated_at = ? WHERE member_id = ?",
+                        (record_json(changed), str(changed.status), changed.updated_at, member_id),
+                    )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            return changed
+
+        async with self._tenant_lock(member_id):
+            result: Tenant = await self._run(op)
+            return result
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
         def op(c: sqlite3.Connection) -> list[Tenant]:
