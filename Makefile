@@ -15,7 +15,7 @@ WHEELHOUSE ?= $(HOME)/.cache/bitrix24-ai-gateway/wheels
 LLAMA_CPP_WHEEL := $(WHEELHOUSE)/.llama-cpp-python-$(LLAMA_CPP_VERSION).built
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup system-packages run demo lint test bench bench-scale bench-audio bench-litellm bench-local bench-peers profile fuzz bench-server bench-flood bench-queue clean
+.PHONY: setup system-packages run demo lint test screenshots bench bench-scale bench-audio bench-litellm bench-local bench-peers profile fuzz bench-server bench-flood bench-queue clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,14 @@ setup: $(VENV)/.installed
 
 # System packages for the tests and bench-audio: espeak-ng speaks the sentences the transcription
 # tests send; PostgreSQL's server binaries run the throw-away clusters of the postgres tests and
-# bench/scale.py (gateway/testing/postgres.py). Installed with apt-get (sudo when not root) only when
-# missing. createcluster.conf is written first so that the package creates and starts no system cluster.
+# bench/scale.py (gateway/testing/postgres.py); Debian's Chromium runs the admin dashboard's browser
+# tests (tests/browser.py; never `playwright install`, whose download is not reachable everywhere),
+# with the fonts its screenshots are drawn in (without them text renders as empty boxes).
+# Installed with apt-get (sudo when not root) only when missing. createcluster.conf is written first so
+# that the package creates and starts no system cluster.
 PG_LIB ?= /usr/lib/postgresql
 PG_COMMON_CONF ?= /etc/postgresql-common
+FONTS_DIR ?= /usr/share/fonts/truetype
 system-packages:
 	@SUDO=""; if [ "$$(id -u)" -ne 0 ]; then SUDO="sudo"; fi; \
 	missing=""; \
@@ -56,6 +60,9 @@ system-packages:
 	pg=""; command -v initdb >/dev/null && pg=1; \
 	for f in $(PG_LIB)/*/bin/initdb; do if [ -x "$$f" ]; then pg=1; fi; done; \
 	[ -n "$$pg" ] || missing="$$missing postgresql"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -f $(FONTS_DIR)/dejavu/DejaVuSans.ttf ] || missing="$$missing fonts-dejavu-core"; \
+	[ -f $(FONTS_DIR)/liberation/LiberationSans-Regular.ttf ] || missing="$$missing fonts-liberation"; \
 	if [ -n "$$missing" ]; then \
 		if ! command -v apt-get >/dev/null; then \
 			for p in $$missing; do echo "$$p is missing and there is no apt-get here: install $$p with this system's package manager" >&2; done; exit 1; \
@@ -83,6 +90,13 @@ lint: setup
 
 test: setup system-packages lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The admin dashboard's browser tests save a screenshot of every page to build/screenshots/;
+# the overview and a job's page are copied to docs/screenshots/ for the README.
+screenshots: setup system-packages
+	$(BIN)/python -m pytest tests/test_admin_browser.py -q $(PYTEST_ARGS)
+	@mkdir -p docs/screenshots
+	cp build/screenshots/overview.png build/screenshots/job.png docs/screenshots/
 
 bench: setup
 	$(BIN)/python bench/accept_bench.py

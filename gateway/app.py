@@ -100,6 +100,10 @@ async def app_events(request: Request) -> Response:
     return JSONResponse(answer.body, answer.status)
 
 
+async def admin_off(request: Request) -> Response:
+    return JSONResponse({"error": "not_found", "error_description": "the admin dashboard is off (no `admin:` in the configuration)"}, 404)
+
+
 class CompletionsEndpoint:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -273,6 +277,12 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
         Route("/files/{name}", hosted_file),
         *OpenAIEndpoints(rt).routes(),  # /v1: the OpenAI-compatible API (404 in OpenAI's shape when no api_keys are configured)
     ]
+    if config.admin is not None:
+        from gateway.admin.site import AdminSite  # Jinja2 and the pages load only when the dashboard is on
+
+        routes += AdminSite(rt, config.admin).routes()
+    else:
+        routes.append(Route("/admin{rest:path}", admin_off))
     call_registration_hook(
         rt.pm.hook.register_routes,
         lambda plugin: {"routes": routes},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import getpass
 import json
 import signal
 import sys
@@ -18,6 +20,7 @@ from gateway.config import Config, ConfigError, find_config_path, load_config
 from gateway.jobs.model import JobState
 from gateway.jobs.queue import QueueStoreError
 from gateway.plugins import PluginError
+from gateway.tasks import Category
 
 EXIT_CONFIG = 2
 
@@ -74,6 +77,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for engine in runtime.engines:
                 print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
             print("  full completions URLs, token included: gateway engines list", flush=True)
+            if config.admin is None:
+                print('  admin dashboard: off (add `admin: {password: "${GATEWAY_ADMIN_PASSWORD}"}` to turn it on)', flush=True)
+            else:
+                print(f"  admin dashboard: {config.public_url}/admin/ ({', '.join(u.name for u in config.admin.users)})", flush=True)
 
         started = serve(app, sock, config.connections, file_limit, outbound_pools(config), registry=runtime.metrics.registry, on_ready=announce)
         return 0 if started else 1
@@ -189,7 +196,7 @@ def _portal_command(action: Any) -> int:
 
 
 def cmd_engines_register(args: argparse.Namespace) -> int:
-    from gateway.bitrix.registration import builtin_collision, check_reachable, compare, registration_params
+    from gateway.bitrix.registration import apply_registration, builtin_collision, check_reachable, compare, registration_params
 
     config = _config(args)
     engines = _selected_engines(config, args.engine)
@@ -215,18 +222,13 @@ def cmd_engines_register(args: argparse.Namespace) -> int:
                 if status.status == "in_sync":
                     print(f"{engine.code}: unchanged (id {status.remote_id})")
                     continue
-                if status.status == "different":
-                    if args.dry_run:
-                        print(f"{engine.code}: would call ai.engine.unregister code={engine.code} ({', '.join(status.differences)} changed)")
-                    else:
-                        await portal.unregister(engine.code)
-                params = registration_params(engine)
+                if status.status == "different" and args.dry_run:
+                    print(f"{engine.code}: would call ai.engine.unregister code={engine.code} ({', '.join(status.differences)} changed)")
                 if args.dry_run:
+                    params = registration_params(engine)
                     print(f"{engine.code}: would call ai.engine.register {json.dumps({**params, 'completions_url': masked}, ensure_ascii=False)}")
                     continue
-                engine_id = await portal.register(completions_url=engine.completions_url, **params)
-                verb = "re-registered" if status.status == "different" else "registered"
-                print(f"{engine.code}: {verb} as id {engine_id}" + (f" ({', '.join(status.differences)} changed)" if status.differences else ""))
+                print(await apply_registration(portal, engine, status))
         return 0
 
     return _portal_command(run)
@@ -293,53 +295,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 # -- jobs -------------------------------------------------------------------------------
-def _job_summary(job: Any) -> dict[str, Any]:
-    outcome = job.outcome
-    summary: dict[str, Any] = {
-        "id": job.id,
-        "engine": job.engine,
-        "category": job.category,
-        "state": job.state.value,
-        "portal": job.task.portal,
-        "accepted_at": _when(job.accepted_at),
-        "deadline": _when(job.deadline),
-        "finished_at": _when(job.finished_at),
-        "delivery_attempts": job.delivery_attempts,
-        "detail": job.detail,
-    }
-    if job.finished_at:
-        summary["seconds_to_final"] = round(job.finished_at - job.accepted_at, 3)
-    if outcome is not None:
-        summary["provider"] = outcome.provider
-        if outcome.result is not None:
-            summary["result"] = {"kind": outcome.result.get("kind"), "chars": len(outcome.result.get("text") or ""), "usage": outcome.result.get("usage")}
-        if outcome.error is not None:
-            summary["error"] = outcome.error.to_json()
-    return summary
-
-
-def _describe_result(result: dict[str, Any]) -> str:
-    """One line for a stored result: its kind, its size and what it consumed (`jobs show`)."""
-    kind = result.get("kind") or "result"
-    if kind == "images":
-        size = f"{len(result.get('urls') or [])} image(s)"
-    else:
-        size = f"{len(result.get('text') or '')} characters"
-        if result.get("language"):
-            size += f", language {result['language']}"
-        if result.get("duration"):
-            size += f", {result['duration']:.1f} s of audio"
-    usage = result.get("usage") or {}
-    spent = [
-        f"{usage[key]} {label} tokens"
-        for key, label in (("prompt_tokens", "prompt"), ("completion_tokens", "completion"), ("total_tokens", "total"))
-        if usage.get(key) is not None
-    ]
-    if usage.get("cost_usd") is not None:
-        spent.append(f"${usage['cost_usd']:.6f}")
-    return f"{kind}, {size}" + (f"; {', '.join(spent)}" if spent else "")
-
-
 def _with_queue(config: Config, action: Any) -> Any:
     """``await action(queue)`` on the configured queue; None when no job was ever stored."""
     from gateway.stores import job_queue
@@ -358,28 +313,62 @@ def _with_queue(config: Config, action: Any) -> Any:
     return asyncio.run(run())
 
 
+def _operator() -> str:
+    """Who asks for an operator action from this terminal, as the job's attempt records it."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container without a passwd entry)
+        user = "unknown user"
+    return f"{user} (gateway jobs)"
+
+
 def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from gateway.jobs.queue import JobFilter
+    from gateway.jobs.reports import job_summary, parse_since
+
     config = _config(args)
-    state = JobState(args.state) if args.state else None
-    jobs = _with_queue(config, lambda q: q.list(state=state, limit=args.limit)) or []
-    rows = [_job_summary(job) for job in jobs]
+    try:
+        since = parse_since(args.since or "")
+    except ValueError as exc:
+        print(f"--since: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        job_filter = JobFilter(
+            state=JobState(args.state) if args.state else None,
+            engine=args.engine,
+            category=args.category,
+            portal=args.portal,
+            accepted_since=time.time() - since if since is not None else None,
+            before_id=args.before,
+            limit=args.limit,
+        )
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    jobs = _with_queue(config, lambda q: q.list(job_filter)) or []
+    rows = [job_summary(job) for job in jobs]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        print(f"{row['id']}  {row['state']:<10} {row['engine']:<16} {row['category']:<6} accepted {row['accepted_at']}  attempts {row['delivery_attempts']}")
+        print(
+            f"{row['id']}  {row['state']:<10} {row['engine']:<16} {row['category']:<6} {row['portal'] or '-':<24}"
+            f" accepted {row['accepted_at']}  attempts {row['delivery_attempts']}"
+        )
     if not rows:
         print("no jobs")
     return 0
 
 
 def cmd_jobs_show(args: argparse.Namespace) -> int:
+    from gateway.jobs.reports import describe_result, job_summary
+
     config = _config(args)
     job = _with_queue(config, lambda q: q.get(args.id))
     if job is None:
         print(f"no job {args.id!r} in {config.queue.location}", file=sys.stderr)
         return 1
-    summary = _job_summary(job)
+    summary = job_summary(job)
     summary["attempts"] = [
         {"kind": a.kind, "target": a.target, "at": _when(a.started_at), "ms": round(a.duration * 1000, 1), "outcome": a.outcome, "detail": a.detail}
         for a in job.attempts
@@ -389,7 +378,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         return 0
     for key, value in summary.items():
         if key == "result" and job.outcome is not None and job.outcome.result is not None:
-            value = _describe_result(job.outcome.result)
+            value = describe_result(job.outcome.result)
         elif key == "error":
             value = f"{value['message']} (code {value['code']}, {value['reason']})"
         if key != "attempts":
@@ -397,6 +386,85 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     print(f"{'attempts':>18}:")
     for a in summary["attempts"]:
         print(f"    {a['at']}  {a['kind']:<8} {a['target']:<28} {a['outcome']:<10} {a['ms']:>8} ms  {a['detail']}")
+    return 0
+
+
+def cmd_jobs_action(args: argparse.Namespace) -> int:
+    """``jobs cancel ID`` / ``jobs redeliver ID``: the queue checks and acts in one transaction."""
+    from gateway.jobs.queue import JobActionRefused
+
+    config = _config(args)
+    action = args.jobs_command
+
+    async def act(queue: Any) -> Any:
+        return await (queue.cancel if action == "cancel" else queue.redeliver)(args.id, _operator())
+
+    try:
+        job = _with_queue(config, act)
+    except JobActionRefused as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if job is None:  # no queue database yet
+        print(f"cannot {action} job {args.id}: no such job: nothing was ever stored in {config.queue.location}", file=sys.stderr)
+        return 1
+    if job.state is JobState.DEAD:
+        print(f"job {job.id}: dead: its delivery is cancelled")
+    elif action == "cancel":
+        print(f"job {job.id}: cancelled: a worker delivers the error (code cancelled) to the portal")
+    else:
+        print(f"job {job.id}: delivering: a worker delivers its outcome again")
+    return 0
+
+
+def cmd_jobs_stats(args: argparse.Namespace) -> int:
+    from gateway.jobs.reports import engine_table
+
+    config = _config(args)
+    if args.minutes < 1:
+        print("--minutes: must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    since = time.time() - args.minutes * 60
+    activity = _with_queue(config, lambda q: q.activity(since))
+    rows = engine_table(activity) if activity is not None else []
+    pending = {str(state): count for state, count in activity.pending.items()} if activity is not None else {}
+    if args.json:
+        shown = {"minutes": args.minutes, "since": _when(since), "pending": pending, "engines": [dataclasses.asdict(row) for row in rows]}
+        print(json.dumps(shown, indent=2))
+        return 0
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3g} s"
+
+    print(f"last {args.minutes} minute(s); pending now: " + (", ".join(f"{state} {count}" for state, count in pending.items()) or "none"))
+    print(f"{'engine':<16} {'category':<8} {'accepted':>8} {'succeeded':>9} {'failed':>6} {'expired':>7} {'p50':>9} {'p99':>9}")
+    for row in rows:
+        print(
+            f"{row.engine:<16} {row.category:<8} {row.accepted:>8} {row.succeeded:>9} {row.failed:>6} {row.expired:>7} {seconds(row.p50):>9} {seconds(row.p99):>9}"
+        )
+    if not rows:
+        print("no jobs in that time")
+    return 0
+
+
+# -- admin dashboard ---------------------------------------------------------------------------
+def cmd_admin_hash_password(args: argparse.Namespace) -> int:
+    """The hash to put in ``admin.password`` (or a user's ``password``): the config then holds no password."""
+    import getpass
+
+    from gateway.admin.passwords import hash_password
+    from gateway.config import MIN_ADMIN_PASSWORD
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("the two passwords differ; nothing printed", file=sys.stderr)
+            return 1
+    else:  # piped: the first line (never an argument, which the shell's history and `ps` would show)
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_ADMIN_PASSWORD:
+        print(f"the password is shorter than {MIN_ADMIN_PASSWORD} characters; nothing printed", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(password))
     return 0
 
 
@@ -491,6 +559,7 @@ def cmd_tenants(args: argparse.Namespace) -> int:
     from gateway.config import TenantLimits
     from gateway.tenants.limits import with_overrides
     from gateway.tenants.model import TenantStatus
+    from gateway.tenants.store import StatusChangeRefused, change_status
 
     config = _config(args)
     action = args.tenants_command
@@ -534,15 +603,15 @@ def cmd_tenants(args: argparse.Namespace) -> int:
             print(json.dumps({"tenant": tenant.key, "own": own, "effective": shown}, indent=2))
             return 0
         if action in ("disable", "enable"):
-            if tenant.status is TenantStatus.UNINSTALLED:
-                print(f"tenant {tenant.key} has uninstalled the app; it cannot be {action}d", file=sys.stderr)
+            try:
+                changed = await change_status(store, tenant, TenantStatus.DISABLED if action == "disable" else TenantStatus.ACTIVE)
+            except StatusChangeRefused as exc:
+                print(str(exc), file=sys.stderr)
                 return 1
-            if action == "enable" and tenant.status is not TenantStatus.DISABLED:
-                print(f"tenant {tenant.key} ({tenant.domain}) is not disabled: {tenant.status}")
+            if action == "enable" and changed.status is not TenantStatus.ACTIVE:
+                print(f"tenant {tenant.key} ({tenant.domain}) is not disabled: {changed.status}")
                 return 0
-            status = TenantStatus.DISABLED if action == "disable" else TenantStatus.ACTIVE
-            await store.put(tenant.with_(status=status, updated_at=time.time()))
-            print(f"tenant {tenant.key} ({tenant.domain}): {status}")
+            print(f"tenant {tenant.key} ({tenant.domain}): {changed.status}")
             return 0
         # forget: the record and every job of the tenant
         deleted = await queue.end_tenant_jobs(tenant.member_id, "forgotten by the operator", delete=True)
@@ -553,31 +622,37 @@ def cmd_tenants(args: argparse.Namespace) -> int:
     return int(_with_tenants(config, run))
 
 
-def usage_rows(jobs: list[Any]) -> list[dict[str, Any]]:
-    """Jobs added up by UTC day and engine: requests, results, tokens, cost and audio seconds."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for job in jobs:
-        day = datetime.fromtimestamp(job.finished_at or job.accepted_at, UTC).date().isoformat()
-        row = rows.setdefault(
-            (day, job.engine),
-            {"day": day, "engine": job.engine, "jobs": 0, "results": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "audio_seconds": 0.0},
-        )
-        row["jobs"] += 1
-        result = job.outcome.result if job.outcome is not None else None
-        if not result:
-            continue
-        row["results"] += 1
-        usage = result.get("usage") or {}
-        row["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-        row["completion_tokens"] += int(usage.get("completion_tokens") or 0)
-        row["cost_usd"] += float(usage.get("cost_usd") or 0.0)
-        if isinstance(result.get("duration"), (int, float)):
-            row["audio_seconds"] += float(result["duration"])
-    return [rows[key] for key in sorted(rows)]
+def _with_api_usage(config: Config, action: Any) -> Any:
+    """``await action(store)`` on the API usage store, without a running gateway; None when nothing was ever counted."""
+    from gateway.stores import api_usage_reader
+
+    async def run() -> Any:
+        async with api_usage_reader(config) as store:
+            return None if store is None else await action(store)
+
+    return asyncio.run(run())
+
+
+def _usage_line(row: Any) -> str:
+    if row.surface == "portal":  # the line portal rows always had, and whose portal
+        counts = f"jobs {row.requests:>6}  results {row.requests - row.errors:>6}"
+        who = f"portal {row.who or '-'}"
+    else:
+        counts, who = f"requests {row.requests:>6}  errors {row.errors:>6}", f"key {row.who}"
+    return (
+        f"{row.day}  {row.engine:<16} {counts}  tokens {row.prompt_tokens:>9} + {row.completion_tokens:>9}"
+        f"  ${row.cost_usd:.4f}  audio {row.audio_seconds / 60:.1f} min  {who}"
+    )
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    from gateway.usage.ledger import utc_day
+    from gateway.usage.report import UsageRow, api_usage, merged, portal_usage_rows, to_csv
+
     config = _config(args)
+    if args.tenant and args.surface == "api":
+        print("--tenant selects one portal's jobs and API requests belong to no portal: leave out --surface api", file=sys.stderr)
+        return EXIT_CONFIG
     member_id: str | None = None
     if args.tenant:
         found = _with_tenants(config, lambda store, queue: store.all())
@@ -587,18 +662,24 @@ def cmd_usage(args: argparse.Namespace) -> int:
             return 1
         member_id = tenant.member_id
     since = time.time() - args.days * 86400
-    jobs = _with_queue(config, lambda q: q.finished_since(since, tenant=member_id)) or []
-    rows = usage_rows(jobs)
+    portal: list[UsageRow] = []
+    api: list[UsageRow] = []
+    if args.surface in (None, "portal"):
+        portal = portal_usage_rows(_with_queue(config, lambda q: q.usage_totals(since, tenant=member_id)) or [])  # counted by the database
+    if args.surface in (None, "api") and member_id is None:  # API rows are whole UTC days: the first day counts whole
+        api = api_usage(_with_api_usage(config, lambda store: store.rows(utc_day(since))) or [])
+    rows = merged(portal, api)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([row.to_json() for row in rows], indent=2))
+        return 0
+    if args.csv:
+        sys.stdout.write(to_csv(rows))
         return 0
     if not rows:
-        print(f"no finished jobs in the last {args.days:g} day(s)")
+        what = {"portal": "finished jobs", "api": "API requests"}.get(args.surface or "", "finished jobs or API requests")
+        print(f"no {what} in the last {args.days:g} day(s)")
     for row in rows:
-        print(
-            f"{row['day']}  {row['engine']:<16} jobs {row['jobs']:>6}  results {row['results']:>6}  tokens {row['prompt_tokens']:>9} + {row['completion_tokens']:>9}"
-            f"  ${row['cost_usd']:.4f}  audio {row['audio_seconds'] / 60:.1f} min"
-        )
+        print(_usage_line(row))
     return 0
 
 
@@ -899,17 +980,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
 
-    jobs = sub.add_parser("jobs", help="inspect jobs").add_subparsers(dest="jobs_command", required=True)
+    jobs = sub.add_parser("jobs", help="inspect jobs, cancel or re-deliver one").add_subparsers(dest="jobs_command", required=True)
     p = jobs.add_parser("list", parents=[common], help="recent jobs, newest first")
     p.add_argument("--state", choices=[state.value for state in JobState])
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--engine", metavar="CODE")
+    p.add_argument("--category", choices=[category.value for category in Category])
+    p.add_argument("--portal", metavar="HOST", help="the portal's host name")
+    p.add_argument("--since", metavar="SPAN", help="accepted within this span: 15m, 2h, 1d (default: all)")
+    p.add_argument("--before", metavar="ID", help="older than this job (the next page)")
+    p.add_argument("--limit", type=int, default=50, help="at most 500")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_list)
     p = jobs.add_parser("show", parents=[common], help="one job: state, attempts, timings")
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_show)
+    p = jobs.add_parser("cancel", parents=[common], help="stop a job no worker holds: the portal gets an error (code cancelled)")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_jobs_action)
+    p = jobs.add_parser("redeliver", parents=[common], help="deliver a dead job's stored outcome again, while its deadline is ahead")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_jobs_action)
+    p = jobs.add_parser("stats", parents=[common], help="per engine: accepted, succeeded, failed, expired, p50/p99; pending jobs")
+    p.add_argument("--minutes", type=int, default=60)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_stats)
 
+    admin = sub.add_parser("admin", help="the admin dashboard").add_subparsers(dest="admin_command", required=True)
+    p = admin.add_parser("hash-password", help="print the scrypt hash of a password read from the terminal or stdin, for admin.password")
+    p.set_defaults(func=cmd_admin_hash_password)
     app = sub.add_parser("app", help="Bitrix24 app mode: what to enter on the portal").add_subparsers(dest="app_command", required=True)
     p = app.add_parser("info", parents=[common], help="the install handler URL and the engines every installing portal gets")
     p.add_argument("--json", action="store_true")
@@ -936,10 +1035,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reset", action="store_true", help="back to app.limits")
         p.set_defaults(func=cmd_tenants)
 
-    p = sub.add_parser("usage", parents=[common], help="requests, tokens, cost and audio by day and engine (from finished jobs)")
-    p.add_argument("--tenant", metavar="PORTAL", help="one installed portal: domain, member_id or tenant id (app mode)")
+    p = sub.add_parser("usage", parents=[common], help="requests, tokens, cost and audio by day, engine and portal or API key")
+    p.add_argument("--tenant", metavar="PORTAL", help="one installed portal: domain, member_id or tenant id (app mode; portal jobs only)")
     p.add_argument("--days", type=float, default=7.0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--surface", choices=["portal", "api"], help="portal jobs only, or requests to the OpenAI-compatible API only (default: both)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true")
+    shape.add_argument("--csv", action="store_true", help="CSV with a header row, for a spreadsheet")
     p.set_defaults(func=cmd_usage)
 
     db = sub.add_parser("db", help="the shared PostgreSQL database's schema").add_subparsers(dest="db_command", required=True)

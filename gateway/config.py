@@ -247,6 +247,32 @@ class AppSettings:
         return (self.client_id, self.client_secret) if self.client_id else None
 
 
+ADMIN_USER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+ADMIN_HASH_RE = re.compile(r"^scrypt\$\d{1,8}\$\d{1,3}\$\d{1,3}\$[A-Za-z0-9+/=]{16,64}\$[A-Za-z0-9+/=]{32,128}$")
+"""A password hash as ``gateway admin hash-password`` prints it: ``scrypt$N$r$p$salt$hash`` (base64)."""
+MIN_ADMIN_PASSWORD = 12
+MIN_SESSION_SECRET = 32
+
+
+@dataclass(frozen=True)
+class AdminUser:
+    name: str
+    password: str
+    """A hash (``scrypt$...``) or the password itself (best from ``${VAR}``), hashed in memory at start."""
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The admin dashboard (key ``admin``); absent: the dashboard is off."""
+
+    users: tuple[AdminUser, ...]
+    session_hours: float = 12.0
+    """A login lasts this long; then the user logs in again."""
+    session_secret: str = ""
+    """Signs session cookies; empty: a random key kept in ``data_dir/admin-session.key`` (one machine's
+    processes share it; nodes behind one load balancer need the same ``session_secret``)."""
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -280,6 +306,8 @@ class Config:
     openai_api: OpenAIApiSettings = field(default_factory=lambda: OpenAIApiSettings())
     app: AppSettings | None = None
     """App mode (``app:``); None: webhook mode only."""
+    admin: AdminSettings | None = None
+    """The admin dashboard (``admin:``); None: off."""
 
     def engine(self, code: str) -> EngineConfig | None:
         return next((e for e in self.engines if e.code == code), None)
@@ -499,6 +527,7 @@ def parse_config(data: Any, file: Path) -> Config:
     api_keys = _parse_api_keys(file, top.raw("api_keys", []), engines)
     openai_api = _parse_openai_api(top.section("openai_api"))
     app = _parse_app(top.section("app"), engines) if top.raw("app", None) is not None else None
+    admin = _parse_admin(top.section("admin")) if top.raw("admin", None) is not None else None
     top.done()
     return Config(
         path=file,
@@ -526,7 +555,61 @@ def parse_config(data: Any, file: Path) -> Config:
         api_keys=api_keys,
         openai_api=openai_api,
         app=app,
+        admin=admin,
     )
+
+
+def _admin_password(file: Path, key: str, value: str) -> str:
+    """A password hash as printed by ``gateway admin hash-password``, or a plain password long enough; never echoed."""
+    if value.startswith("scrypt$"):
+        if not ADMIN_HASH_RE.match(value):
+            raise ConfigError(file, key, "is not a complete scrypt hash", "paste the whole line `gateway admin hash-password` prints")
+        return value
+    if len(value) < MIN_ADMIN_PASSWORD:
+        raise ConfigError(
+            file,
+            key,
+            f"is shorter than {MIN_ADMIN_PASSWORD} characters",
+            'use a long password from an environment variable ("${GATEWAY_ADMIN_PASSWORD}"), or its hash from `gateway admin hash-password`',
+        )
+    return value
+
+
+def _parse_admin(a: _Section) -> AdminSettings:
+    """``admin: {password: ...}`` (user ``admin``) or ``admin: {users: [{name, password}]}``."""
+    file = a.file
+    users: list[AdminUser] = []
+    single = a.raw("password", None)
+    listed = a.raw("users", None)
+    if (single is None) == (listed is None):
+        raise ConfigError(
+            file, "admin", "needs either `password` or `users`", 'write `admin: {password: "${GATEWAY_ADMIN_PASSWORD}"}`, or a list under `users:`'
+        )
+    if single is not None:
+        users.append(AdminUser("admin", _admin_password(file, a.key("password"), a.text("password"))))
+    else:
+        if not isinstance(listed, list) or not listed:
+            raise ConfigError(file, a.key("users"), "must be a non-empty list", 'write `- {name: alice, password: "${ALICE_PASSWORD}"}`')
+        for i, item in enumerate(listed):
+            u = _Section(file, f"{a.key('users')}[{i}]", item)
+            name = u.text("name")
+            if not ADMIN_USER_RE.match(name):
+                raise ConfigError(file, u.key("name"), f"{name[:64]!r} may use only letters, digits, _ . @ and - (at most 64)", "rename the user")
+            if any(other.name == name for other in users):
+                raise ConfigError(file, u.key("name"), f"user {name!r} is listed twice", "give each user one entry")
+            users.append(AdminUser(name, _admin_password(file, u.key("password"), u.text("password"))))
+            u.done()
+    session_hours = a.number("session_hours", 12.0, minimum=0.05)
+    secret = a.text("session_secret", "")
+    if secret and len(secret) < MIN_SESSION_SECRET:
+        raise ConfigError(
+            file,
+            a.key("session_secret"),
+            f"is shorter than {MIN_SESSION_SECRET} characters",
+            'generate one: python -c "import secrets; print(secrets.token_urlsafe(48))", and give every node the same',
+        )
+    a.done()
+    return AdminSettings(tuple(users), session_hours, secret)
 
 
 def _parse_app(a: _Section, engines: tuple[EngineConfig, ...]) -> AppSettings:

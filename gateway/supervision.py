@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.backoff import Backoff
@@ -29,6 +30,16 @@ RESTART_INITIAL = 0.1
 RESTART_MAX = 5.0
 STABLE_AFTER = 60.0
 """A loop that ran this long before failing restarts after the initial pause again."""
+
+
+@dataclass(frozen=True)
+class LoopStatus:
+    name: str
+    state: str
+    """``running``, ``down`` (waiting to be restarted) or ``stopped`` (it returned or was cancelled)."""
+    reason: str = ""
+    """Why it is down (secrets masked)."""
+    restarts: int = 0
 
 
 class Supervisor:
@@ -48,6 +59,7 @@ class Supervisor:
         self.restart_initial, self.restart_max = restart_initial, restart_max
         self._down: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._restarts: dict[str, int] = {}
 
     def start(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         """Run ``loop()`` under supervision; the returned task ends when a run of it returns
@@ -59,6 +71,14 @@ class Supervisor:
     def down(self) -> dict[str, str]:
         """Loops waiting to be restarted, with the error that stopped each."""
         return dict(self._down)
+
+    def status(self) -> list[LoopStatus]:
+        """Every loop started and not stopped, by name: what the admin dashboard shows."""
+        statuses = []
+        for name, task in sorted(self._tasks.items()):
+            state = "down" if name in self._down else ("stopped" if task.done() else "running")
+            statuses.append(LoopStatus(name, state, self._down.get(name, ""), self._restarts.get(name, 0)))
+        return statuses
 
     async def stop(self, name: str) -> None:
         """Cancel a loop and wait for it to end."""
@@ -87,6 +107,7 @@ class Supervisor:
                     pause = schedule.ceiling(restarts)
                     reason = self.redactor.redact(f"{type(exc).__name__}: {exc}")[:300]
                     self._down[name] = reason
+                    self._restarts[name] = self._restarts.get(name, 0) + 1
                     if self.metrics is not None:
                         self.metrics.loop_restarts.labels(name).inc()
                     log.error("background loop %s stopped (%s); restarting in %.1f s", name, reason, pause, exc_info=exc)

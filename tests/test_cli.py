@@ -163,6 +163,79 @@ def test_jobs_show_prints_readable_text(gateway, portal, upstream):
     ],
 )
 def test_jobs_show_describes_each_kind_of_result(result, line):
-    from gateway.cli import _describe_result
+    from gateway.jobs.reports import describe_result
 
-    assert _describe_result(result) == line
+    assert describe_result(result) == line
+
+
+def store_jobs(path: Path) -> dict[str, str]:
+    """Jobs written straight into the config's SQLite queue (no gateway running): a queued text job
+    from acme, a queued image job from beta accepted 2 h ago, a text job that ended dead with a result."""
+    import asyncio
+    import time
+
+    from gateway.jobs.model import Job, JobState, Outcome, new_job_id
+    from gateway.jobs.sqlite import SQLiteJobQueue
+    from gateway.tasks import Category, ImagePrompt, Task, TextPrompt
+
+    def job(engine: str, category: Category, portal: str, age: float) -> Job:
+        accepted = time.time() - age
+        prompt = ImagePrompt("a cat") if category is Category.IMAGE else TextPrompt("hi")
+        task = Task(job_id=new_job_id(), engine=engine, category=category, prompt=prompt, accepted_at=accepted, deadline=accepted + 14400, portal=portal)
+        return Job(task, f"http://{portal}/cb?hash=x", f"http://{portal}/err?hash=x")
+
+    async def fill() -> dict[str, str]:
+        queue = SQLiteJobQueue(path)
+        await queue.open()
+        try:
+            queued, _ = await queue.enqueue(job("acme_text", Category.TEXT, "acme.bitrix24.com", 60), "a", lease_owner=None, lease_seconds=5)
+            image, _ = await queue.enqueue(job("acme_image", Category.IMAGE, "beta.bitrix24.de", 7200), "b", lease_owner=None, lease_seconds=5)
+            dead, _ = await queue.enqueue(job("acme_text", Category.TEXT, "acme.bitrix24.com", 30), "c", lease_owner="w", lease_seconds=30)
+            await queue.store_outcome(dead.id, "w", Outcome(result={"kind": "text", "text": "hello"}), [])
+            await queue.finish(dead.id, "w", JobState.DEAD, "portal refused the callback with HTTP 400", [])
+            return {"queued": queued.id, "image": image.id, "dead": dead.id}
+        finally:
+            await queue.close()
+
+    return asyncio.run(fill())
+
+
+def test_jobs_list_filters_cancel_redeliver_and_stats(tmp_path):
+    path = write_config(tmp_path, make_config("http://127.0.0.1:1"))
+    ids = store_jobs(tmp_path / "var" / "queue.sqlite3")
+
+    def listed(*args: str) -> list[str]:
+        result = run("jobs", "list", "--json", *args, "--config", str(path), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return [job["id"] for job in json.loads(result.stdout)]
+
+    assert listed() == [ids["dead"], ids["image"], ids["queued"]]
+    assert listed("--engine", "acme_text", "--since", "15m") == [ids["dead"], ids["queued"]]
+    assert listed("--portal", "Beta.Bitrix24.de", "--category", "image", "--since", "1d") == [ids["image"]]
+    assert listed("--state", "queued", "--before", ids["image"]) == [ids["queued"]]
+    junk = run("jobs", "list", "--since", "yesterday", "--config", str(path), cwd=tmp_path)
+    assert junk.returncode == 2
+    assert junk.stderr.strip() == "--since: 'yesterday' is not a time span: use a number of minutes, hours or days (15m, 2h, 1d), or 'all'"
+
+    cancelled = run("jobs", "cancel", ids["queued"], "--config", str(path), cwd=tmp_path)
+    assert (
+        cancelled.returncode == 0 and cancelled.stdout.strip() == f"job {ids['queued']}: cancelled: a worker delivers the error (code cancelled) to the portal"
+    )
+    refused = run("jobs", "redeliver", ids["image"], "--config", str(path), cwd=tmp_path)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.strip() == (
+        f"cannot redeliver job {ids['image']}: it is still queued: the gateway delivers it by itself; re-delivery is for jobs that ended dead"
+    )
+    unknown = run("jobs", "cancel", "nope", "--config", str(path), cwd=tmp_path)
+    assert unknown.returncode == 1 and unknown.stderr.strip().startswith("cannot cancel job nope: no such job")
+    again = run("jobs", "redeliver", ids["dead"], "--config", str(path), cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.strip() == f"job {ids['dead']}: delivering: a worker delivers its outcome again"
+
+    stats = run("jobs", "stats", "--json", "--config", str(path), cwd=tmp_path)
+    assert stats.returncode == 0, stats.stderr
+    shown = json.loads(stats.stdout)
+    assert shown["minutes"] == 60 and shown["pending"] == {"queued": 1, "running": 0, "delivering": 2}
+    assert [(row["engine"], row["accepted"], row["failed"], row["p50"]) for row in shown["engines"]] == [("acme_text", 2, 0, None)]
+    text = run("jobs", "stats", "--config", str(path), cwd=tmp_path).stdout.splitlines()
+    assert text[0] == "last 60 minute(s); pending now: queued 1, running 0, delivering 2"
+    assert text[2].split() == ["acme_text", "text", "2", "0", "0", "0", "-", "-"]

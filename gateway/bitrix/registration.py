@@ -112,3 +112,29 @@ async def check_reachable(engine: Engine, *, timeout: float = 10.0) -> None:
             f"engine {engine.code}: GET completions_url answered HTTP {response.status_code}, the portal requires exactly 200"
             + (f"; {hint[response.status_code]}" if response.status_code in hint else "")
         )
+
+
+async def apply_registration(portal: Any, engine: Engine, status: EngineStatus) -> str:
+    """Bring one engine on the portal in line with the config, given how it stands there now
+    (:func:`compare`): nothing when in sync, unregister and register again when different, register
+    when missing. What ``gateway engines register`` and the dashboard's button do; returns a line saying so."""
+    if status.status == "in_sync":
+        return f"{engine.code}: unchanged (id {status.remote_id})"
+    if status.status == "different":
+        await portal.unregister(engine.code)
+    engine_id = await portal.register(completions_url=engine.completions_url, **registration_params(engine))
+    verb = "re-registered" if status.status == "different" else "registered"
+    return f"{engine.code}: {verb} as id {engine_id}" + (f" ({', '.join(status.differences)} changed)" if status.differences else "")
+
+
+async def register_engine(portal: Any, engine: Engine) -> str:
+    """Register one engine after the checks ``gateway engines register`` makes first: not a built-in
+    code, and its completions URL answers (the portal's own error for either is vague)."""
+    builtin = builtin_collision(engine.code)
+    if builtin:
+        raise RegistrationError(
+            f"the code collides with the portal's built-in engine {builtin}; choose another code (the portal compares codes case-insensitively)"
+        )
+    await check_reachable(engine)
+    statuses = {(s.code, s.category): s for s in compare([engine], await portal.list())}
+    return await apply_registration(portal, engine, statuses[(engine.code, engine.config.category.value)])
