@@ -348,3 +348,59 @@ def test_links_follow_the_public_urls_path(tmp_path: Path) -> None:
         page = proxied.get("/admin/login")
         assert 'action="/ai/admin/login?next=/"' in page.text and 'href="/ai/admin/static/admin.css"' in page.text
         assert "Secure" in page.headers["set-cookie"] and "Path=/ai/admin/login" in page.headers["set-cookie"]
+
+
+ROUTES = (
+    "/admin/",
+    "/admin/overview/live",
+    "/admin/jobs",
+    "/admin/jobs/{x}",
+    "/admin/jobs/{x}/{y}",
+    "/admin/engines",
+    "/admin/engines/{x}/url",
+    "/admin/engines/{x}/{y}",
+    "/admin/portals",
+    "/admin/portals/{x}/{y}",
+    "/admin/usage",
+    "/admin/usage.csv",
+    "/admin/plugins",
+    "/admin/login",
+)
+"""Every route (logout aside: it would end the session the others need); segments and queries are hostile."""
+SEGMENT = st.one_of(st.sampled_from(["acme_text", "0" * 24, "cancel", "redeliver", "disable", "url", "%00", "..", "%2F", "x" * 300]), st.text(max_size=30))
+QUERY = st.dictionaries(st.sampled_from(["state", "engine", "category", "portal", "since", "before", "days", "next", "x"]), st.text(max_size=40), max_size=5)
+
+
+@pytest.fixture(scope="module")
+def logged_in(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, str]]:
+    with TestClient(create_app(admin_config(tmp_path_factory.mktemp("fuzz"))), base_url=BASE, follow_redirects=False) as test_client:
+        log_in(test_client)
+        yield test_client, page_token(test_client)
+
+
+@given(
+    route=st.sampled_from(ROUTES),
+    x=SEGMENT,
+    y=SEGMENT,
+    query=QUERY,
+    method=st.sampled_from(["GET", "POST", "HEAD", "PUT"]),
+    with_token=st.booleans(),
+    body=st.one_of(st.binary(max_size=200), st.dictionaries(st.sampled_from(["csrf", "username", "password", "a"]), st.text(max_size=40), max_size=4)),
+)
+@settings(max_examples=250, deadline=None)
+def test_no_admin_request_gets_a_5xx(
+    logged_in: tuple[TestClient, str], route: str, x: str, y: str, query: dict[str, str], method: str, with_token: bool, body: Any
+) -> None:
+    from urllib.parse import quote
+
+    client, token = logged_in
+    path = route.format(x=quote(x, safe="%"), y=quote(y, safe="%"))
+    headers = {"X-CSRF-Token": token} if with_token else {}
+    if isinstance(body, dict):
+        answer = client.request(method, path, params=query, data=body, headers=headers)
+    else:
+        answer = client.request(method, path, params=query, content=body, headers={**headers, "content-type": "application/x-www-form-urlencoded"})
+    assert answer.status_code < 500, (method, path, query, answer.status_code, answer.text[:300])
+    if method == "POST" and not with_token and not path.startswith("/admin/login") and answer.status_code not in (404, 405):
+        assert answer.status_code == 403 or (isinstance(body, dict) and body.get("csrf") == token), (path, answer.status_code)
+    assert client.get("/admin/plugins").status_code == 200  # still logged in: the examples test the pages, not the login page
