@@ -253,6 +253,7 @@ def test_pages_need_a_login_and_the_login_returns_to_the_page(client: TestClient
         assert page.status_code == 200, path
         assert page.headers["content-security-policy"].startswith("default-src 'none'") and page.headers["x-frame-options"] == "DENY"
         assert page.headers["cache-control"] == "no-store"
+    assert "the OpenAI-compatible API is off" in client.get("/admin/usage").text
     csv = client.get("/admin/usage.csv?days=7")
     assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv") and "attachment" in csv.headers["content-disposition"]
     assert csv.text.startswith("day,surface,engine,who,")
@@ -328,6 +329,17 @@ def test_a_session_survives_a_restart_and_hostile_tokens_and_forms_get_4xx(tmp_p
         many = "&".join(f"f{i}=1" for i in range(60))
         answer = second.post("/admin/login", content=f"csrf={token.group(1)}&{many}".encode(), headers={"content-type": "application/x-www-form-urlencoded"})
         assert answer.status_code == 400
+
+
+def test_the_usage_page_lists_api_keys_without_their_secrets(tmp_path: Path) -> None:
+    secret = "sk-gw-test-0123456789abcdefSECRET"
+    data = make_config("http://127.0.0.1:9", admin={"password": PASSWORD})
+    data.update(public_url=BASE, data_dir=str(tmp_path / "var"))
+    data["api_keys"] = [{"name": "scripts", "secret": secret, "engines": ["acme_text"], "requests_per_minute": 30}]
+    with TestClient(create_app(parse_config(data, tmp_path / "g.yaml")), base_url=BASE, follow_redirects=False) as keyed:
+        log_in(keyed)
+        page = keyed.get("/admin/usage").text
+        assert 'data-key="scripts"' in page and ">30<" in page and secret not in page and secret[:12] not in page
 
 
 def test_without_an_admin_section_the_dashboard_is_off(tmp_path: Path) -> None:

@@ -425,6 +425,16 @@ class Pages:
             totals=totals,
             requests_chart=requests_chart,
             tokens_chart=tokens_chart,
+            api_keys=[
+                {
+                    "name": key.name,
+                    "engines": ", ".join(key.engines),
+                    "requests_per_minute": key.requests_per_minute or "-",
+                    "tokens_per_day": key.tokens_per_day or "-",
+                    "hashed": key.secret.startswith("sha256:"),
+                }
+                for key in self.rt.config.api_keys
+            ],
         )
 
     async def usage_csv(self, request: Request, session: Session) -> Response:
