@@ -597,7 +597,9 @@ def cmd_tenants(args: argparse.Namespace) -> int:
                         return EXIT_CONFIG
                     own[key] = value
             if own != tenant.limits:
-                await store.put(tenant.with_(limits=own, updated_at=time.time()))
+                await store.update(
+                    tenant.member_id, lambda fresh: fresh.with_(limits=own, updated_at=time.time())
+                )  # onto the record as stored: never over a refresh
             effective = with_overrides(config.app.limits if config.app else TenantLimits(), own)
             shown = {key: getattr(effective, key) for key in ("requests_per_minute", "concurrent_jobs", "audio_minutes_per_day")}
             print(json.dumps({"tenant": tenant.key, "own": own, "effective": shown}, indent=2))

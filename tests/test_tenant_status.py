@@ -1,7 +1,8 @@
 """An operator's disable/enable (``gateway tenants disable|enable``, the dashboard) on each tenant store:
 it writes the status into the record as stored at that moment, so a token refresh or an uninstall
 that landed after the operator looked is kept, and it waits for a refresh in flight (refresh tokens
-are single-use: writing an old one back would lock the portal out)."""
+are single-use: writing an old one back would lock the portal out). The other writers (a registration's
+outcome, ``needs_reinstall``, a refresh's tokens) likewise write only their fields, so none undoes another's."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from gateway.config import QueueSettings
 from gateway.stores import TENANTS_FILE, Stores
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
+from gateway.tenants.service import needs_reinstall
 from gateway.tenants.store import SQLiteTenantStore, StatusChangeRefused, TenantStore, change_status
 
 pytestmark = pytest.mark.anyio
@@ -266,6 +268,138 @@ async def test_a_status_change_notifies_the_other_nodes(postgres_dsn: str, tmp_p
         assert await asyncio.wait_for(heard.get(), 30) == KEY  # the payload is the tenant id, never the member_id
     finally:
         await listener.close()
+        await backend.close()
+
+
+async def test_a_registration_finishing_after_a_disable_and_a_refresh_keeps_both(backend: Backend) -> None:
+    """The registration read the tenant when it claimed it; the operator disabled it and a refresh
+    landed while it was on the portal: only the registration's fields are written back."""
+    store, other = await backend.store(), await backend.store()
+    await store.put(acme(registration=Registration.PENDING, registered_engines=()))
+    [claimed] = await store.claim_registration("owner-1", 120.0, 4)
+    assert claimed.status is TenantStatus.ACTIVE and claimed.tokens == OLD
+    await other.set_status(MEMBER, TenantStatus.DISABLED)
+    await other.refresh(MEMBER, OLD.access_token, refresher_to(NEW))
+    done = claimed.with_(registration=Registration.DONE, registration_attempts=1, registered_engines=("gpt",))
+    assert await other.registration_done(done.with_(registered_engines=("lost",)), "owner-2") == await store.get(MEMBER)  # not the lease's owner
+    stored = await store.registration_done(done, "owner-1")
+    assert stored is not None and stored == await other.get(MEMBER)
+    assert stored.status is TenantStatus.DISABLED and stored.tokens == NEW and stored.last_refresh_at is not None
+    assert stored.registration is Registration.DONE and stored.registration_attempts == 1 and stored.registered_engines == ("gpt",)
+    assert stored.limits == {"concurrent_jobs": 2.0}
+    assert await backend.status_column(MEMBER) == "disabled"
+    assert await store.claim_registration("owner-3", 120.0, 4) == []  # done: nothing to claim
+
+
+async def test_a_failed_registration_attempt_keeps_a_disable_and_is_claimed_again(backend: Backend) -> None:
+    store = await backend.store()
+    await store.put(acme(registration=Registration.PENDING, registered_engines=()))
+    [claimed] = await store.claim_registration("owner-1", 120.0, 4)
+    await store.set_status(MEMBER, TenantStatus.DISABLED)
+    retry = claimed.with_(registration_attempts=1, registration_error="portal unreachable")
+    stored = await store.registration_done(retry, "owner-1", next_at=1.0)  # due again at once: the lease is released
+    assert stored is not None and stored.status is TenantStatus.DISABLED and stored.registration_error == "portal unreachable"
+    [again] = await store.claim_registration("owner-2", 120.0, 4)
+    assert again == stored and again.registration is Registration.PENDING
+
+
+async def test_a_registration_finishing_after_an_uninstall_leaves_it_uninstalled(backend: Backend) -> None:
+    store = await backend.store()
+    await store.put(acme(registration=Registration.PENDING, registered_engines=()))
+    [claimed] = await store.claim_registration("owner-1", 120.0, 4)
+    await store.put(uninstalled(claimed))
+    stored = await store.registration_done(claimed.with_(registration=Registration.DONE, registration_attempts=1, registered_engines=("gpt",)), "owner-1")
+    assert stored is not None and stored.status is TenantStatus.UNINSTALLED and stored.tokens is None and stored.registered_engines == ()
+    assert await backend.status_column(MEMBER) == "uninstalled"
+
+
+async def test_needs_reinstall_marks_only_an_active_tenant_still_holding_the_refused_token(backend: Backend) -> None:
+    store = await backend.store()
+
+    async def mark() -> Tenant | None:
+        return await store.update(MEMBER, lambda stored: needs_reinstall(stored, OLD.refresh_token, "invalid_grant"))
+
+    for before in (acme(status=TenantStatus.DISABLED), uninstalled(acme()), acme(tokens=NEW)):  # disabled, uninstalled, reinstalled meanwhile
+        await store.put(before)
+        assert await mark() == before == await store.get(MEMBER)
+        assert await backend.status_column(MEMBER) == str(before.status)
+    await store.put(acme())
+    marked = await mark()
+    assert marked is not None and marked.status is TenantStatus.NEEDS_REINSTALL and marked.tokens == OLD and marked == await store.get(MEMBER)
+    assert (
+        marked.detail
+        == "the OAuth server refused the refresh token (invalid_grant): reinstall the app on acme.bitrix24.com (Applications → the app → Reinstall)"
+    )
+    assert await backend.status_column(MEMBER) == "needs_reinstall"
+    assert await store.update("someone-else", lambda stored: stored.with_(detail="x")) is None  # no such tenant: nothing created
+    assert await store.get("someone-else") is None
+
+
+async def test_an_exception_in_a_change_propagates_as_itself_and_writes_nothing(backend: Backend) -> None:
+    store = await backend.store()
+    await store.put(acme())
+
+    def refuse(_stored: Tenant) -> Tenant:
+        raise StatusChangeRefused("no")
+
+    with pytest.raises(StatusChangeRefused) as refused:
+        await store.update(MEMBER, refuse)
+    assert str(refused.value) == "no"
+    assert await store.get(MEMBER) == acme()
+
+
+async def test_a_sqlite_refresh_racing_an_uninstall_leaves_it_uninstalled_without_tokens(tmp_path: Path) -> None:
+    """The uninstall lands while the refresh waits for the OAuth server: its new tokens are not written back."""
+    backend = Backend("sqlite", QueueSettings(backend="sqlite", path=tmp_path / "q.sqlite3"), tmp_path)
+    try:
+        store = await backend.store()
+        await store.put(acme())
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_refresher(_tenant: Tenant) -> Tokens:
+            inside.set()
+            await release.wait()
+            return NEW
+
+        refreshing = asyncio.create_task(store.refresh(MEMBER, OLD.access_token, slow_refresher))
+        await inside.wait()
+        seen = await store.get(MEMBER)
+        assert seen is not None
+        await (await backend.store()).put(uninstalled(seen))  # the uninstall event, handled by another process
+        release.set()
+        assert await refreshing == NEW
+        stored = await store.get(MEMBER)
+        assert stored is not None and stored.status is TenantStatus.UNINSTALLED and stored.tokens is None and stored.last_refresh_at is None
+        assert await backend.status_column(MEMBER) == "uninstalled"
+    finally:
+        await backend.close()
+
+
+async def test_a_sqlite_refresh_writes_only_the_tokens(tmp_path: Path) -> None:
+    """A disable and a limits change that land during the OAuth call are kept."""
+    backend = Backend("sqlite", QueueSettings(backend="sqlite", path=tmp_path / "q.sqlite3"), tmp_path)
+    try:
+        store = await backend.store()
+        await store.put(acme())
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_refresher(_tenant: Tenant) -> Tokens:
+            inside.set()
+            await release.wait()
+            return NEW
+
+        refreshing = asyncio.create_task(store.refresh(MEMBER, OLD.access_token, slow_refresher))
+        await inside.wait()
+        seen = await store.get(MEMBER)
+        assert seen is not None
+        await (await backend.store()).put(seen.with_(status=TenantStatus.DISABLED, limits={"concurrent_jobs": 5.0}))  # a writer that takes no lock
+        release.set()
+        assert await refreshing == NEW
+        stored = await store.get(MEMBER)
+        assert stored is not None and stored.tokens == NEW and stored.last_refresh_at is not None
+        assert stored.status is TenantStatus.DISABLED and stored.limits == {"concurrent_jobs": 5.0}
+        assert await backend.status_column(MEMBER) == "disabled"
+    finally:
         await backend.close()
 
 

@@ -2,9 +2,10 @@
 
 Token refreshes run inside one transaction that holds a transaction-level advisory lock on the
 tenant: a second node that meets ``expired_token`` at the same moment waits, then finds the new
-tokens and uses them, so exactly one refresh reaches the OAuth server. An operator's status change
-takes the same lock and the row's, and writes the status into the row as it is then. Changes to a
-tenant send ``NOTIFY gateway_tenants`` so other nodes drop their cached copy at once.
+tokens and uses them, so exactly one refresh reaches the OAuth server. Every other change
+(:meth:`update`: an operator's status change, a registration's outcome) takes the same lock and the
+row's, and writes its fields into the row as it is then. Changes to a tenant send
+``NOTIFY gateway_tenants`` so other nodes drop their cached copy at once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from gateway.jobs.queue import QueueStoreError
 from gateway.postgres.database import Database
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
-from gateway.tenants.store import Refresher, StatusChangeRefused, operator_status, record_json, tenant_from_record, unknown_tenant
+from gateway.tenants.store import Change, Refresher, operator_status, record_json, registration_outcome, tenant_from_record, unknown_tenant
 
 CHANNEL = "gateway_tenants"
 UPSERT = (
@@ -72,32 +73,52 @@ class PostgresTenantStore:
             await conn.execute("UPDATE gateway_tenants SET record = $1, updated_at = $2 WHERE member_id = $3", record_json(updated), now, member_id)
             return tokens
 
-    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
-        refused: StatusChangeRefused | None = None
+    async def _apply(self, member_id: str, change: Change, lease: tuple[str, float] | None = None) -> Tenant | None:
+        """``change`` on the row as it is under the refresh's advisory lock and the row's; ``lease``: (owner,
+        next_at) of a registration, whose lease is released, and nothing written unless ``owner`` still holds it."""
+        failed: Exception | None = None
+        result: Tenant | None = None
         async with self.db.connection() as conn, conn.transaction():
             # The refresh's advisory lock, then the row: waits for a refresh in flight (whose tokens it then keeps)
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-tenant:' || $1, 0))", member_id)
-            text = await conn.fetchval("SELECT record FROM gateway_tenants WHERE member_id = $1 FOR UPDATE", member_id)
-            try:
-                if text is None:
-                    raise unknown_tenant(member_id)
-                current = tenant_from_record(text)
-                changed = operator_status(current, status)
-            except StatusChangeRefused as exc:
-                refused = exc  # raised below: inside, the connection would report it as a database error
-            else:
-                if changed is not current:
-                    await conn.execute(
-                        "UPDATE gateway_tenants SET record = $1, status = $2, updated_at = $3 WHERE member_id = $4",
-                        record_json(changed),
-                        str(changed.status),
-                        changed.updated_at,
-                        member_id,
-                    )
-                    await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(member_id))
-        if refused is not None:
-            raise refused
-        return changed
+            row = await conn.fetchrow("SELECT record, registration_owner FROM gateway_tenants WHERE member_id = $1 FOR UPDATE", member_id)
+            if row is not None:
+                result = stored = tenant_from_record(row["record"])
+                if lease is None or row["registration_owner"] == lease[0]:
+                    try:
+                        changed = change(stored)
+                    except Exception as exc:
+                        failed = exc  # raised below: inside, the connection would report it as a database error
+                    else:
+                        result = stored if changed is None else changed
+                        if result != stored:
+                            await conn.execute(
+                                "UPDATE gateway_tenants SET record = $1, status = $2, registration = $3, updated_at = $4 WHERE member_id = $5",
+                                record_json(result),
+                                str(result.status),
+                                str(result.registration),
+                                time.time(),
+                                member_id,
+                            )
+                            await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(member_id))
+                        if lease is not None:
+                            await conn.execute(
+                                "UPDATE gateway_tenants SET registration_next_at = $1, registration_owner = NULL, registration_until = NULL WHERE member_id = $2",
+                                lease[1],
+                                member_id,
+                            )
+        if failed is not None:
+            raise failed
+        return result
+
+    async def update(self, member_id: str, change: Change) -> Tenant | None:
+        return await self._apply(member_id, change)
+
+    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
+        result = await self.update(member_id, lambda stored: operator_status(stored, status))
+        if result is None:
+            raise unknown_tenant(member_id)
+        return result
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
         now = time.time()
@@ -115,20 +136,8 @@ class PostgresTenantStore:
         )
         return [tenant_from_record(row["record"]) for row in rows]
 
-    async def registration_done(self, tenant: Tenant, owner: str, *, next_at: float | None = None) -> None:
-        async with self.db.connection() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE gateway_tenants SET record = $1, status = $2, registration = $3, registration_next_at = $4, registration_owner = NULL,"
-                " registration_until = NULL, updated_at = $5 WHERE member_id = $6 AND registration_owner = $7",
-                record_json(tenant),
-                str(tenant.status),
-                str(tenant.registration),
-                next_at or 0.0,
-                time.time(),
-                tenant.member_id,
-                owner,
-            )
-            await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(tenant.member_id))
+    async def registration_done(self, tenant: Tenant, owner: str, *, next_at: float | None = None) -> Tenant | None:
+        return await self._apply(tenant.member_id, lambda stored: registration_outcome(stored, tenant), (owner, next_at or 0.0))
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
         self.db.listen(CHANNEL, callback)

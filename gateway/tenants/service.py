@@ -312,11 +312,14 @@ class TenantService:
         """A token newer than ``expired``: refreshed once under the per-portal lock (another process
         may already have done it). ``invalid_grant`` marks the tenant ``needs_reinstall``."""
 
+        refused: list[str] = []  # the refresh token sent to the OAuth server
+
         async def refresher(tenant: Tenant) -> Tokens:
             credentials = self.settings.credentials_for(tenant.domain)
             if credentials is None:
                 raise OAuthError("no_credentials", f"add the local app's client_id and client_secret for {tenant.domain} under app.local_apps")
             assert tenant.tokens is not None
+            refused[:] = [tenant.tokens.refresh_token]
             tokens, _ = await self.oauth.refresh(tenant.server_endpoint, credentials[0], credentials[1], tenant.tokens.refresh_token)
             self.redactor.add(tokens.access_token)
             self.redactor.add(tokens.refresh_token)
@@ -326,24 +329,41 @@ class TenantService:
         try:
             tokens = await self.store.refresh(member_id, expired, refresher)
         except OAuthError as exc:
-            if exc.code in ("invalid_grant", "invalid_client"):
-                tenant = await self.store.get(member_id)
-                if tenant is not None and tenant.status is TenantStatus.ACTIVE:
-                    detail = (
-                        f"the OAuth server refused the refresh token ({exc.code}): reinstall the app on {tenant.domain} (Applications → the app → Reinstall)"
-                    )
-                    await self.store.put(tenant.with_(status=TenantStatus.NEEDS_REINSTALL, detail=detail, updated_at=time.time()))
-                    log.warning("tenant %s: %s", tenant.key, detail)
+            if exc.code in ("invalid_grant", "invalid_client") and refused:
+                marked = await self._needs_reinstall(member_id, refused[0], exc.code)
+                if marked is not None:
+                    log.warning("tenant %s: %s", marked.key, marked.detail)
             raise
         return tokens.access_token
 
+    async def _needs_reinstall(self, member_id: str, refused: str, code: str) -> Tenant | None:
+        """Mark the tenant ``needs_reinstall`` on the record as stored, only from ``active`` and only while it
+        still holds the refused refresh token: a disable, an uninstall or a reinstall meanwhile is kept.
+        The tenant marked, else None."""
+        marked: list[Tenant] = []
+
+        def change(stored: Tenant) -> Tenant | None:
+            changed = needs_reinstall(stored, refused, code)
+            marked[:] = [changed] if changed is not None else []
+            return changed
+
+        await self.store.update(member_id, change)
+        if marked:
+            self._forget_cached(marked[0].key)
+        return marked[0] if marked else None
+
     async def _moved(self, member_id: str, client_endpoint: str) -> None:
-        tenant = await self.store.get(member_id)
+        domain = client_endpoint.split("://", 1)[1].split("/", 1)[0].lower()
+        moved_from: list[str] = []
+
+        def moved(stored: Tenant) -> Tenant:
+            moved_from[:] = [stored.domain]
+            return stored.with_(domain=domain, client_endpoint=client_endpoint, updated_at=time.time())
+
+        tenant = await self.store.update(member_id, moved)  # the domain alone, onto the record as stored
         if tenant is None:
             return
-        domain = client_endpoint.split("://", 1)[1].split("/", 1)[0].lower()
-        log.info("tenant %s: the portal moved from %s to %s", tenant.key, tenant.domain, domain)
-        await self.store.put(tenant.with_(domain=domain, client_endpoint=client_endpoint, updated_at=time.time()))
+        log.info("tenant %s: the portal moved from %s to %s", tenant.key, moved_from[0], domain)
         self._forget_cached(tenant.key)
 
     # -- registering the engines ----------------------------------------------------------
@@ -373,30 +393,27 @@ class TenantService:
                 await self._bind_uninstall(portal)
                 registered = await self._register_engines(tenant, portal)
         except (OAuthError, PortalError, QueueStoreError) as exc:
+            # The store writes only the registration fields onto the record as it is then (a refresh, a disable
+            # or an uninstall meanwhile is kept)
             retry = isinstance(exc, (PortalUnreachable, QueueStoreError)) or (isinstance(exc, OAuthError) and exc.retryable)
-            current = await self.store.get(tenant.member_id) or tenant  # a refresh may have changed it
             reason = self.redactor.redact(str(exc))[:300]
             if retry and attempts < MAX_REGISTRATION_ATTEMPTS:
                 next_at = time.time() + REGISTRATION_BACKOFF.delay(attempts - 1)
                 log.warning(
                     "tenant %s: registering engines failed (%s); attempt %d, trying again in %.0f s", tenant.key, reason, attempts, next_at - time.time()
                 )
-                await self.store.registration_done(current.with_(registration_attempts=attempts, registration_error=reason), self.owner, next_at=next_at)
+                await self.store.registration_done(tenant.with_(registration_attempts=attempts, registration_error=reason), self.owner, next_at=next_at)
                 return
             log.warning("tenant %s: registering engines failed for good: %s", tenant.key, reason)
             await self.store.registration_done(
-                current.with_(registration=Registration.FAILED, registration_attempts=attempts, registration_error=reason), self.owner
+                tenant.with_(registration=Registration.FAILED, registration_attempts=attempts, registration_error=reason), self.owner
             )
             return
-        current = await self.store.get(tenant.member_id) or tenant
-        if current.status is TenantStatus.UNINSTALLED:
-            await self.store.registration_done(current, self.owner)
+        done = tenant.with_(registration=Registration.DONE, registration_attempts=attempts, registration_error="", registered_engines=tuple(registered))
+        current = await self.store.registration_done(done, self.owner)
+        if current is None or current.status is TenantStatus.UNINSTALLED:
             return
         log.info("tenant %s: engines registered on %s: %s", tenant.key, current.domain, ", ".join(registered))
-        done = current.with_(
-            registration=Registration.DONE, registration_attempts=attempts, registration_error="", registered_engines=tuple(registered), updated_at=time.time()
-        )
-        await self.store.registration_done(done, self.owner)
         self._forget_cached(tenant.key)
 
     async def _bind_uninstall(self, portal: PortalClient) -> None:
@@ -417,6 +434,16 @@ class TenantService:
                 await portal.unregister(engine.code)
             await portal.register(completions_url=engine.completions_url, **registration_params(engine))
         return [engine.code for engine in engines]
+
+
+def needs_reinstall(stored: Tenant, refused: str, code: str) -> Tenant | None:
+    """``stored`` marked ``needs_reinstall`` after the OAuth server refused the refresh token ``refused``, or
+    None to leave it: only an ``active`` tenant still holding that token (a disabled one stays disabled,
+    an uninstalled one uninstalled, a reinstalled one keeps its new tokens)."""
+    if stored.status is not TenantStatus.ACTIVE or stored.tokens is None or stored.tokens.refresh_token != refused:
+        return None
+    detail = f"the OAuth server refused the refresh token ({code}): reinstall the app on {stored.domain} (Applications → the app → Reinstall)"
+    return stored.with_(status=TenantStatus.NEEDS_REINSTALL, detail=detail, updated_at=time.time())
 
 
 def _host(domain: str) -> str:

@@ -13,9 +13,11 @@ Two operations need care across processes and nodes:
 - :meth:`TenantStore.claim_registration` leases tenants whose engines are due to be registered,
   so one process registers each tenant at a time.
 
-An operator's disable/enable (:meth:`TenantStore.set_status`) takes the refresh's lock and reads
-the record afresh in the transaction that writes it, so it changes the status alone: a refresh's
-new single-use tokens or an uninstall that landed since the operator looked are kept.
+Changes to part of a stored tenant go through :meth:`TenantStore.update`: under the refresh's lock,
+in one transaction, it reads the record afresh and writes only the fields its change sets, so no
+writer undoes another's: an operator's disable (:meth:`TenantStore.set_status`), a registration's
+outcome, a refresh's new single-use tokens and an uninstall that landed meanwhile are all kept.
+(:meth:`TenantStore.put` stores a whole record: an install's or an uninstall's.)
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from gateway.jobs.sqlite import open_database, run_in_thread
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
 
 Refresher = Callable[[Tenant], Awaitable[Tokens]]
+Change = Callable[[Tenant], "Tenant | None"]
+"""A pure function (no I/O: it runs inside the store's transaction) from the record as stored to the
+record to store, or None to leave it as it is."""
 
 
 class TenantStore(Protocol):
@@ -62,6 +67,13 @@ class TenantStore(Protocol):
         is released). ``refresher`` may raise; nothing is stored then."""
         ...
 
+    async def update(self, member_id: str, change: Change) -> Tenant | None:
+        """Apply ``change`` to the record as stored now, atomically with refreshes, status changes and
+        other updates (the per-tenant lock, one transaction), writing its result only if it differs.
+        The tenant as stored afterwards; None if there is no such tenant (``change`` is not called).
+        An exception ``change`` raises propagates as itself, nothing written."""
+        ...
+
     async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
         """An operator's disable or enable (:func:`operator_status`'s rules) applied to the record as
         stored now, atomically with refreshes, uninstalls and other writers: only the status and
@@ -73,8 +85,10 @@ class TenantStore(Protocol):
         """Tenants whose engine registration is pending and due, leased to ``owner``."""
         ...
 
-    async def registration_done(self, tenant: Tenant, owner: str, *, next_at: float | None = None) -> None:
-        """Store the tenant after a registration attempt and release the lease; ``next_at``: try again then."""
+    async def registration_done(self, tenant: Tenant, owner: str, *, next_at: float | None = None) -> Tenant | None:
+        """Store a registration attempt's outcome (``tenant``'s registration fields, see :func:`registration_outcome`)
+        onto the record as stored and release the lease; ``next_at``: try again then. Nothing is written
+        if ``owner`` no longer holds the lease. The tenant as stored afterwards (None: forgotten)."""
         ...
 
     async def forget(self, member_id: str) -> bool: ...
@@ -108,6 +122,20 @@ def operator_status(tenant: Tenant, status: TenantStatus) -> Tenant:
 
 def unknown_tenant(member_id: str) -> StatusChangeRefused:
     return StatusChangeRefused(f"no tenant {tenant_key(member_id)}: it was forgotten meanwhile (see `gateway tenants list`)")
+
+
+def registration_outcome(stored: Tenant, attempt: Tenant) -> Tenant:
+    """A registration attempt's fields on the record as stored: its status and tokens (a disable or a
+    refresh meanwhile) are kept, and an uninstall meanwhile keeps the record as it is (its engines are gone)."""
+    if stored.status is TenantStatus.UNINSTALLED:
+        return stored
+    changed = stored.with_(
+        registration=attempt.registration,
+        registration_attempts=attempt.registration_attempts,
+        registration_error=attempt.registration_error,
+        registered_engines=attempt.registered_engines,
+    )
+    return stored if changed == stored else changed.with_(updated_at=time.time())
 
 
 async def change_status(store: TenantStore, tenant: Tenant, status: TenantStatus) -> Tenant:
@@ -249,32 +277,56 @@ class SQLiteTenantStore:
             if tenant.tokens.access_token != failed_access_token:
                 return tenant.tokens  # another process refreshed while this one waited
             tokens = await refresher(tenant)
-            await self.put(tenant.with_(tokens=tokens, last_refresh_at=time.time(), updated_at=time.time()))
+
+            def new_tokens(stored: Tenant) -> Tenant | None:
+                # Only the token fields, onto the record as stored after the OAuth call: an uninstall meanwhile stays wiped
+                if stored.status is TenantStatus.UNINSTALLED or stored.tokens is None:
+                    return None
+                now = time.time()
+                return stored.with_(tokens=tokens, last_refresh_at=now, updated_at=now)
+
+            await self._run(lambda c: self._apply(c, member_id, new_tokens))
             return tokens
 
-    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
-        def op(c: sqlite3.Connection) -> Tenant:
-            c.execute("BEGIN IMMEDIATE")  # the write lock before the read: no other process writes in between
-            try:
-                row = c.execute("SELECT record FROM tenants WHERE member_id = ?", (member_id,)).fetchone()
-                if row is None:
-                    raise unknown_tenant(member_id)
-                current = tenant_from_record(row[0])
-                changed = operator_status(current, status)
-                if changed is not current:
-                    c.execute(
-                        "UPDATE tenants SET record = ?, status = ?, updated_at = ? WHERE member_id = ?",
-                        (record_json(changed), str(changed.status), changed.updated_at, member_id),
-                    )
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            return changed
+    @staticmethod
+    def _apply(c: sqlite3.Connection, member_id: str, change: Change, lease: tuple[str, float] | None = None) -> Tenant | None:
+        """``change`` on the record read in the transaction that writes it; ``lease``: (owner, next_at) of a
+        registration, whose lease is released, and nothing written unless ``owner`` still holds it."""
+        c.execute("BEGIN IMMEDIATE")  # the write lock before the read: no other process writes in between
+        try:
+            row = c.execute("SELECT record, registration_owner FROM tenants WHERE member_id = ?", (member_id,)).fetchone()
+            result = None
+            if row is not None:
+                result = stored = tenant_from_record(row[0])
+                if lease is None or row[1] == lease[0]:
+                    changed = change(stored)
+                    result = stored if changed is None else changed
+                    if result != stored:
+                        c.execute(
+                            "UPDATE tenants SET record = ?, status = ?, registration = ?, updated_at = ? WHERE member_id = ?",
+                            (record_json(result), str(result.status), str(result.registration), time.time(), member_id),
+                        )
+                    if lease is not None:
+                        c.execute(
+                            "UPDATE tenants SET registration_next_at = ?, registration_owner = NULL, registration_until = NULL WHERE member_id = ?",
+                            (lease[1], member_id),
+                        )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return result
 
+    async def update(self, member_id: str, change: Change) -> Tenant | None:
         async with self._tenant_lock(member_id):
-            result: Tenant = await self._run(op)
+            result: Tenant | None = await self._run(lambda c: self._apply(c, member_id, change))
             return result
+
+    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
+        result = await self.update(member_id, lambda stored: operator_status(stored, status))
+        if result is None:
+            raise unknown_tenant(member_id)
+        return result
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
         def op(c: sqlite3.Connection) -> list[Tenant]:
@@ -298,15 +350,13 @@ class SQLiteTenantStore:
         result: list[Tenant] = await self._run(op)
         return result
 
-    async def registration_done(self, tenant: Tenant, owner: str, *, next_at: float | None = None) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE tenants SET record = ?, status = ?, registration = ?, registration_next_at = ?, registration_owner = NULL,"
-                " registration_until = NULL, updated_at = ? WHERE member_id = ? AND registration_owner = ?",
-                (record_json(tenant), str(tenant.status), str(tenant.registration), next_at or 0, time.time(), tenant.member_id, owner),
-            )
+    async def registration_done(self, tenant: Tenant, owner: str, *, next_at: float | None = None) -> Tenant | None:
+        def outcome(stored: Tenant) -> Tenant:
+            return registration_outcome(stored, tenant)
 
-        await self._run(op)
+        async with self._tenant_lock(tenant.member_id):
+            result: Tenant | None = await self._run(lambda c: self._apply(c, tenant.member_id, outcome, (owner, next_at or 0.0)))
+            return result
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
         """Processes sharing the file send each other no signal: their caches expire (2 s)."""
