@@ -253,6 +253,7 @@ def test_pages_need_a_login_and_the_login_returns_to_the_page(client: TestClient
         assert page.status_code == 200, path
         assert page.headers["content-security-policy"].startswith("default-src 'none'") and page.headers["x-frame-options"] == "DENY"
         assert page.headers["cache-control"] == "no-store"
+        assert path.endswith("/live") or re.search(r"<title>[^<]+ · Bitrix24 AI gateway</title>", page.text), path
     assert "the OpenAI-compatible API is off" in client.get("/admin/usage").text
     csv = client.get("/admin/usage.csv?days=7")
     assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv") and "attachment" in csv.headers["content-disposition"]
@@ -339,7 +340,9 @@ def test_the_usage_page_lists_api_keys_without_their_secrets(tmp_path: Path) -> 
     with TestClient(create_app(parse_config(data, tmp_path / "g.yaml")), base_url=BASE, follow_redirects=False) as keyed:
         log_in(keyed)
         page = keyed.get("/admin/usage").text
-        assert 'data-key="scripts"' in page and ">30<" in page and secret not in page and secret[:12] not in page
+        assert "<title>Usage · Bitrix24 AI gateway</title>" in page
+        main = page.split("<main>", 1)[1]
+        assert 'data-key="scripts"' in main and ">30<" in main and secret not in page and secret[:12] not in page
 
 
 def test_without_an_admin_section_the_dashboard_is_off(tmp_path: Path) -> None:

@@ -78,16 +78,21 @@ class SessionSigner:
         payload = "|".join((user, session.id, str(int(session.expires)), self._fingerprint(user))).encode()
         return f"{_b64(payload)}.{_b64(self._sign('session', payload))}", session
 
-    def read(self, cookie: str | None) -> Session | None:
-        """The session a cookie proves, or None (absent, forged, expired, logged out, password changed)."""
-        if not cookie or len(cookie) > MAX_COOKIE_CHARS or cookie.count(".") != 1:
+    def _verified(self, purpose: str, value: str | None) -> bytes | None:
+        """The data of a ``data.mac`` cookie signed for ``purpose``; None when absent, malformed or forged."""
+        if not value or len(value) > MAX_COOKIE_CHARS or value.count(".") != 1:
             return None
-        encoded, signature = cookie.split(".")
+        encoded, signature = value.split(".")
         try:
-            payload, mac = _unb64(encoded), _unb64(signature)
+            data, mac = _unb64(encoded), _unb64(signature)
         except (binascii.Error, ValueError):
             return None
-        if not hmac.compare_digest(mac, self._sign("session", payload)):
+        return data if hmac.compare_digest(mac, self._sign(purpose, data)) else None
+
+    def read(self, cookie: str | None) -> Session | None:
+        """The session a cookie proves, or None (absent, forged, expired, logged out, password changed)."""
+        payload = self._verified("session", cookie)
+        if payload is None:
             return None
         fields = payload.decode("utf-8", "replace").split("|")
         if len(fields) != 4 or not fields[2].isdigit():
@@ -119,11 +124,5 @@ class SessionSigner:
         return f"{_b64(data)}.{_b64(self._sign('flash', data))}"
 
     def unseal(self, value: str | None) -> str | None:
-        if not value or len(value) > MAX_COOKIE_CHARS or value.count(".") != 1:
-            return None
-        encoded, signature = value.split(".")
-        try:
-            data, mac = _unb64(encoded), _unb64(signature)
-        except (binascii.Error, ValueError):
-            return None
-        return data.decode("utf-8", "replace") if hmac.compare_digest(mac, self._sign("flash", data)) else None
+        data = self._verified("flash", value)
+        return data.decode("utf-8", "replace") if data is not None else None
