@@ -559,7 +559,7 @@ def cmd_tenants(args: argparse.Namespace) -> int:
     from gateway.config import TenantLimits
     from gateway.tenants.limits import with_overrides
     from gateway.tenants.model import TenantStatus
-    from gateway.tenants.store import StatusChangeRefused, change_status
+    from gateway.tenants.store import StatusChangeRefused, set_status
 
     config = _config(args)
     action = args.tenants_command
@@ -606,7 +606,7 @@ def cmd_tenants(args: argparse.Namespace) -> int:
             return 0
         if action in ("disable", "enable"):
             try:
-                changed = await change_status(store, tenant, TenantStatus.DISABLED if action == "disable" else TenantStatus.ACTIVE)
+                changed = await set_status(store, tenant.member_id, TenantStatus.DISABLED if action == "disable" else TenantStatus.ACTIVE)
             except StatusChangeRefused as exc:
                 print(str(exc), file=sys.stderr)
                 return 1

@@ -21,7 +21,7 @@ from gateway.config import QueueSettings
 from gateway.stores import TENANTS_FILE, Stores
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
 from gateway.tenants.service import needs_reinstall
-from gateway.tenants.store import SQLiteTenantStore, StatusChangeRefused, TenantStore, change_status
+from gateway.tenants.store import SQLiteTenantStore, StatusChangeRefused, TenantStore, set_status
 
 pytestmark = pytest.mark.anyio
 
@@ -33,13 +33,13 @@ DISABLE_ELSEWHERE = """
 import asyncio, sys
 from pathlib import Path
 from gateway.tenants.model import TenantStatus
-from gateway.tenants.store import SQLiteTenantStore, StatusChangeRefused
+from gateway.tenants.store import SQLiteTenantStore, StatusChangeRefused, set_status
 
 async def main() -> None:
     store = SQLiteTenantStore(Path(sys.argv[1]))
     await store.open()
     try:
-        print((await store.set_status(sys.argv[2], TenantStatus.DISABLED)).status)
+        print((await set_status(store, sys.argv[2], TenantStatus.DISABLED)).status)
     except StatusChangeRefused as exc:
         print(f"refused: {exc}")
     finally:
@@ -141,13 +141,13 @@ async def test_a_disable_keeps_the_tokens_a_refresh_wrote_after_the_operator_loo
     seen = await store.get(MEMBER)  # the operator's page / `tenants list`
     assert seen is not None
     assert await store.refresh(MEMBER, OLD.access_token, refresher_to(NEW)) == NEW
-    changed = await change_status(store, seen, TenantStatus.DISABLED)
+    changed = await set_status(store, seen.member_id, TenantStatus.DISABLED)
     stored = await store.get(MEMBER)
     assert stored is not None and stored.status is TenantStatus.DISABLED and stored.tokens == NEW and stored.last_refresh_at is not None
     assert changed == stored
     assert stored.limits == {"concurrent_jobs": 2.0} and stored.registered_engines == ("gpt",)  # the rest of the record untouched
     assert await backend.status_column(MEMBER) == "disabled"
-    enabled = await change_status(store, seen, TenantStatus.ACTIVE)  # the same old copy, once more
+    enabled = await set_status(store, seen.member_id, TenantStatus.ACTIVE)  # the same old copy, once more
     assert enabled.status is TenantStatus.ACTIVE and enabled.tokens == NEW
 
 
@@ -159,7 +159,7 @@ async def test_an_uninstall_after_the_operator_looked_refuses_the_change_and_sta
     await store.put(uninstalled(seen))
     for status, verb in ((TenantStatus.ACTIVE, "enabled"), (TenantStatus.DISABLED, "disabled")):
         with pytest.raises(StatusChangeRefused) as refused:
-            await change_status(store, seen, status)
+            await set_status(store, seen.member_id, status)
         assert str(refused.value) == f"tenant {KEY} (acme.bitrix24.com) has uninstalled the app; it cannot be {verb}"
     stored = await store.get(MEMBER)
     assert stored is not None and stored.status is TenantStatus.UNINSTALLED and stored.tokens is None
@@ -171,19 +171,19 @@ async def test_the_operator_rules_and_their_messages(backend: Backend) -> None:
     await store.put(acme())
     for status in (TenantStatus.NEEDS_REINSTALL, TenantStatus.UNINSTALLED):
         with pytest.raises(StatusChangeRefused) as refused:
-            await store.set_status(MEMBER, status)
+            await set_status(store, MEMBER, status)
         assert str(refused.value) == f"an operator can only disable or enable a tenant, not set it {status}"
-    same = await store.set_status(MEMBER, TenantStatus.ACTIVE)  # enabling a serving tenant changes nothing
+    same = await set_status(store, MEMBER, TenantStatus.ACTIVE)  # enabling a serving tenant changes nothing
     assert same == acme()
-    disabled = await store.set_status(MEMBER, TenantStatus.DISABLED)
+    disabled = await set_status(store, MEMBER, TenantStatus.DISABLED)
     assert disabled.status is TenantStatus.DISABLED and disabled.updated_at > 100.0
-    again = await store.set_status(MEMBER, TenantStatus.DISABLED)  # the same status: nothing written
+    again = await set_status(store, MEMBER, TenantStatus.DISABLED)  # the same status: nothing written
     assert again == disabled == await store.get(MEMBER)
-    assert (await store.set_status(MEMBER, TenantStatus.ACTIVE)).status is TenantStatus.ACTIVE
+    assert (await set_status(store, MEMBER, TenantStatus.ACTIVE)).status is TenantStatus.ACTIVE
     await store.put(acme(status=TenantStatus.NEEDS_REINSTALL, detail="reinstall the app"))
-    kept = await store.set_status(MEMBER, TenantStatus.ACTIVE)  # a needs_reinstall tenant stays so
+    kept = await set_status(store, MEMBER, TenantStatus.ACTIVE)  # a needs_reinstall tenant stays so
     assert kept.status is TenantStatus.NEEDS_REINSTALL and await backend.status_column(MEMBER) == "needs_reinstall"
-    assert (await store.set_status(MEMBER, TenantStatus.DISABLED)).status is TenantStatus.DISABLED  # it can be turned off
+    assert (await set_status(store, MEMBER, TenantStatus.DISABLED)).status is TenantStatus.DISABLED  # it can be turned off
     assert await backend.status_column(MEMBER) == "disabled"
 
 
@@ -193,7 +193,7 @@ async def test_a_tenant_forgotten_meanwhile_is_refused_by_its_id(backend: Backen
     seen = await store.get(MEMBER)
     assert seen is not None and await store.forget(MEMBER)
     with pytest.raises(StatusChangeRefused) as refused:
-        await change_status(store, seen, TenantStatus.DISABLED)
+        await set_status(store, seen.member_id, TenantStatus.DISABLED)
     assert str(refused.value) == f"no tenant {KEY}: it was forgotten meanwhile (see `gateway tenants list`)"
     assert MEMBER not in str(refused.value)
     assert await store.get(MEMBER) is None  # not brought back
@@ -225,7 +225,7 @@ async def test_a_disable_from_elsewhere_during_a_refresh_waits_for_it_and_keeps_
         assert out.decode().strip() == "disabled"
     else:
         other = await backend.store()
-        disabling = asyncio.create_task(other.set_status(MEMBER, TenantStatus.DISABLED))
+        disabling = asyncio.create_task(set_status(other, MEMBER, TenantStatus.DISABLED))
         await until(lambda: advisory_waiters(backend.settings.dsn), "the other node waits for the refresh's locks")
         assert not disabling.done()
         release.set()
@@ -243,10 +243,10 @@ async def test_disables_and_enables_at_once_from_two_stores_end_in_one_state_wit
     await two.refresh(MEMBER, OLD.access_token, refresher_to(NEW))
     for _ in range(10):
         results = await asyncio.gather(
-            change_status(one, seen, TenantStatus.DISABLED),
-            change_status(two, seen, TenantStatus.ACTIVE),
-            change_status(two, seen, TenantStatus.DISABLED),
-            change_status(one, seen, TenantStatus.ACTIVE),
+            set_status(one, seen.member_id, TenantStatus.DISABLED),
+            set_status(two, seen.member_id, TenantStatus.ACTIVE),
+            set_status(two, seen.member_id, TenantStatus.DISABLED),
+            set_status(one, seen.member_id, TenantStatus.ACTIVE),
         )
         assert all(r.tokens == NEW for r in results)
         stored = await one.get(MEMBER)
@@ -264,7 +264,7 @@ async def test_a_status_change_notifies_the_other_nodes(postgres_dsn: str, tmp_p
         await store.put(acme())
         heard: asyncio.Queue[str] = asyncio.Queue()
         await listener.add_listener("gateway_tenants", lambda _c, _p, _ch, payload: heard.put_nowait(payload))
-        await store.set_status(MEMBER, TenantStatus.DISABLED)
+        await set_status(store, MEMBER, TenantStatus.DISABLED)
         assert await asyncio.wait_for(heard.get(), 30) == KEY  # the payload is the tenant id, never the member_id
     finally:
         await listener.close()
@@ -278,7 +278,7 @@ async def test_a_registration_finishing_after_a_disable_and_a_refresh_keeps_both
     await store.put(acme(registration=Registration.PENDING, registered_engines=()))
     [claimed] = await store.claim_registration("owner-1", 120.0, 4)
     assert claimed.status is TenantStatus.ACTIVE and claimed.tokens == OLD
-    await other.set_status(MEMBER, TenantStatus.DISABLED)
+    await set_status(other, MEMBER, TenantStatus.DISABLED)
     await other.refresh(MEMBER, OLD.access_token, refresher_to(NEW))
     done = claimed.with_(registration=Registration.DONE, registration_attempts=1, registered_engines=("gpt",))
     assert await other.registration_done(done.with_(registered_engines=("lost",)), "owner-2") == await store.get(MEMBER)  # not the lease's owner
@@ -295,7 +295,7 @@ async def test_a_failed_registration_attempt_keeps_a_disable_and_is_claimed_agai
     store = await backend.store()
     await store.put(acme(registration=Registration.PENDING, registered_engines=()))
     [claimed] = await store.claim_registration("owner-1", 120.0, 4)
-    await store.set_status(MEMBER, TenantStatus.DISABLED)
+    await set_status(store, MEMBER, TenantStatus.DISABLED)
     retry = claimed.with_(registration_attempts=1, registration_error="portal unreachable")
     stored = await store.registration_done(retry, "owner-1", next_at=1.0)  # due again at once: the lease is released
     assert stored is not None and stored.status is TenantStatus.DISABLED and stored.registration_error == "portal unreachable"

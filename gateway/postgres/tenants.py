@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from gateway.jobs.queue import QueueStoreError
 from gateway.postgres.database import Database
-from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
-from gateway.tenants.store import Change, Refresher, operator_status, record_json, registration_outcome, tenant_from_record, unknown_tenant
+from gateway.tenants.model import Registration, Tenant, Tokens, tenant_key
+from gateway.tenants.store import Change, Refresher, record_json, registration_outcome, tenant_from_record
 
 CHANNEL = "gateway_tenants"
 UPSERT = (
@@ -113,12 +113,6 @@ class PostgresTenantStore:
 
     async def update(self, member_id: str, change: Change) -> Tenant | None:
         return await self._apply(member_id, change)
-
-    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
-        result = await self.update(member_id, lambda stored: operator_status(stored, status))
-        if result is None:
-            raise unknown_tenant(member_id)
-        return result
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
         now = time.time()

@@ -35,7 +35,7 @@ from gateway.tenants.events import EventError, InstallEvent, UninstallEvent, eve
 from gateway.tenants.limits import TenantLimiter
 from gateway.tenants.model import Registration, Tenant, TenantStatus, Tokens, tenant_key
 from gateway.tenants.oauth import OAuthClient, OAuthError
-from gateway.tenants.store import TenantStore, change_status
+from gateway.tenants.store import TenantStore, set_status
 
 log = logging.getLogger("gateway.tenants")
 EVENTS_PATH = "/app/events"
@@ -281,7 +281,7 @@ class TenantService:
     async def change_status(self, tenant: Tenant, status: TenantStatus) -> Tenant:
         """An operator's disable or enable (the dashboard), effective at once in this process; other processes
         drop their copy on NOTIFY (PostgreSQL) or within the cache's few seconds (SQLite)."""
-        changed = await change_status(self.store, tenant, status)
+        changed = await set_status(self.store, tenant.member_id, status)
         self._forget_cached(tenant.key)
         return changed
 

@@ -15,7 +15,7 @@ Two operations need care across processes and nodes:
 
 Changes to part of a stored tenant go through :meth:`TenantStore.update`: under the refresh's lock,
 in one transaction, it reads the record afresh and writes only the fields its change sets, so no
-writer undoes another's: an operator's disable (:meth:`TenantStore.set_status`), a registration's
+writer undoes another's: an operator's disable (:func:`set_status`), a registration's
 outcome, a refresh's new single-use tokens and an uninstall that landed meanwhile are all kept.
 (:meth:`TenantStore.put` stores a whole record: an install's or an uninstall's.)
 """
@@ -72,13 +72,6 @@ class TenantStore(Protocol):
         other updates (the per-tenant lock, one transaction), writing its result only if it differs.
         The tenant as stored afterwards; None if there is no such tenant (``change`` is not called).
         An exception ``change`` raises propagates as itself, nothing written."""
-        ...
-
-    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
-        """An operator's disable or enable (:func:`operator_status`'s rules) applied to the record as
-        stored now, atomically with refreshes, uninstalls and other writers: only the status and
-        ``updated_at`` are written. The tenant as stored afterwards; :class:`StatusChangeRefused`
-        for a refusal or an unknown tenant."""
         ...
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
@@ -138,11 +131,15 @@ def registration_outcome(stored: Tenant, attempt: Tenant) -> Tenant:
     return stored if changed == stored else changed.with_(updated_at=time.time())
 
 
-async def change_status(store: TenantStore, tenant: Tenant, status: TenantStatus) -> Tenant:
+async def set_status(store: TenantStore, member_id: str, status: TenantStatus) -> Tenant:
     """An operator turns a tenant off (``disabled``: its requests get 403) or on again (``active``);
-    what ``gateway tenants disable|enable`` and the dashboard both do. ``tenant`` only names it: the
-    store applies the change to the record as stored now (see :meth:`TenantStore.set_status`)."""
-    return await store.set_status(tenant.member_id, status)
+    what ``gateway tenants disable|enable`` and the dashboard both do. :func:`operator_status`'s rules
+    are applied to the record as stored now (:meth:`TenantStore.update`): only the status and
+    ``updated_at`` are written. :class:`StatusChangeRefused` for a refusal or an unknown tenant."""
+    result = await store.update(member_id, lambda stored: operator_status(stored, status))
+    if result is None:
+        raise unknown_tenant(member_id)
+    return result
 
 
 def record_json(tenant: Tenant) -> str:
@@ -321,12 +318,6 @@ class SQLiteTenantStore:
         async with self._tenant_lock(member_id):
             result: Tenant | None = await self._run(lambda c: self._apply(c, member_id, change))
             return result
-
-    async def set_status(self, member_id: str, status: TenantStatus) -> Tenant:
-        result = await self.update(member_id, lambda stored: operator_status(stored, status))
-        if result is None:
-            raise unknown_tenant(member_id)
-        return result
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
         def op(c: sqlite3.Connection) -> list[Tenant]:
