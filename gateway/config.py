@@ -562,7 +562,7 @@ def parse_config(data: Any, file: Path) -> Config:
 def _admin_password(file: Path, key: str, value: str) -> str:
     """A password hash as printed by ``gateway admin hash-password``, or a plain password long enough; never echoed."""
     if value.startswith("scrypt$"):
-        if not ADMIN_HASH_RE.match(value):
+        if not ADMIN_HASH_RE.fullmatch(value):
             raise ConfigError(file, key, "is not a complete scrypt hash", "paste the whole line `gateway admin hash-password` prints")
         return value
     if len(value) < MIN_ADMIN_PASSWORD:
@@ -593,7 +593,7 @@ def _parse_admin(a: _Section) -> AdminSettings:
         for i, item in enumerate(listed):
             u = _Section(file, f"{a.key('users')}[{i}]", item)
             name = u.text("name")
-            if not ADMIN_USER_RE.match(name):
+            if not ADMIN_USER_RE.fullmatch(name):
                 raise ConfigError(file, u.key("name"), f"{name[:64]!r} may use only letters, digits, _ . @ and - (at most 64)", "rename the user")
             if any(other.name == name for other in users):
                 raise ConfigError(file, u.key("name"), f"user {name!r} is listed twice", "give each user one entry")
@@ -726,7 +726,7 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
     for i, item in enumerate(raw):
         e = _Section(file, f"engines[{i}]", item)
         code = e.text("code")
-        if not ENGINE_CODE_RE.match(code):
+        if not ENGINE_CODE_RE.fullmatch(code):
             raise ConfigError(file, e.key("code"), f"{code!r} may use only letters, digits, _ and -", "rename the engine (the portal enforces the same rule)")
         if any(other.code.lower() == code.lower() for other in engines):
             raise ConfigError(file, e.key("code"), f"engine code {code!r} is used twice", "give each engine its own code")
@@ -762,7 +762,7 @@ def _parse_engines(file: Path, raw: Any, providers: Mapping[str, ProviderConfig]
         sizes_section = image.section("sizes")
         for fmt in DEFAULT_IMAGE_SIZES:
             size = sizes_section.text(fmt, DEFAULT_IMAGE_SIZES[fmt])
-            if not _SIZE_RE.match(size):
+            if not _SIZE_RE.fullmatch(size):
                 raise ConfigError(file, sizes_section.key(fmt), f"{size!r} is not WIDTHxHEIGHT", "write e.g. 1024x1024")
             sizes[fmt] = size
         sizes_section.done()
@@ -796,13 +796,13 @@ def _parse_api_keys(file: Path, raw: Any, engines: tuple[EngineConfig, ...]) -> 
     for i, item in enumerate(raw):
         k = _Section(file, f"api_keys[{i}]", item)
         name = k.text("name")
-        if not API_KEY_NAME_RE.match(name):
+        if not API_KEY_NAME_RE.fullmatch(name):
             raise ConfigError(file, k.key("name"), f"{name[:64]!r} may use only letters, digits, _ . and - (at most 64)", "rename the key")
         if any(other.name == name for other in keys):
             raise ConfigError(file, k.key("name"), f"key name {name!r} is used twice", "give each key its own name")
         secret = k.text("secret").strip()
         if secret.lower().startswith("sha256:"):
-            if not _HASHED_SECRET_RE.match(secret.lower()):
+            if not _HASHED_SECRET_RE.fullmatch(secret.lower()):
                 raise ConfigError(
                     file, k.key("secret"), "a hashed secret must be `sha256:` and 64 hex digits", 'write the output of `printf %s "$KEY" | sha256sum`'
                 )

@@ -76,6 +76,8 @@ def test_config_admin_forms(tmp_path: Path) -> None:
     [
         ({"password": "tiny-pw"}, "admin.password", "shorter than 12"),
         ({"password": "scrypt$1$2"}, "admin.password", "not a complete scrypt hash"),
+        ({"password": "scrypt$16384$8$1$c2FsdHNhbHRzYWx0c2FsdA==$" + "A" * 43 + "=\n"}, "admin.password", "not a complete scrypt hash"),
+        ({"users": [{"name": "alice\n", "password": PASSWORD}]}, "admin.users[0].name", "letters, digits"),
         ({}, "admin", "either `password` or `users`"),
         ({"password": PASSWORD, "users": []}, "admin", "either `password` or `users`"),
         ({"users": []}, "admin.users", "non-empty list"),

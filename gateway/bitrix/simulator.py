@@ -277,7 +277,7 @@ class PortalEmulator:
             if not params.get(key):
                 return _rest_error(400, f"ENGINE_REGISTER_ERROR_{suffix}", f"Parameter {key} is required")
         code, category, url = str(params["code"]), str(params["category"]), str(params["completions_url"])
-        if not ENGINE_CODE_RE.match(code):
+        if not ENGINE_CODE_RE.fullmatch(code):
             return _rest_error(400, "ENGINE_REGISTER_ERROR_CODE_FORMAT", "Code may contain only latin letters, digits, _ and -")
         if category not in CATEGORIES:
             return _rest_error(400, "ENGINE_REGISTER_ERROR_CATEGORY_FORMAT", "Unknown category")
