@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, find_config_path, load_config
+from gateway.engines import mask_token
 from gateway.jobs.model import JobState
 from gateway.jobs.queue import QueueStoreError
 from gateway.plugins import PluginError
@@ -33,10 +34,6 @@ def _when(timestamp: float | None) -> str:
     if not timestamp:
         return "-"
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _mask_token(url: str, token: str) -> str:
-    return url.replace(token, token[:4] + "…")
 
 
 # -- serve / worker ---------------------------------------------------------------------
@@ -75,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"gateway {__version__}: serving on {listen_url(sock)} (public URL {config.public_url}), queue {config.queue.location}{processes}", flush=True
             )
             for engine in runtime.engines:
-                print(f"  engine {engine.code} [{engine.config.category.value}] {_mask_token(engine.completions_url, engine.token)}", flush=True)
+                print(f"  engine {engine.code} [{engine.config.category.value}] {mask_token(engine.completions_url, engine.token)}", flush=True)
             print("  full completions URLs, token included: gateway engines list", flush=True)
             if config.admin is None:
                 print('  admin dashboard: off (add `admin: {password: "${GATEWAY_ADMIN_PASSWORD}"}` to turn it on)', flush=True)
@@ -218,7 +215,7 @@ def cmd_engines_register(args: argparse.Namespace) -> int:
             statuses = {(s.code, s.category): s for s in compare(engines, await portal.list())}
             for engine in engines:
                 status = statuses[(engine.code, engine.config.category.value)]
-                masked = _mask_token(engine.completions_url, engine.token)
+                masked = mask_token(engine.completions_url, engine.token)
                 if status.status == "in_sync":
                     print(f"{engine.code}: unchanged (id {status.remote_id})")
                     continue
@@ -862,7 +859,7 @@ def _simulate_app(args: argparse.Namespace, config: Config, audio: bytes | None)
         url = str(registered["completions_url"])
         secret = url.split("/app/", 1)[1].split("/")[1] if "/app/" in url else ""
         bound = any(b.event == "ONAPPUNINSTALL" for b in list(portal.event_bindings.values()))
-        print(f"engine {code} registered by the gateway after {time.monotonic() - started:.2f} s: {_mask_token(url, secret) if secret else url}")
+        print(f"engine {code} registered by the gateway after {time.monotonic() - started:.2f} s: {mask_token(url, secret)}")
         print(f"ONAPPUNINSTALL handler bound: {'yes' if bound else 'no'}")
         if args.gateway and url.startswith(config.public_url):
             url = base + url[len(config.public_url) :]

@@ -38,6 +38,12 @@ def completions_path(code: str, token: str) -> str:
     return f"/engines/{code}/{token}/completions"
 
 
+def mask_token(url: str, token: str) -> str:
+    """A URL with its secret part cut to four characters: enough to tell two apart, not to use one
+    (what `gateway serve` prints and the dashboard shows before the URL is revealed)."""
+    return url.replace(token, token[:4] + "…") if token else url
+
+
 class TokenStore(Protocol):
     """Where engines without a configured ``token`` keep the one generated for them."""
 

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from gateway.admin.charts import stacked_bars
 from gateway.admin.filters import JOB_ID_RE, SINCE_CHOICES, read_job_filters
 from gateway.admin.sessions import Session
+from gateway.engines import mask_token
 from gateway.jobs.model import Job
 from gateway.jobs.queue import JobActionRefused, JobFilter
 from gateway.jobs.reports import allowed_actions, describe_result, engine_table, minute_series, quantile
@@ -161,10 +162,6 @@ def timeline(job: Job) -> list[dict[str, Any]]:
     return steps
 
 
-def _mask(url: str, secret: str) -> str:
-    return url.replace(secret, "•" * 8) if secret else url
-
-
 class Pages:
     def __init__(self, site: AdminSite) -> None:
         self.site = site
@@ -294,7 +291,7 @@ class Pages:
                     "name": engine.config.name,
                     "category": str(engine.config.category),
                     "route": " → ".join(target.label for target in engine.config.route),
-                    "masked_url": _mask(engine.completions_url, engine.token),
+                    "masked_url": mask_token(engine.completions_url, engine.token),
                     "registered": label,
                     "registered_class": css,
                     "differences": ", ".join(status.differences) if status else "",
