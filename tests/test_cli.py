@@ -179,6 +179,7 @@ def store_jobs(path: Path) -> dict[str, str]:
     from gateway.tasks import Category, ImagePrompt, Task, TextPrompt
 
     def job(engine: str, category: Category, portal: str, age: float) -> Job:
+        time.sleep(0.002)  # ids order by their millisecond first: two made in the same one order at random
         accepted = time.time() - age
         prompt = ImagePrompt("a cat") if category is Category.IMAGE else TextPrompt("hi")
         task = Task(job_id=new_job_id(), engine=engine, category=category, prompt=prompt, accepted_at=accepted, deadline=accepted + 14400, portal=portal)
