@@ -240,3 +240,24 @@ def test_jobs_list_filters_cancel_redeliver_and_stats(tmp_path):
     text = run("jobs", "stats", "--config", str(path), cwd=tmp_path).stdout.splitlines()
     assert text[0] == "last 60 minute(s); pending now: queued 1, running 0, delivering 2"
     assert text[2].split() == ["acme_text", "text", "2", "0", "0", "0", "-", "-"]
+
+
+def test_jobs_list_and_show_survive_a_job_whose_stored_task_cannot_be_read(tmp_path):
+    import sqlite3
+
+    path = write_config(tmp_path, make_config("http://127.0.0.1:1"))
+    ids = store_jobs(tmp_path / "var" / "queue.sqlite3")
+    with sqlite3.connect(tmp_path / "var" / "queue.sqlite3") as conn:
+        conn.execute("UPDATE jobs SET task = '{\"job_id\": 1' WHERE id = ?", (ids["image"],))
+    conn.close()
+
+    listed = run("jobs", "list", "--json", "--config", str(path), cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert [(job["id"], job["engine"]) for job in json.loads(listed.stdout)] == [
+        (ids["dead"], "acme_text"),
+        (ids["image"], "acme_image"),
+        (ids["queued"], "acme_text"),
+    ]
+    shown = run("jobs", "show", ids["image"], "--config", str(path), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "the stored job cannot be read: JSONDecodeError" in shown.stdout and "acme_image" in shown.stdout

@@ -143,6 +143,35 @@ async def test_an_unreadable_stored_job_is_marked_dead_not_claimed_forever(queue
     assert await queue.depth() == 1
 
 
+async def test_an_unreadable_stored_job_is_still_listed_shown_and_ended(queue: JobQueue, queue_store: QueueStore) -> None:
+    """Every read but a claim describes such a job from its columns: `jobs list`, the dashboard, a
+    repeated request on its hash and an uninstall keep working around it."""
+    now = time.time()
+    done, _ = await queue.enqueue(varied_job("pics_b", Category.IMAGE, "acme.bitrix24.com", "member-1", now - 60), "done", lease_owner="w", lease_seconds=5)
+    await queue.store_outcome(done.id, "w", TEXT, [Attempt("provider", "stub", now, 0.5, "ok")])
+    await queue.finish(done.id, "w", JobState.DELIVERED, "", [Attempt("callback", "portal", now, 0.1, "delivered")])
+    pending, _ = await queue.enqueue(varied_job("text_a", Category.TEXT, "acme.bitrix24.com", "member-1", now), "pending", lease_owner=None, lease_seconds=5)
+    for job in (done, pending):
+        await queue_store.corrupt_task(job.id)
+
+    listed = {job.id: job for job in await queue.list(JobFilter(limit=10))}
+    assert listed.keys() == {done.id, pending.id}
+    shown = await queue.get(done.id)
+    assert shown is not None and shown.detail.startswith("the stored job cannot be read: JSONDecodeError")
+    assert (shown.engine, shown.category, shown.portal, shown.state, shown.outcome) == ("pics_b", Category.IMAGE, "acme.bitrix24.com", JobState.DELIVERED, TEXT)
+    assert shown.accepted_at == pytest.approx(now - 60) and [a.kind for a in shown.attempts] == ["provider", "callback"]
+    assert [job.id for job in await queue.list(JobFilter(engine="pics_b", category="image", limit=10))] == [done.id]
+    assert [job.id for job in await queue.finished_since(now - 5)] == [done.id]
+
+    again, created = await queue.enqueue(
+        varied_job("text_a", Category.TEXT, "acme.bitrix24.com", "member-1", now), "pending", lease_owner=None, lease_seconds=5
+    )
+    assert (again.id, created) == (pending.id, False)  # a repeated request is answered, not failed
+    ended = await queue.end_tenant_jobs("member-1", "the portal uninstalled the app", delete=False)
+    assert [job.id for job in ended] == [pending.id]
+    assert (await queue_store.row(pending.id))["state"] == "dead"
+
+
 async def test_separate_claim_limits_for_running_and_delivering(queue: JobQueue) -> None:
     to_deliver = []
     for i in range(3):

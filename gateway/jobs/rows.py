@@ -16,7 +16,7 @@ from gateway.jobs.model import Job
 from gateway.jobs.queue import JobFilter, QueueItemError
 from gateway.metrics import END_TO_END_BUCKETS
 from gateway.outcomes import Attempt, JobState, Outcome
-from gateway.tasks import Task
+from gateway.tasks import PROMPT_TYPES, Category, Task
 
 
 class Row(Protocol):
@@ -89,16 +89,51 @@ def outcome_json(outcome: Outcome) -> str:
 
 def job_from_row(row: Row, attempts: list[Attempt] | None = None) -> Job:
     """A job from its row; the task (engine, category, times) from its JSON, the columns are for SQL."""
+    outcome = Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None
+    return _job(row, Task.from_json(json.loads(row["task"])), outcome, row["detail"], attempts)
+
+
+def readable_job_from_row(row: Row, attempts: list[Attempt] | None = None) -> Job:
+    """A job to list, show, report on or end: one whose stored task or outcome cannot be read (a
+    bug, a hand edit, a newer gateway's fields) comes back as its columns describe it, with the
+    reason first in ``detail``, so one bad row never breaks ``jobs list``, the dashboard or an
+    uninstall. Claims keep :func:`job_from_row`: a worker must never run a task it cannot read."""
+    try:
+        return job_from_row(row, attempts)
+    except Exception as exc:
+        reason = storable(f"the stored job cannot be read: {type(exc).__name__}: {exc}", 300)
+    try:
+        category = Category(row["category"])
+    except ValueError:
+        category = Category.TEXT
+    task = Task(
+        job_id=row["id"],
+        engine=row["engine"],
+        category=category,
+        prompt=PROMPT_TYPES[category](""),
+        accepted_at=row["accepted_at"],
+        deadline=row["deadline"],
+        portal=row["portal"] or "",
+        tenant=row["tenant"] or "",
+    )
+    try:
+        outcome = Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None
+    except Exception:
+        outcome = None
+    return _job(row, task, outcome, f"{reason}; {row['detail']}" if row["detail"] else reason, attempts)
+
+
+def _job(row: Row, task: Task, outcome: Outcome | None, detail: str, attempts: list[Attempt] | None) -> Job:
     return Job(
-        task=Task.from_json(json.loads(row["task"])),
+        task=task,
         callback_url=row["callback_url"],
         error_callback_url=row["error_callback_url"],
         state=JobState(row["state"]),
-        outcome=Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None,
+        outcome=outcome,
         delivery_attempts=row["delivery_attempts"],
         next_at=row["next_at"],
         finished_at=row["finished_at"],
-        detail=row["detail"],
+        detail=detail,
         attempts=attempts or [],
         maybe_delivered=bool(row["maybe_delivered"]),
         internal_errors=row["internal_errors"],

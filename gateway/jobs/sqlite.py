@@ -50,7 +50,17 @@ from gateway.jobs.queue import (
     action_refusal,
     plausible_job_id,
 )
-from gateway.jobs.rows import INSERT_COLUMNS, callback_host, filter_where, insert_values, job_from_row, latency_bucket_sql, outcome_json, storable
+from gateway.jobs.rows import (
+    INSERT_COLUMNS,
+    callback_host,
+    filter_where,
+    insert_values,
+    job_from_row,
+    latency_bucket_sql,
+    outcome_json,
+    readable_job_from_row,
+    storable,
+)
 from gateway.outcomes import (
     FINAL_STATES,
     PENDING_STATES,
@@ -267,7 +277,7 @@ def _insert_chunk(conn: sqlite3.Connection, chunk: list[_Op]) -> list[Result]:
     results: list[Result] = []
     for op, row in zip(chunk, rows, strict=True):
         existing = stored[row[1]]
-        results.append((op, None if existing["id"] == row[0] else job_from_row(existing), None))
+        results.append((op, None if existing["id"] == row[0] else readable_job_from_row(existing), None))
     return results
 
 
@@ -628,7 +638,7 @@ class SQLiteJobQueue:
             stored_attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"])
             for r in conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY seq", (job_id,))
         ]
-        return job_from_row(row, attempts)
+        return readable_job_from_row(row, attempts)
 
     async def list(self, filter: JobFilter | None = None, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
         """On the reading connection: a filter that few jobs match may scan many rows, off the event loop."""
@@ -637,7 +647,7 @@ class SQLiteJobQueue:
 
         def read(conn: sqlite3.Connection) -> builtins.list[Job]:
             rows = conn.execute(f"SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ?", (*values, job_filter.limit)).fetchall()
-            return [job_from_row(row) for row in rows]
+            return [readable_job_from_row(row) for row in rows]
 
         return await self._read(read)
 
@@ -754,7 +764,7 @@ class SQLiteJobQueue:
                     f"UPDATE jobs SET state = {DEAD}, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL WHERE {free}",
                     (storable(detail, 1000), now, tenant, now),
                 )
-            return [job_from_row(row) for row in rows]
+            return [readable_job_from_row(row) for row in rows]
 
         return await self._run(op)
 
@@ -764,7 +774,7 @@ class SQLiteJobQueue:
                 rows = conn.execute("SELECT * FROM jobs WHERE finished_at >= ? ORDER BY finished_at LIMIT ?", (since, limit))
             else:
                 rows = conn.execute("SELECT * FROM jobs WHERE finished_at >= ? AND tenant = ? ORDER BY finished_at LIMIT ?", (since, tenant, limit))
-            return [job_from_row(row) for row in rows]
+            return [readable_job_from_row(row) for row in rows]
 
         return await self._run(op)
 

@@ -42,7 +42,7 @@ from gateway.jobs.queue import (
     action_refusal,
     plausible_job_id,
 )
-from gateway.jobs.rows import INSERT_COLUMNS, filter_where, insert_values, job_from_row, latency_bucket_sql, outcome_json, storable
+from gateway.jobs.rows import INSERT_COLUMNS, filter_where, insert_values, job_from_row, latency_bucket_sql, outcome_json, readable_job_from_row, storable
 from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, AttemptKind, AttemptOutcome, JobState, Outcome, stored_attempt
 from gateway.postgres import schema
 from gateway.postgres.database import Database, describe
@@ -242,7 +242,7 @@ class PostgresJobQueue:
             existing = await conn.fetchrow("SELECT * FROM gateway_jobs WHERE idem_key = $1", idempotency_key)
         if existing is None:  # deleted between the two statements (pruned): cannot happen within retention
             raise QueueStoreError("a job with this idempotency key was just deleted; send the request again")
-        return job_from_row(existing), False
+        return readable_job_from_row(existing), False
 
     async def claim(self, owner: str, limit: int, lease_seconds: float, *, delivery_limit: int | None = None) -> list[Job]:
         run_limit, deliver_limit = (limit, delivery_limit) if delivery_limit is not None else (limit, 0)
@@ -337,14 +337,14 @@ class PostgresJobQueue:
         if row is None:
             return None
         attempts = await conn.fetch("SELECT * FROM gateway_attempts WHERE job_id = $1 ORDER BY seq", job_id)
-        return job_from_row(row, [stored_attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"]) for r in attempts])
+        return readable_job_from_row(row, [stored_attempt(r["kind"], r["target"], r["started_at"], r["duration"], r["outcome"], r["detail"]) for r in attempts])
 
     async def list(self, filter: JobFilter | None = None, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
         job_filter = filter or JobFilter(state=state, limit=limit)
         where, values = filter_where(job_filter, lambda n: f"${n}")
         sql = f"SELECT * FROM gateway_jobs{where} ORDER BY id DESC LIMIT ${len(values) + 1}"
         rows = await self.db.run(lambda conn: conn.fetch(sql, *values, job_filter.limit))
-        return [job_from_row(row) for row in rows]
+        return [readable_job_from_row(row) for row in rows]
 
     async def activity(self, since: float) -> Activity:
         """Three aggregate statements in one read-only transaction (repeatable read: consistent counts)."""
@@ -438,7 +438,7 @@ class PostgresJobQueue:
                     tenant,
                 )
             )
-        return [job_from_row(row) for row in rows]
+        return [readable_job_from_row(row) for row in rows]
 
     async def finished_since(self, since: float, *, tenant: str | None = None, limit: int = 100000) -> builtins.list[Job]:
         if tenant is None:
@@ -447,7 +447,7 @@ class PostgresJobQueue:
             rows = await self.db.run(
                 lambda c: c.fetch("SELECT * FROM gateway_jobs WHERE finished_at >= $1 AND tenant = $2 ORDER BY finished_at LIMIT $3", since, tenant, limit)
             )
-        return [job_from_row(row) for row in rows]
+        return [readable_job_from_row(row) for row in rows]
 
     async def usage_totals(self, since: float, *, tenant: str | None = None) -> builtins.list[PortalUsageCount]:
         """One aggregate statement; the numbers are read from the outcome's JSON by PostgreSQL.
