@@ -110,6 +110,8 @@ def test_an_operator_sets_one_portals_limit_and_every_process_applies_it(tmp_pat
                 assert portal.send(url, body).status_code == 202
                 kinds.append(portal.wait(job_hash).delivered[0].kind)
             assert kinds == ["success", "error"], gw.logs()[-2000:]
+            assert portal.reinstall()[1] == 200  # new tokens; the operator's limit stays
+            assert gw.cli_json("tenants", "show", portal.member_id)["limits"] == {"requests_per_minute": 1}
             reset = json.loads(gw.cli("tenants", "limits", portal.domain, "--reset").stdout)
             assert reset["own"] == {} and reset["effective"]["requests_per_minute"] is None
         finally:

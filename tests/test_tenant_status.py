@@ -10,6 +10,7 @@ import asyncio
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,29 @@ async def test_a_failed_registration_attempt_keeps_a_disable_and_is_claimed_agai
     assert stored is not None and stored.status is TenantStatus.DISABLED and stored.registration_error == "portal unreachable"
     [again] = await store.claim_registration("owner-2", 120.0, 4)
     assert again == stored and again.registration is Registration.PENDING
+
+
+async def test_a_reinstall_makes_the_registration_due_now_and_drops_the_one_in_flight(backend: Backend) -> None:
+    """A registration claimed with the old tokens is still on the portal when the app is reinstalled:
+    its outcome is not stored, and the next claim (at once, whatever its backoff) has the new tokens."""
+    store, other = await backend.store(), await backend.store()
+    await store.put(acme(registration=Registration.PENDING, registered_engines=()))
+    [claimed] = await store.claim_registration("owner-1", 120.0, 4)
+
+    def reinstalled(stored: Tenant) -> Tenant:
+        return stored.with_(tokens=NEW, registration=Registration.PENDING, registration_attempts=0)
+
+    assert (await other.update(MEMBER, reinstalled, register_again=True)) == await store.get(MEMBER)
+    late = await store.registration_done(claimed.with_(registration=Registration.DONE, registration_attempts=1, registered_engines=("gpt",)), "owner-1")
+    assert late is not None and late.registration is Registration.PENDING and late.tokens == NEW  # the old lease wrote nothing
+    [again] = await other.claim_registration("owner-2", 120.0, 4)
+    assert again.tokens == NEW and again.limits == {"concurrent_jobs": 2.0}
+
+    retry = again.with_(registration_attempts=1, registration_error="portal unreachable")
+    await other.registration_done(retry, "owner-2", next_at=time.time() + 3600)  # backing off for an hour
+    assert await store.claim_registration("owner-3", 120.0, 4) == []
+    await store.update(MEMBER, reinstalled, register_again=True)
+    assert [t.tokens for t in await store.claim_registration("owner-3", 120.0, 4)] == [NEW]  # a reinstall does not wait
 
 
 async def test_a_registration_finishing_after_an_uninstall_leaves_it_uninstalled(backend: Backend) -> None:

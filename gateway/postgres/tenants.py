@@ -73,9 +73,10 @@ class PostgresTenantStore:
             await conn.execute("UPDATE gateway_tenants SET record = $1, updated_at = $2 WHERE member_id = $3", record_json(updated), now, member_id)
             return tokens
 
-    async def _apply(self, member_id: str, change: Change, lease: tuple[str, float] | None = None) -> Tenant | None:
+    async def _apply(self, member_id: str, change: Change, lease: tuple[str, float] | None = None, register_again: bool = False) -> Tenant | None:
         """``change`` on the row as it is under the refresh's advisory lock and the row's; ``lease``: (owner,
-        next_at) of a registration, whose lease is released, and nothing written unless ``owner`` still holds it."""
+        next_at) of a registration, whose lease is released, and nothing written unless ``owner`` still holds it;
+        ``register_again``: see :meth:`gateway.tenants.store.TenantStore.update`."""
         failed: Exception | None = None
         result: Tenant | None = None
         async with self.db.connection() as conn, conn.transaction():
@@ -101,18 +102,18 @@ class PostgresTenantStore:
                                 member_id,
                             )
                             await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(member_id))
-                        if lease is not None:
+                        if lease is not None or register_again:
                             await conn.execute(
                                 "UPDATE gateway_tenants SET registration_next_at = $1, registration_owner = NULL, registration_until = NULL WHERE member_id = $2",
-                                lease[1],
+                                lease[1] if lease is not None else time.time(),
                                 member_id,
                             )
         if failed is not None:
             raise failed
         return result
 
-    async def update(self, member_id: str, change: Change) -> Tenant | None:
-        return await self._apply(member_id, change)
+    async def update(self, member_id: str, change: Change, *, register_again: bool = False) -> Tenant | None:
+        return await self._apply(member_id, change, register_again=register_again)
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
         now = time.time()

@@ -185,32 +185,45 @@ class TenantService:
         # and are not added: hostile events must not grow the redactor).
         for secret in (event.access_token, event.refresh_token, event.application_token):
             self.redactor.add(secret)
-        existing = await self.store.get(event.member_id)
         now = time.time()
-        tenant = Tenant(
-            member_id=event.member_id,
-            domain=event.domain,
-            client_endpoint=event.client_endpoint,
-            server_endpoint=event.server_endpoint,
-            application_token=event.application_token,
-            url_secret=existing.url_secret if existing is not None else secrets.token_urlsafe(24),
-            tokens=Tokens(event.access_token, event.refresh_token, event.expires),
-            status=TenantStatus.DISABLED if existing is not None and existing.status is TenantStatus.DISABLED else TenantStatus.ACTIVE,
-            registration=Registration.PENDING,
-            registered_engines=existing.registered_engines if existing is not None else (),
-            user_id=event.user_id,
-            app_status=info.status or event.status,
-            installed_at=existing.installed_at if existing is not None and existing.status is not TenantStatus.UNINSTALLED else now,
-            updated_at=now,
-            last_refresh_at=existing.last_refresh_at if existing is not None else None,
-        )
-        await self.store.put(tenant)
+        reinstall = False
+
+        def installed(existing: Tenant | None) -> Tenant:
+            """The tenant this install makes of the record as stored (None: a first install): new
+            tokens and endpoints, registration checked again; what the operator set (a disabled
+            status, the tenant's own limits) and its completions URLs' secret are kept."""
+            nonlocal reinstall
+            reinstall = existing is not None
+            return Tenant(
+                member_id=event.member_id,
+                domain=event.domain,
+                client_endpoint=event.client_endpoint,
+                server_endpoint=event.server_endpoint,
+                application_token=event.application_token,
+                url_secret=existing.url_secret if existing is not None else secrets.token_urlsafe(24),
+                tokens=Tokens(event.access_token, event.refresh_token, event.expires),
+                status=TenantStatus.DISABLED if existing is not None and existing.status is TenantStatus.DISABLED else TenantStatus.ACTIVE,
+                registration=Registration.PENDING,
+                registered_engines=existing.registered_engines if existing is not None else (),
+                user_id=event.user_id,
+                app_status=info.status or event.status,
+                installed_at=existing.installed_at if existing is not None and existing.status is not TenantStatus.UNINSTALLED else now,
+                updated_at=now,
+                last_refresh_at=existing.last_refresh_at if existing is not None else None,
+                limits=dict(existing.limits) if existing is not None else {},
+                extra=dict(existing.extra) if existing is not None else {},
+            )
+
+        # Onto the record as stored, under the same locks as refreshes and status changes: an
+        # operator's disable or limits landing meanwhile are never overwritten.
+        tenant = await self.store.update(event.member_id, installed, register_again=True)
+        if tenant is None:
+            tenant = installed(None)
+            await self.store.put(tenant)
         self._forget_cached(tenant.key)
         self._allow(tenant)
         self._wake.set()
-        log.info(
-            "%s %s the app; registering %d engine(s) in the background", who, "reinstalled" if existing is not None else "installed", len(self.settings.engines)
-        )
+        log.info("%s %s the app; registering %d engine(s) in the background", who, "reinstalled" if reinstall else "installed", len(self.settings.engines))
         return EventAnswer(200, {"result": True})
 
     async def uninstall(self, event: UninstallEvent) -> EventAnswer:

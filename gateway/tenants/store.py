@@ -67,11 +67,13 @@ class TenantStore(Protocol):
         is released). ``refresher`` may raise; nothing is stored then."""
         ...
 
-    async def update(self, member_id: str, change: Change) -> Tenant | None:
+    async def update(self, member_id: str, change: Change, *, register_again: bool = False) -> Tenant | None:
         """Apply ``change`` to the record as stored now, atomically with refreshes, status changes and
         other updates (the per-tenant lock, one transaction), writing its result only if it differs.
         The tenant as stored afterwards; None if there is no such tenant (``change`` is not called).
-        An exception ``change`` raises propagates as itself, nothing written."""
+        An exception ``change`` raises propagates as itself, nothing written. ``register_again`` (a
+        reinstall): the registration is due now and one in flight loses its lease, so its outcome,
+        made with the tokens from before, is not stored."""
         ...
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
@@ -286,9 +288,10 @@ class SQLiteTenantStore:
             return tokens
 
     @staticmethod
-    def _apply(c: sqlite3.Connection, member_id: str, change: Change, lease: tuple[str, float] | None = None) -> Tenant | None:
+    def _apply(c: sqlite3.Connection, member_id: str, change: Change, lease: tuple[str, float] | None = None, register_again: bool = False) -> Tenant | None:
         """``change`` on the record read in the transaction that writes it; ``lease``: (owner, next_at) of a
-        registration, whose lease is released, and nothing written unless ``owner`` still holds it."""
+        registration, whose lease is released, and nothing written unless ``owner`` still holds it;
+        ``register_again``: see :meth:`TenantStore.update`."""
         c.execute("BEGIN IMMEDIATE")  # the write lock before the read: no other process writes in between
         try:
             row = c.execute("SELECT record, registration_owner FROM tenants WHERE member_id = ?", (member_id,)).fetchone()
@@ -303,10 +306,10 @@ class SQLiteTenantStore:
                             "UPDATE tenants SET record = ?, status = ?, registration = ?, updated_at = ? WHERE member_id = ?",
                             (record_json(result), str(result.status), str(result.registration), time.time(), member_id),
                         )
-                    if lease is not None:
+                    if lease is not None or register_again:
                         c.execute(
                             "UPDATE tenants SET registration_next_at = ?, registration_owner = NULL, registration_until = NULL WHERE member_id = ?",
-                            (lease[1], member_id),
+                            (lease[1] if lease is not None else time.time(), member_id),
                         )
             c.execute("COMMIT")
         except BaseException:
@@ -314,9 +317,9 @@ class SQLiteTenantStore:
             raise
         return result
 
-    async def update(self, member_id: str, change: Change) -> Tenant | None:
+    async def update(self, member_id: str, change: Change, *, register_again: bool = False) -> Tenant | None:
         async with self._tenant_lock(member_id):
-            result: Tenant | None = await self._run(lambda c: self._apply(c, member_id, change))
+            result: Tenant | None = await self._run(lambda c: self._apply(c, member_id, change, register_again=register_again))
             return result
 
     async def claim_registration(self, owner: str, lease_seconds: float, limit: int) -> list[Tenant]:
