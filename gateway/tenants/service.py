@@ -55,6 +55,10 @@ class EventAnswer:
     body: dict[str, Any]
 
 
+class _NotTheInstallsToken(Exception):
+    """An uninstall event whose ``application_token`` is not the one its install brought."""
+
+
 class TenantService:
     def __init__(
         self,
@@ -230,22 +234,28 @@ class TenantService:
         """Believe an uninstall only when its ``application_token`` is the install's (constant-time);
         then stop serving the tenant, wipe its tokens and end its queued jobs (``CLEAN``: delete them,
         their hosted files included)."""
-        tenant = await self.store.get(event.member_id)
+
+        def uninstalled(stored: Tenant) -> Tenant:
+            """Checked and written on the record as stored: a reinstall or a refresh landing between
+            a read and a write can neither be undone nor let an earlier token through."""
+            if not hmac.compare_digest(stored.application_token.encode(), event.application_token.encode()):
+                raise _NotTheInstallsToken
+            return stored.with_(
+                status=TenantStatus.UNINSTALLED,
+                tokens=None,
+                registration=Registration.DONE,
+                registered_engines=(),
+                updated_at=time.time(),
+                detail="the portal uninstalled the app",
+            )
+
+        try:
+            tenant = await self.store.update(event.member_id, uninstalled)
+        except _NotTheInstallsToken:
+            log.warning("uninstall event for tenant %s refused: its application_token is not the install's", tenant_key(event.member_id))
+            return EventAnswer(403, {"error": "invalid_application_token", "error_description": "the application token does not match"})
         if tenant is None:
             return EventAnswer(404, {"error": "unknown_portal", "error_description": "no installation of this app is known for this portal"})
-        if not hmac.compare_digest(tenant.application_token.encode(), event.application_token.encode()):
-            log.warning("uninstall event for tenant %s refused: its application_token is not the install's", tenant.key)
-            return EventAnswer(403, {"error": "invalid_application_token", "error_description": "the application token does not match"})
-        now = time.time()
-        gone = tenant.with_(
-            status=TenantStatus.UNINSTALLED,
-            tokens=None,
-            registration=Registration.DONE,
-            registered_engines=(),
-            updated_at=now,
-            detail="the portal uninstalled the app",
-        )
-        await self.store.put(gone)
         self._forget_cached(tenant.key)
         jobs = await self.queue.end_tenant_jobs(tenant.member_id, "the portal uninstalled the app", delete=event.clean)
         files = 0
