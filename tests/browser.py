@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Error, Page, ViewportSize, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Error, Page, ViewportSize, expect, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
 TIMEOUT_MS = 10_000
+expect.set_options(timeout=TIMEOUT_MS)  # expect() has its own default (5 s), not the context's
 VIEWPORT: ViewportSize = {"width": 1280, "height": 860}
 # Quiet and local: no update checks, sync, QUIC or GPU; the tests talk to 127.0.0.1 only.
 LAUNCH_ARGS = [

@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from hypothesis import settings
 
 from gateway.config import QueueSettings
 from gateway.jobs.queue import JobQueue
 from gateway.stores import job_queue
+
+settings.register_profile("gateway", deadline=None)  # correctness, not speed: a loaded CI machine stalls now and then
+settings.load_profile("gateway")
 
 
 def pytest_configure(config: pytest.Config) -> None:

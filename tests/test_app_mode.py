@@ -486,7 +486,7 @@ async def main(config_path, member_id, go, calls):
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
 """
 CALLS_PER_PROCESS = 2
-TOKEN_DELAY = 1.0
+TOKEN_DELAY = 3.0
 """The OAuth server takes this long to answer a refresh: every racing caller meets ``expired_token`` meanwhile."""
 
 

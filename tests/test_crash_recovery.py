@@ -20,7 +20,7 @@ def _send_many(portal, url, count, **kwargs):
 
 
 def test_kill_during_provider_calls_then_restart(gateway, portal, upstream):
-    upstream.delay = 1.0
+    upstream.delay = 5.0  # far longer than sending ten requests on a loaded machine: none answered before the kill
     gw = gateway()
     hashes = _send_many(portal, gw.completions_url(), 10)
     time.sleep(0.3)  # every job is waiting on the upstream

@@ -27,7 +27,7 @@ from tests.conftest import QueueStore
 
 pytestmark = pytest.mark.anyio
 TEXT = Outcome(result={"kind": "text", "text": "x"})
-SHORT = 1.0
+SHORT = 3.0
 """A lease (or delay) meant to run out within the test: long enough for the steps before it on a busy machine."""
 
 
@@ -350,6 +350,7 @@ async def store_varied_jobs(queue: JobQueue, now: float) -> list[Job]:
     acceptance times and three states, in an order that differs from their acceptance times."""
     jobs = []
     for i in range(12):
+        await asyncio.sleep(0.002)  # ids order by their millisecond first: creation order is the listing order
         job = varied_job(
             engine=("text_a", "pics_b")[i % 2],
             category=(Category.TEXT, Category.IMAGE)[i % 2],

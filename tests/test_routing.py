@@ -58,9 +58,10 @@ async def test_error_codes():
 
 async def test_deadline_stops_retries():
     call, calls = scripted(a=[retryable()] * 1000)
-    started = time.time()
-    result = await router(retries=1000, backoff_initial=0.05, backoff_max=0.05).run([A], call, time.time() + 0.5)
-    assert time.time() - started < 0.6
+    deadline = time.time() + 0.5
+    result = await router(retries=1000, backoff_initial=0.05, backoff_max=0.05).run([A], call, deadline)
+    assert all(attempt.started_at < deadline for attempt in result.attempts)
+    assert time.time() < deadline + 1.5  # stopped, not retrying 1000 times (a loose bound: a loaded machine wakes late)
     assert result.error is not None and result.error.code == 504 and 3 < len(calls) < 20
 
 

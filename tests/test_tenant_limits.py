@@ -15,6 +15,7 @@ from gateway.config import TenantLimits
 from gateway.loopback import LoopbackServer
 from gateway.tenants.limits import TenantLimiter
 from gateway.tenants.model import tenant_key
+from gateway.tenants.service import DOMAIN_SYNC_SECONDS
 from gateway.testing import FakeOpenAI, GatewayProcess
 from tests.test_app_mode import CLIENT_ID, CLIENT_SECRET, app_config, registered, wait_until
 
@@ -103,7 +104,7 @@ def test_an_operator_sets_one_portals_limit_and_every_process_applies_it(tmp_pat
             url = wait_until(lambda: registered(portal), "engine registered", gw)[0]["completions_url"]
             shown = json.loads(gw.cli("tenants", "limits", portal.domain, "--requests-per-minute", "1").stdout)
             assert shown["own"] == {"requests_per_minute": 1} and shown["effective"]["requests_per_minute"] == 1
-            time.sleep(6)  # the serving process reads every tenant's limits every 5 s
+            time.sleep(2 * DOMAIN_SYNC_SECONDS + 1)  # the serving process reads every tenant's limits every 5 s (plus its own lag)
             kinds = []
             for _ in range(2):
                 job_hash, body = portal.new_request(auth=portal.app_auth())
