@@ -367,8 +367,8 @@ def test_the_dashboard_behind_a_reverse_proxy_with_a_path_prefix(tab: Tab, tmp_p
     with LoopbackServer(proxy.app) as front:
         site = front.url + "/gw"
         gw = GatewayProcess(make_config(upstream.url, admin={"password": PASSWORD}), tmp_path, public_url=site)
-        proxy.target = gw.url
         gw.start()
+        proxy.target = gw.url  # after the start: a first start may move to another port
         try:
             page = tab.page
             log_in(tab, site)

@@ -174,3 +174,23 @@ def test_stop_leaves_no_process_behind_and_no_leaked_semaphore(tmp_path, portal,
     assert "Application shutdown complete" in logs
     assert report["left"] == [], report
     assert "leaked semaphore" not in logs and "resource_tracker" not in logs, logs[-2000:]
+
+
+def test_a_first_start_on_a_port_taken_meanwhile_moves_to_another(tmp_path, upstream):
+    """Another server binding the test gateway's port between free_port() and the gateway's own bind
+    (a race on a busy machine) moves the first start to a new port, public_url along with it."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        gw = GatewayProcess(make_config(upstream.url), tmp_path)
+        gw.port = taken.getsockname()[1]
+        gw.start()
+        try:
+            assert gw.port != taken.getsockname()[1]
+            assert "the port is already in use" in gw.logs()
+            assert httpx.get(gw.url + "/-/health").status_code == 200
+            assert gw.completions_url().startswith(gw.url + "/engines/acme_text/")
+        finally:
+            gw.stop()

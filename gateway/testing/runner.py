@@ -62,6 +62,10 @@ def make_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+class _PortTaken(Exception):
+    """The gateway could not listen: another server took its port after :func:`free_port` chose it."""
+
+
 class GatewayProcess:
     """One gateway subprocess on its own port and folder (config, queue, log); see :meth:`start`."""
 
@@ -70,6 +74,7 @@ class GatewayProcess:
         load balancer share one, so their completions URLs are identical."""
         self.workdir = workdir
         self.port = free_port()
+        self._own_public_url = public_url is None
         config = dict(config)
         config["public_url"] = public_url or f"http://127.0.0.1:{self.port}"
         config.setdefault("data_dir", str(workdir / "var"))
@@ -78,6 +83,7 @@ class GatewayProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def url(self) -> str:
@@ -88,7 +94,24 @@ class GatewayProcess:
         return str(next(e["completions_url"] for e in self.cli_json("engines", "list") if e["code"] == code))
 
     def start(self, *extra_args: str, timeout: float = 20.0) -> GatewayProcess:
-        """Start ``gateway serve`` (with ``extra_args``) and wait until it answers its health check."""
+        """Start ``gateway serve`` (with ``extra_args``) and wait until it answers its health check.
+        At a first start, a port taken between :func:`free_port` and the bind (by another test's
+        server) is replaced by a new one, up to three times; a restart keeps its port (and URLs)."""
+        for _ in range(3 if not self._started else 1):
+            try:
+                self._start(extra_args, timeout)
+            except _PortTaken:
+                self.port = free_port()
+                if self._own_public_url:
+                    self.config["public_url"] = f"http://127.0.0.1:{self.port}"
+                    self.config_path.write_text(yaml.safe_dump(self.config))
+                continue
+            self._started = True
+            return self
+        raise RuntimeError(f"gateway could not listen on a free port:\n{self.logs()}")
+
+    def _start(self, extra_args: tuple[str, ...], timeout: float) -> None:
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", str(self.port), "--log-level", "DEBUG", *extra_args],
@@ -100,10 +123,12 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if not self._started and b"the port is already in use" in self.log_path.read_bytes()[logged:]:
+                    raise _PortTaken
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.logs()}")
             try:
                 if httpx.get(self.url + "/-/health", timeout=1).status_code == 200:
-                    return self
+                    return
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
