@@ -24,6 +24,7 @@ from starlette.routing import Route
 from gateway.bitrix.oauth_emulator import OAuthEmulator
 from gateway.bitrix.simulator import PortalEmulator, php_form
 from gateway.loopback import LoopbackServer
+from gateway.tenants.model import tenant_key
 from gateway.tenants.service import CACHE_SECONDS
 from gateway.testing import FakeOpenAI, GatewayProcess, make_config
 from gateway.testing.runner import subprocess_env
@@ -330,8 +331,10 @@ def test_forged_uninstall_unknown_portal_and_replayed_install(start_gateway: Cal
     assert tenant(gw, a)["status"] == "active"
     served(gw, a, url)
 
-    answer = a.send_event(events_url(gw), forged_uninstall(a, install_event["auth"]["application_token"], member_id=secrets.token_hex(16)))
+    stranger = secrets.token_hex(16)
+    answer = a.send_event(events_url(gw), forged_uninstall(a, install_event["auth"]["application_token"], member_id=stranger))
     assert (answer.status_code, answer.json()["error"]) == (404, "unknown_portal")
+    assert not (Path(gw.config["data_dir"]) / "tenant-locks" / f"{tenant_key(stranger)}.lock").exists()  # a made-up portal takes no lock
 
     assert a.uninstall() == [200]
     assert refused(a, url) == 404
@@ -366,6 +369,25 @@ def test_reinstall_is_idempotent(start_gateway: Callable[..., GatewayProcess], o
     assert shown["status"] == "active" and shown["engines"] == ["acme_text"] and shown["completions_urls"] == {"acme_text": url}
     served(gw, a, url)
     assert_no_secrets(oauth, [a], [gw])
+
+
+def test_an_install_event_sent_twice_at_once_makes_one_tenant_with_one_url(
+    start_gateway: Callable[..., GatewayProcess], oauth: OAuthEmulator, emulated: Portals
+) -> None:
+    """The same first install twice at once (a portal's retry, two nodes): one record, one URL secret,
+    and the engine the portal has registered is the URL the gateway serves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gw = start_gateway()
+    a = emulated.new()
+    fields, _ = a.install(oauth, events_url(gw), send=False)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: a.send_event(events_url(gw), fields).status_code, range(4)))
+    assert answers == [200] * 4, gw.logs()[-3000:]
+    wait_until(lambda: tenant(gw, a)["registration"] == "done" and registered(a), "the engine registered", gw)
+    [engine] = registered(a)
+    assert list(tenants(gw)) == [a.member_id] and tenant(gw, a)["completions_urls"] == {"acme_text": engine["completions_url"]}
+    served(gw, a, engine["completions_url"])
 
 
 def test_a_local_app_installs_only_on_a_portal_the_operator_named(

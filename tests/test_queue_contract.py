@@ -22,6 +22,7 @@ from gateway.jobs.queue import JobFilter, JobQueue, QueueItemError, QueueStoreEr
 from gateway.metrics import END_TO_END_BUCKETS
 from gateway.stores import job_queue
 from gateway.tasks import Category, ImagePrompt, Task, TextPrompt
+from gateway.tenants.model import tenant_key
 from gateway.usage.report import portal_usage, portal_usage_rows
 from tests.conftest import QueueStore
 
@@ -160,6 +161,7 @@ async def test_an_unreadable_stored_job_is_still_listed_shown_and_ended(queue: J
     assert shown is not None and shown.detail.startswith("the stored job cannot be read: JSONDecodeError")
     assert (shown.engine, shown.category, shown.portal, shown.state, shown.outcome) == ("pics_b", Category.IMAGE, "acme.bitrix24.com", JobState.DELIVERED, TEXT)
     assert shown.accepted_at == pytest.approx(now - 60) and [a.kind for a in shown.attempts] == ["provider", "callback"]
+    assert (shown.tenant, shown.task.tenant) == ("member-1", tenant_key("member-1"))
     assert [job.id for job in await queue.list(JobFilter(engine="pics_b", category="image", limit=10))] == [done.id]
     assert [job.id for job in await queue.finished_since(now - 5)] == [done.id]
 

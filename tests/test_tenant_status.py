@@ -327,6 +327,20 @@ async def test_a_reinstall_makes_the_registration_due_now_and_drops_the_one_in_f
     assert [t.tokens for t in await store.claim_registration("owner-3", 120.0, 4)] == [NEW]  # a reinstall does not wait
 
 
+async def test_two_first_installs_at_once_store_one_record(backend: Backend) -> None:
+    """Two installs of a new portal at once (a retried event, two nodes): one adds the record, the
+    other finds it there and must write onto it (the service then updates), so one URL secret wins."""
+    stores = [await backend.store(), await backend.store()]
+    candidates = [acme(registration=Registration.PENDING, registered_engines=(), url_secret=c * 32) for c in "ab"]
+    added = await asyncio.gather(*(store.add(tenant) for store, tenant in zip(stores, candidates, strict=True)))
+    assert sorted(added) == [False, True]
+    stored = await stores[0].get(MEMBER)
+    assert stored == candidates[added.index(True)]
+    assert await stores[1].add(acme(url_secret="c" * 32)) is False and await stores[1].get(MEMBER) == stored  # nothing written
+    [claimed] = await stores[1].claim_registration("owner-1", 120.0, 4)  # due at once
+    assert claimed == stored
+
+
 async def test_a_registration_finishing_after_an_uninstall_leaves_it_uninstalled(backend: Backend) -> None:
     store = await backend.store()
     await store.put(acme(registration=Registration.PENDING, registered_engines=()))

@@ -17,6 +17,7 @@ from gateway.jobs.queue import JobFilter, QueueItemError
 from gateway.metrics import END_TO_END_BUCKETS
 from gateway.outcomes import Attempt, JobState, Outcome
 from gateway.tasks import PROMPT_TYPES, Category, Task
+from gateway.tenants.model import tenant_key
 
 
 class Row(Protocol):
@@ -98,15 +99,28 @@ def readable_job_from_row(row: Row, attempts: list[Attempt] | None = None) -> Jo
     bug, a hand edit, a newer gateway's fields) comes back as its columns describe it, with the
     reason first in ``detail``, so one bad row never breaks ``jobs list``, the dashboard or an
     uninstall. Claims keep :func:`job_from_row`: a worker must never run a task it cannot read."""
+    reasons = []
     try:
-        return job_from_row(row, attempts)
+        task = Task.from_json(json.loads(row["task"]))
     except Exception as exc:
-        reason = storable(f"the stored job cannot be read: {type(exc).__name__}: {exc}", 300)
+        reasons.append(f"the stored job cannot be read: {type(exc).__name__}: {exc}")
+        task = _task_from_columns(row)
+    try:
+        outcome = Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None
+    except Exception as exc:
+        reasons.append(f"the stored outcome cannot be read: {type(exc).__name__}: {exc}")
+        outcome = None
+    detail = "; ".join([storable(reason, 300) for reason in reasons] + ([row["detail"]] if row["detail"] else []))
+    return _job(row, task, outcome, detail, attempts)
+
+
+def _task_from_columns(row: Row) -> Task:
+    """What the columns say of a task whose JSON cannot be read; its prompt is empty."""
     try:
         category = Category(row["category"])
     except ValueError:
         category = Category.TEXT
-    task = Task(
+    return Task(
         job_id=row["id"],
         engine=row["engine"],
         category=category,
@@ -114,13 +128,8 @@ def readable_job_from_row(row: Row, attempts: list[Attempt] | None = None) -> Jo
         accepted_at=row["accepted_at"],
         deadline=row["deadline"],
         portal=row["portal"] or "",
-        tenant=row["tenant"] or "",
+        tenant=tenant_key(row["tenant"]) if row["tenant"] else "",  # a task names its tenant by key; the column holds the member_id
     )
-    try:
-        outcome = Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None
-    except Exception:
-        outcome = None
-    return _job(row, task, outcome, f"{reason}; {row['detail']}" if row["detail"] else reason, attempts)
 
 
 def _job(row: Row, task: Task, outcome: Outcome | None, detail: str, attempts: list[Attempt] | None) -> Job:

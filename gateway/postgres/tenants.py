@@ -25,6 +25,10 @@ UPSERT = (
     " ON CONFLICT (member_id) DO UPDATE SET record = excluded.record, status = excluded.status, registration = excluded.registration,"
     " registration_next_at = excluded.registration_next_at, updated_at = excluded.updated_at"
 )
+ADD = (
+    "INSERT INTO gateway_tenants (member_id, tenant_key, record, status, registration, registration_next_at, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (member_id) DO NOTHING"
+)
 
 
 class PostgresTenantStore:
@@ -57,6 +61,16 @@ class PostgresTenantStore:
                 UPSERT, tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), time.time()
             )
             await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(tenant.member_id))
+
+    async def add(self, tenant: Tenant) -> bool:
+        async with self.db.connection() as conn, conn.transaction():
+            status = await conn.execute(
+                ADD, tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), time.time()
+            )
+            if status != "INSERT 0 1":
+                return False
+            await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(tenant.member_id))
+            return True
 
     async def refresh(self, member_id: str, failed_access_token: str, refresher: Refresher) -> Tokens:
         async with self.db.connection() as conn, conn.transaction():

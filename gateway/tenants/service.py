@@ -219,11 +219,17 @@ class TenantService:
             )
 
         # Onto the record as stored, under the same locks as refreshes and status changes: an
-        # operator's disable or limits landing meanwhile are never overwritten.
-        tenant = await self.store.update(event.member_id, installed, register_again=True)
-        if tenant is None:
+        # operator's disable or limits landing meanwhile are never overwritten. A first install
+        # only adds one: two at once (a retried event, two nodes) end in one record, one URL secret.
+        for _ in range(3):
+            tenant = await self.store.update(event.member_id, installed, register_again=True)
+            if tenant is not None:
+                break
             tenant = installed(None)
-            await self.store.put(tenant)
+            if await self.store.add(tenant):
+                break
+        else:  # added and forgotten again between each of our reads: an operator's `tenants forget` loop
+            raise QueueStoreError("the tenant's record kept changing during the install")
         self._forget_cached(tenant.key)
         self._allow(tenant)
         self._wake.set()
@@ -235,10 +241,16 @@ class TenantService:
         then stop serving the tenant, wipe its tokens and end its queued jobs (``CLEAN``: delete them,
         their hosted files included)."""
 
+        unknown = EventAnswer(404, {"error": "unknown_portal", "error_description": "no installation of this app is known for this portal"})
+        refused = EventAnswer(403, {"error": "invalid_application_token", "error_description": "the application token does not match"})
+
+        def the_installs(tenant: Tenant) -> bool:
+            return hmac.compare_digest(tenant.application_token.encode(), event.application_token.encode())
+
         def uninstalled(stored: Tenant) -> Tenant:
             """Checked and written on the record as stored: a reinstall or a refresh landing between
-            a read and a write can neither be undone nor let an earlier token through."""
-            if not hmac.compare_digest(stored.application_token.encode(), event.application_token.encode()):
+            the first look and this write can neither be undone nor let an earlier token through."""
+            if not the_installs(stored):
                 raise _NotTheInstallsToken
             return stored.with_(
                 status=TenantStatus.UNINSTALLED,
@@ -249,13 +261,18 @@ class TenantService:
                 detail="the portal uninstalled the app",
             )
 
+        # A first look without locks: forged events for made-up portals (anyone can POST them) must
+        # not take the store's write lock, nor leave a lock file per member_id.
+        known = await self.store.get(event.member_id)
         try:
-            tenant = await self.store.update(event.member_id, uninstalled)
+            if known is not None and not the_installs(known):
+                raise _NotTheInstallsToken
+            tenant = await self.store.update(event.member_id, uninstalled) if known is not None else None
         except _NotTheInstallsToken:
             log.warning("uninstall event for tenant %s refused: its application_token is not the install's", tenant_key(event.member_id))
-            return EventAnswer(403, {"error": "invalid_application_token", "error_description": "the application token does not match"})
+            return refused
         if tenant is None:
-            return EventAnswer(404, {"error": "unknown_portal", "error_description": "no installation of this app is known for this portal"})
+            return unknown
         self._forget_cached(tenant.key)
         jobs = await self.queue.end_tenant_jobs(tenant.member_id, "the portal uninstalled the app", delete=event.clean)
         files = 0

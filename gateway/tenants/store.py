@@ -61,6 +61,11 @@ class TenantStore(Protocol):
         """Store the record (insert or replace), with its registration due at once when pending."""
         ...
 
+    async def add(self, tenant: Tenant) -> bool:
+        """Store a tenant not stored yet (a first install), its registration due at once; False, and
+        nothing written, when its ``member_id`` is stored already (another install got there first)."""
+        ...
+
     async def refresh(self, member_id: str, failed_access_token: str, refresher: Refresher) -> Tokens:
         """Tokens newer than ``failed_access_token``: another process's if it refreshed meanwhile,
         else ``refresher``'s (called under the per-portal lock, its tokens stored before the lock
@@ -245,6 +250,20 @@ class SQLiteTenantStore:
 
         await self._run(op)
 
+    async def add(self, tenant: Tenant) -> bool:
+        now = time.time()
+
+        def op(c: sqlite3.Connection) -> bool:
+            cursor = c.execute(
+                "INSERT INTO tenants (member_id, tenant_key, record, status, registration, registration_next_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (member_id) DO NOTHING",
+                (tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), now, now),
+            )
+            return cursor.rowcount == 1
+
+        added: bool = await self._run(op)
+        return added
+
     @contextlib.contextmanager
     def _file_lock(self, member_id: str) -> Iterator[None]:
         self.locks.mkdir(parents=True, exist_ok=True)
@@ -262,7 +281,10 @@ class SQLiteTenantStore:
         locks belong to a process, so tasks within this one are serialised by an asyncio lock first."""
         async with self._member_locks.setdefault(member_id, asyncio.Lock()):
             lock = self._file_lock(member_id)
-            await asyncio.to_thread(lock.__enter__)
+            try:
+                await asyncio.to_thread(lock.__enter__)
+            except OSError as exc:  # the data_dir unwritable, out of file descriptors: the store is unavailable
+                raise QueueStoreError(f"cannot take the tenant's lock file in {self.locks}: {exc.strerror}") from None
             try:
                 yield
             finally:

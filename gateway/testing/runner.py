@@ -121,11 +121,15 @@ class GatewayProcess:
                 env=subprocess_env(),
             )
         deadline = time.monotonic() + timeout
+        ours = f"serving on {self.url} ".encode()  # printed once this process has bound the port and started
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 if not self._started and b"the port is already in use" in self.log_path.read_bytes()[logged:]:
                     raise _PortTaken
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.logs()}")
+            if ours not in self.log_path.read_bytes()[logged:]:  # a health answer now may be another server's
+                time.sleep(0.05)
+                continue
             try:
                 if httpx.get(self.url + "/-/health", timeout=1).status_code == 200:
                     return
