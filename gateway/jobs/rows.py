@@ -103,15 +103,21 @@ def readable_job_from_row(row: Row, attempts: list[Attempt] | None = None) -> Jo
     try:
         task = Task.from_json(json.loads(row["task"]))
     except Exception as exc:
-        reasons.append(f"the stored job cannot be read: {type(exc).__name__}: {exc}")
+        reasons.append(unreadable("job", exc))
         task = _task_from_columns(row)
     try:
         outcome = Outcome.from_json(json.loads(row["outcome"])) if row["outcome"] else None
     except Exception as exc:
-        reasons.append(f"the stored outcome cannot be read: {type(exc).__name__}: {exc}")
+        reasons.append(unreadable("outcome", exc))
         outcome = None
-    detail = "; ".join([storable(reason, 300) for reason in reasons] + ([row["detail"]] if row["detail"] else []))
+    detail = "; ".join(reasons + ([row["detail"]] if row["detail"] else []))
     return _job(row, task, outcome, detail, attempts)
+
+
+def unreadable(part: str, exc: Exception) -> str:
+    """Why a stored ``job`` (its task) or ``outcome`` cannot be read: a claim's reason for ending it
+    ``dead``, and the first words of its detail wherever else it is read."""
+    return storable(f"the stored {part} cannot be read: {type(exc).__name__}: {exc}")
 
 
 def _task_from_columns(row: Row) -> Task:

@@ -60,6 +60,7 @@ from gateway.jobs.rows import (
     outcome_json,
     readable_job_from_row,
     storable,
+    unreadable,
 )
 from gateway.outcomes import (
     FINAL_STATES,
@@ -514,7 +515,7 @@ class SQLiteJobQueue:
                 try:
                     job = job_from_row(row)
                 except Exception as exc:  # one unreadable row must not block every claim after it
-                    detail = storable(f"the stored job cannot be read: {type(exc).__name__}: {exc}")
+                    detail = unreadable("job", exc)
                     log.error("job %s: %s; marked dead", row["id"], detail)
                     conn.execute(
                         f"UPDATE jobs SET state = {DEAD}, detail = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",

@@ -42,7 +42,17 @@ from gateway.jobs.queue import (
     action_refusal,
     plausible_job_id,
 )
-from gateway.jobs.rows import INSERT_COLUMNS, filter_where, insert_values, job_from_row, latency_bucket_sql, outcome_json, readable_job_from_row, storable
+from gateway.jobs.rows import (
+    INSERT_COLUMNS,
+    filter_where,
+    insert_values,
+    job_from_row,
+    latency_bucket_sql,
+    outcome_json,
+    readable_job_from_row,
+    storable,
+    unreadable,
+)
 from gateway.outcomes import FINAL_STATES, PENDING_STATES, Attempt, AttemptKind, AttemptOutcome, JobState, Outcome, stored_attempt
 from gateway.postgres import schema
 from gateway.postgres.database import Database, describe
@@ -259,7 +269,7 @@ class PostgresJobQueue:
                 try:
                     job = job_from_row(row)
                 except Exception as exc:  # one unreadable row must not block every claim after it
-                    detail = storable(f"the stored job cannot be read: {type(exc).__name__}: {exc}")
+                    detail = unreadable("job", exc)
                     log.error("job %s: %s; marked dead", row["id"], detail)
                     await conn.execute(
                         f"UPDATE gateway_jobs SET state = {DEAD}, detail = $1, finished_at = $2, lease_owner = NULL, lease_until = NULL WHERE id = $3",

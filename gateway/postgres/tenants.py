@@ -16,19 +16,10 @@ from collections.abc import Callable
 from gateway.jobs.queue import QueueStoreError
 from gateway.postgres.database import Database
 from gateway.tenants.model import Registration, Tenant, Tokens, tenant_key
-from gateway.tenants.store import Change, Refresher, record_json, registration_outcome, tenant_from_record
+from gateway.tenants.store import Change, Refresher, insert_statement, insert_values, record_json, registration_outcome, tenant_from_record
 
 CHANNEL = "gateway_tenants"
-UPSERT = (
-    "INSERT INTO gateway_tenants (member_id, tenant_key, record, status, registration, registration_next_at, updated_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $6)"
-    " ON CONFLICT (member_id) DO UPDATE SET record = excluded.record, status = excluded.status, registration = excluded.registration,"
-    " registration_next_at = excluded.registration_next_at, updated_at = excluded.updated_at"
-)
-ADD = (
-    "INSERT INTO gateway_tenants (member_id, tenant_key, record, status, registration, registration_next_at, updated_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (member_id) DO NOTHING"
-)
+MARKS = [f"${n}" for n in range(1, 8)]
 
 
 class PostgresTenantStore:
@@ -56,17 +47,15 @@ class PostgresTenantStore:
         return [tenant_from_record(row["record"]) for row in rows]
 
     async def put(self, tenant: Tenant) -> None:
-        async with self.db.connection() as conn, conn.transaction():
-            await conn.execute(
-                UPSERT, tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), time.time()
-            )
-            await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(tenant.member_id))
+        await self._insert(tenant, replace=True)
 
     async def add(self, tenant: Tenant) -> bool:
+        return await self._insert(tenant, replace=False)
+
+    async def _insert(self, tenant: Tenant, *, replace: bool) -> bool:
+        """The record written (and the other nodes told) or, when ``replace`` is False and one is stored, nothing."""
         async with self.db.connection() as conn, conn.transaction():
-            status = await conn.execute(
-                ADD, tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), time.time()
-            )
+            status = await conn.execute(insert_statement("gateway_tenants", MARKS, replace=replace), *insert_values(tenant, time.time()))
             if status != "INSERT 0 1":
                 return False
             await conn.execute(f"SELECT pg_notify('{CHANNEL}', $1)", tenant_key(tenant.member_id))

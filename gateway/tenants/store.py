@@ -29,7 +29,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -149,6 +149,24 @@ async def set_status(store: TenantStore, member_id: str, status: TenantStatus) -
     return result
 
 
+def insert_statement(table: str, marks: Sequence[str], *, replace: bool) -> str:
+    """The statement both stores write a whole record with (``marks``: their 7 placeholders, for
+    :func:`insert_values`); ``replace``: over the one stored (``put``), else only if none is (``add``)."""
+    conflict = (
+        "DO UPDATE SET record = excluded.record, status = excluded.status, registration = excluded.registration,"
+        " registration_next_at = excluded.registration_next_at, updated_at = excluded.updated_at"
+        if replace
+        else "DO NOTHING"
+    )
+    columns = "member_id, tenant_key, record, status, registration, registration_next_at, updated_at"
+    return f"INSERT INTO {table} ({columns}) VALUES ({', '.join(marks)}) ON CONFLICT (member_id) {conflict}"
+
+
+def insert_values(tenant: Tenant, now: float) -> tuple[str, str, str, str, str, float, float]:
+    """The values of :func:`insert_statement`: the registration due ``now`` (when pending)."""
+    return (tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), now, now)
+
+
 def record_json(tenant: Tenant) -> str:
     data = asdict(tenant)
     data["status"], data["registration"] = str(tenant.status), str(tenant.registration)
@@ -238,31 +256,15 @@ class SQLiteTenantStore:
         return [tenant_from_record(row[0]) for row in rows]
 
     async def put(self, tenant: Tenant) -> None:
-        now = time.time()
-
-        def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT INTO tenants (member_id, tenant_key, record, status, registration, registration_next_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (member_id) DO UPDATE SET record = excluded.record, status = excluded.status, registration = excluded.registration,"
-                " registration_next_at = excluded.registration_next_at, updated_at = excluded.updated_at",
-                (tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), now, now),
-            )
-
-        await self._run(op)
+        await self._insert(tenant, replace=True)
 
     async def add(self, tenant: Tenant) -> bool:
-        now = time.time()
+        return await self._insert(tenant, replace=False)
 
-        def op(c: sqlite3.Connection) -> bool:
-            cursor = c.execute(
-                "INSERT INTO tenants (member_id, tenant_key, record, status, registration, registration_next_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (member_id) DO NOTHING",
-                (tenant.member_id, tenant_key(tenant.member_id), record_json(tenant), str(tenant.status), str(tenant.registration), now, now),
-            )
-            return cursor.rowcount == 1
-
-        added: bool = await self._run(op)
-        return added
+    async def _insert(self, tenant: Tenant, *, replace: bool) -> bool:
+        sql, values = insert_statement("tenants", ["?"] * 7, replace=replace), insert_values(tenant, time.time())
+        cursor = await self._run(lambda c: c.execute(sql, values))
+        return bool(cursor.rowcount)
 
     @contextlib.contextmanager
     def _file_lock(self, member_id: str) -> Iterator[None]:

@@ -124,10 +124,10 @@ class GatewayProcess:
         ours = f"serving on {self.url} ".encode()  # printed once this process has bound the port and started
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                if not self._started and b"the port is already in use" in self.log_path.read_bytes()[logged:]:
+                if not self._started and b"the port is already in use" in self._logged_since(logged):
                     raise _PortTaken
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.logs()}")
-            if ours not in self.log_path.read_bytes()[logged:]:  # a health answer now may be another server's
+            if ours not in self._logged_since(logged):  # a health answer now may be another server's
                 time.sleep(0.05)
                 continue
             try:
@@ -137,6 +137,12 @@ class GatewayProcess:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"gateway did not become healthy:\n{self.logs()}")
+
+    def _logged_since(self, offset: int) -> bytes:
+        """The log from ``offset`` on (this start's lines, not a whole earlier run's)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return log.read()
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
