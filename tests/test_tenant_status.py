@@ -386,28 +386,36 @@ async def test_an_exception_in_a_change_propagates_as_itself_and_writes_nothing(
     assert await store.get(MEMBER) == acme()
 
 
+async def stored_after_a_write_during_a_sqlite_refresh(backend: Backend, write: Callable[[Tenant], Tenant]) -> Tenant:
+    """The tenant as stored after another process writes ``write(seen)`` over the record, with no lock,
+    while a refresh waits for the OAuth server; the refresh itself returned the new tokens."""
+    store = await backend.store()
+    await store.put(acme())
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_refresher(_tenant: Tenant) -> Tokens:
+        inside.set()
+        await release.wait()
+        return NEW
+
+    refreshing = asyncio.create_task(store.refresh(MEMBER, OLD.access_token, slow_refresher))
+    await inside.wait()
+    seen = await store.get(MEMBER)
+    assert seen is not None
+    await (await backend.store()).put(write(seen))
+    release.set()
+    assert await refreshing == NEW
+    stored = await store.get(MEMBER)
+    assert stored is not None
+    return stored
+
+
 async def test_a_sqlite_refresh_racing_an_uninstall_leaves_it_uninstalled_without_tokens(tmp_path: Path) -> None:
     """The uninstall lands while the refresh waits for the OAuth server: its new tokens are not written back."""
     backend = Backend("sqlite", QueueSettings(backend="sqlite", path=tmp_path / "q.sqlite3"), tmp_path)
     try:
-        store = await backend.store()
-        await store.put(acme())
-        inside, release = asyncio.Event(), asyncio.Event()
-
-        async def slow_refresher(_tenant: Tenant) -> Tokens:
-            inside.set()
-            await release.wait()
-            return NEW
-
-        refreshing = asyncio.create_task(store.refresh(MEMBER, OLD.access_token, slow_refresher))
-        await inside.wait()
-        seen = await store.get(MEMBER)
-        assert seen is not None
-        await (await backend.store()).put(uninstalled(seen))  # the uninstall event, handled by another process
-        release.set()
-        assert await refreshing == NEW
-        stored = await store.get(MEMBER)
-        assert stored is not None and stored.status is TenantStatus.UNINSTALLED and stored.tokens is None and stored.last_refresh_at is None
+        stored = await stored_after_a_write_during_a_sqlite_refresh(backend, uninstalled)  # the uninstall event, handled by another process
+        assert stored.status is TenantStatus.UNINSTALLED and stored.tokens is None and stored.last_refresh_at is None
         assert await backend.status_column(MEMBER) == "uninstalled"
     finally:
         await backend.close()
@@ -417,24 +425,10 @@ async def test_a_sqlite_refresh_writes_only_the_tokens(tmp_path: Path) -> None:
     """A disable and a limits change that land during the OAuth call are kept."""
     backend = Backend("sqlite", QueueSettings(backend="sqlite", path=tmp_path / "q.sqlite3"), tmp_path)
     try:
-        store = await backend.store()
-        await store.put(acme())
-        inside, release = asyncio.Event(), asyncio.Event()
-
-        async def slow_refresher(_tenant: Tenant) -> Tokens:
-            inside.set()
-            await release.wait()
-            return NEW
-
-        refreshing = asyncio.create_task(store.refresh(MEMBER, OLD.access_token, slow_refresher))
-        await inside.wait()
-        seen = await store.get(MEMBER)
-        assert seen is not None
-        await (await backend.store()).put(seen.with_(status=TenantStatus.DISABLED, limits={"concurrent_jobs": 5.0}))  # a writer that takes no lock
-        release.set()
-        assert await refreshing == NEW
-        stored = await store.get(MEMBER)
-        assert stored is not None and stored.tokens == NEW and stored.last_refresh_at is not None
+        stored = await stored_after_a_write_during_a_sqlite_refresh(
+            backend, lambda seen: seen.with_(status=TenantStatus.DISABLED, limits={"concurrent_jobs": 5.0})
+        )  # a writer that takes no lock
+        assert stored.tokens == NEW and stored.last_refresh_at is not None
         assert stored.status is TenantStatus.DISABLED and stored.limits == {"concurrent_jobs": 5.0}
         assert await backend.status_column(MEMBER) == "disabled"
     finally:
